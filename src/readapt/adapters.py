@@ -1,0 +1,196 @@
+"""PEFT LoRA / DoRA adapter folders: their weight-space difference per base tensor, and writing them.
+
+Reading (what `merge` and `port` add to a base):
+
+    LoRA   Ψ[W] = s · B A                (s = alpha/r, or alpha/√r with rsLoRA; B: out×r, A: r×in)
+           (embedding: lora_embedding_A r×vocab, lora_embedding_B dim×r, Ψ = s · (B A)ᵀ: vocab×dim)
+           (fan_in_fan_out layers store Wᵀ, so Ψ = s · (B A)ᵀ)
+    DoRA   Ψ[W] = W′ − W,  W′ = m ⊙ (W + sBA) / ‖W + sBA‖    (norm per output row; per column for
+           embeddings), computed in float32 exactly as PEFT's merge does, so α·Ψ with α=1 gives PEFT's
+           merge_and_unload and α=0 gives W.  Liu et al. 2024, "DoRA", eq. 5.
+    lora_bias / modules_to_save tensors: their difference from the base tensor.
+
+The per-module r and alpha honour `rank_pattern` / `alpha_pattern` with PEFT's own matcher
+(`peft.utils.other.get_pattern_key`), so a key means here exactly what it means to PEFT.
+Copies of the base layers that PEFT stores next to embedding adapters (`*.base_layer.weight`, saved
+when embeddings are targeted) are not part of the patch: they are checked for shape and ignored.
+
+Writing (`save_lora`): a LoRA folder whose `rank_pattern` and `alpha_pattern` carry one fully qualified
+key per module (PEFT matches `(.*\\.)?key$` and takes the first hit, so short keys like `layers.1.q_proj`
+would also catch `layers.11.q_proj`), with alpha = r so that the scale is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from readapt.checkpoint import Checkpoint, write_file
+from readapt.errors import ReadaptError
+
+PREFIX = "base_model.model."
+_FACTOR = re.compile(
+    r"^(?P<mod>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector|base_layer\.weight|base_layer\.bias|modules_to_save\.[^.]+\.(?:weight|bias)|weight|bias)$"
+)
+
+
+@dataclass
+class _Module:
+    """The saved pieces of one adapted module (tensor names in the adapter file)."""
+
+    name: str
+    parts: dict[str, str] = field(default_factory=dict)
+
+
+def is_peft_folder(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+class PeftAdapter:
+    """A PEFT LoRA/DoRA adapter folder as a source of weight-space differences Ψ[name] for a base."""
+
+    kind = "peft-lora"
+
+    def __init__(self, folder: str | Path, label: str | None = None):
+        self.path = Path(folder)
+        self.label = label or str(folder)
+        cfg_file = self.path / "adapter_config.json"
+        try:
+            self.config = json.loads(cfg_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ReadaptError(f"cannot read {cfg_file}: {err}") from None
+        if self.config.get("peft_type", "LORA") != "LORA":
+            raise ReadaptError(f"{cfg_file}: peft_type {self.config.get('peft_type')!r} is not supported "
+                               f"(readapt reads LoRA and DoRA adapters)")
+        self.dora = bool(self.config.get("use_dora"))
+        self.ckpt = Checkpoint.open(self.path)
+        self.modules: dict[str, _Module] = {}  # base tensor name -> pieces
+        for key in self.ckpt.names:
+            rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            m = _FACTOR.match(rest)
+            if m is None:
+                raise ReadaptError(f"{self.path}: cannot interpret adapter tensor {key!r} (not a LoRA factor)")
+            mod, part = m.group("mod"), m.group("part")
+            target = mod + (".bias" if part.endswith("bias") else ".weight")
+            if part in ("weight", "bias"):  # a modules_to_save copy saved under the plain name
+                mod, target = rest.rsplit(".", 1)[0], rest
+            self.modules.setdefault(target, _Module(mod)).parts[part] = key
+
+    # -- per-module scale ---------------------------------------------------------------------------
+
+    def scale(self, module: str, rank: int) -> float:
+        """s = alpha / r (alpha / √r with use_rslora), r and alpha from rank_pattern/alpha_pattern."""
+        from peft.utils.other import get_pattern_key
+
+        c = self.config
+        rp, ap = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
+        r = rp.get(get_pattern_key(rp.keys(), module), c["r"]) if rp else c["r"]
+        alpha = ap.get(get_pattern_key(ap.keys(), module), c["lora_alpha"]) if ap else c["lora_alpha"]
+        if r != rank:
+            raise ReadaptError(f"{self.path}: module {module} has rank {rank} factors but adapter_config.json "
+                               f"gives it r={r} (rank_pattern); the adapter is inconsistent")
+        return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+
+    # -- the Addend protocol ------------------------------------------------------------------------
+
+    def targets(self) -> dict[str, tuple[int, ...] | None]:
+        """Base tensor name -> the shape the adapter expects it to have (None: not known from files)."""
+        out: dict[str, tuple[int, ...] | None] = {}
+        for target, mod in self.modules.items():
+            p, shape = mod.parts, None
+            if "lora_A.weight" in p and "lora_B.weight" in p:
+                a, b = self.ckpt.shape(p["lora_A.weight"]), self.ckpt.shape(p["lora_B.weight"])
+                shape = (a[1], b[0]) if self.config.get("fan_in_fan_out") else (b[0], a[1])
+            elif "lora_embedding_A" in p:
+                shape = (self.ckpt.shape(p["lora_embedding_A"])[1], self.ckpt.shape(p["lora_embedding_B"])[0])
+            else:
+                full = [k for part, k in p.items() if part.startswith(("base_layer", "modules_to_save")) or
+                        part in ("weight", "bias")]
+                if full:
+                    shape = self.ckpt.shape(full[0])
+                elif "lora_B.bias" in p:
+                    shape = self.ckpt.shape(p["lora_B.bias"])
+            out[target] = shape
+        return out
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """Ψ[name] in float32 for the float32 base tensor `base` (None if the adapter leaves it alone)."""
+        mod = self.modules.get(name)
+        if mod is None:
+            return None
+        p, read = mod.parts, (lambda part: self.ckpt.read(p[part]).float())
+        saved = next((k for k in p if k.startswith("modules_to_save") or k in ("weight", "bias")), None)
+        if saved is not None:  # a full replacement tensor
+            return read(saved).sub_(base)
+        if "lora_B.bias" in p and name.endswith(".bias"):
+            a_key = self.modules[name[: -len("bias")] + "weight"].parts["lora_A.weight"]
+            return read("lora_B.bias").mul_(self.scale(mod.name, self.ckpt.shape(a_key)[0]))
+        if "lora_A.weight" in p:
+            A, B = read("lora_A.weight"), read("lora_B.weight")  # A: r×in, B: out×r
+            d = B @ A
+            if self.config.get("fan_in_fan_out"):
+                d = d.T
+            d = d * self.scale(mod.name, A.shape[0])  # out×in, as PEFT's get_delta_weight
+            embedding = False
+        elif "lora_embedding_A" in p:
+            A, B = read("lora_embedding_A"), read("lora_embedding_B")  # A: r×vocab, B: dim×r
+            d = (B @ A).T * self.scale(mod.name, A.shape[0])  # vocab×dim
+            embedding = True
+        else:
+            return None  # only a base_layer copy: not part of the patch
+        if "lora_magnitude_vector" not in p:
+            return d
+        # DoRA: W′ = m ⊙ (W + d) / ‖W + d‖, the same operations in the same order as PEFT's merge
+        m = read("lora_magnitude_vector")
+        combined = base + d
+        if embedding:  # norm of each embedding dimension over the vocabulary; m: dim
+            norm = torch.linalg.norm(base.T + d.T, dim=1)
+            return (m / norm).view(1, -1).mul(combined).sub_(base)
+        if self.config.get("fan_in_fan_out"):
+            raise ReadaptError(f"{self.path}: DoRA with fan_in_fan_out=True is not supported")
+        norm = torch.linalg.norm(base + d, dim=1)  # out
+        return (m / norm).view(-1, 1).mul(combined).sub_(base)
+
+
+def save_lora(folder: Path, factors: Iterable[tuple[str, torch.Tensor, torch.Tensor]], *,
+              base_model: str | None, extra_config: Mapping | None = None,
+              extra_tensors: Iterable[tuple[str, torch.Tensor]] = ()) -> dict:
+    """Write a PEFT LoRA adapter with scale 1 per module: Ψ[module.weight] = B A.
+
+    factors: (module name e.g. "model.layers.0.self_attn.q_proj", B: out×k, A: k×in); each rank k
+    goes into rank_pattern and alpha_pattern under the module's fully qualified name. Streams: one
+    factor pair in memory at a time. Returns the adapter_config written.
+    """
+    ranks: dict[str, int] = {}
+
+    def tensors():
+        for mod, B, A in factors:
+            ranks[mod] = A.shape[0]
+            yield f"{PREFIX}{mod}.lora_A.weight", A.contiguous()
+            yield f"{PREFIX}{mod}.lora_B.weight", B.contiguous()
+        yield from extra_tensors
+
+    write_file(folder / "adapter_model.safetensors", tensors())
+    if not ranks:
+        raise ReadaptError("no module has a nonzero factor: there is nothing to write as an adapter")
+    r = max(ranks.values())
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": r, "rank_pattern": dict(ranks), "alpha_pattern": dict(ranks),
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}), "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None,
+        **(extra_config or {}),
+    }
+    # target_modules as an exact regex over the written modules, so nothing else is wrapped
+    config["target_modules"] = "^(" + "|".join(re.escape(m) for m in ranks) + ")$"
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config

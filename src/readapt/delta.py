@@ -1,0 +1,177 @@
+"""Delta algebra: the RE-Adapter Δ = Θ − Φ, stored as a delta folder, and full checkpoints as addends.
+
+RE-Adapt (Fleshman & Van Durme, 2024, §3): the instruction tuning of an instruct model Θ is isolated as
+its difference from the pretrained model Φ it was tuned from,
+
+    Δ[name] = Θ[name] − Φ[name]        for every tensor the two share (float32 arithmetic),
+
+and re-applied later to Φ (or to Φ plus a knowledge adapter) with any scale β: Φ + βΔ.
+
+A delta folder holds Δ as safetensors shards (`model*.safetensors` + index, the layout of a checkpoint)
+plus `readapt_delta.json`, the manifest of what it was made from. By default Δ is stored in float32:
+then Φ + 1.0·Δ gives back Θ bit for bit for float32, bfloat16 and float16 checkpoints (fp32(Θ) − fp32(Φ)
+is exact whenever the two values are within 2^16 of each other in magnitude, Sterbenz-like). `dtype=
+"bfloat16"` halves the size and the round trip is then exact only for ~80-97% of elements.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from readapt import __version__
+from readapt.checkpoint import (Checkpoint, compare_configs, output_folder, parse_dtype, progress,
+                                write_tensors)
+from readapt.errors import ReadaptError
+
+MANIFEST = "readapt_delta.json"
+
+
+def is_delta_folder(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _describe(ckpt: Checkpoint, spec) -> dict:
+    dtypes = sorted({str(ckpt.dtype(n)).removeprefix("torch.") for n in ckpt.names})
+    return {"spec": str(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes, "tensor_count": len(ckpt.names),
+            "model_type": (ckpt.config or {}).get("model_type")}
+
+
+def shared_tensors(base: Checkpoint, other: Checkpoint, other_label: str, skip_missing: bool) -> tuple[list[str], list[str]]:
+    """Names in both checkpoints (in base order) with equal shapes, and the names skipped.
+
+    Tensors on one side only are an error listing them, unless skip_missing. A shape difference is
+    always an error naming the tensor and both shapes.
+    """
+    only_base = [n for n in base.names if n not in other]
+    only_other = [n for n in other.names if n not in base]
+    if (only_base or only_other) and not skip_missing:
+        parts = []
+        if only_base:
+            parts.append(f"{len(only_base)} only in the base ({', '.join(only_base[:5])}{' ...' if len(only_base) > 5 else ''})")
+        if only_other:
+            parts.append(f"{len(only_other)} only in {other_label} ({', '.join(only_other[:5])}"
+                         f"{' ...' if len(only_other) > 5 else ''})")
+        raise ReadaptError(f"the checkpoints do not hold the same tensors: {'; '.join(parts)}. "
+                           f"Pass --skip-missing (skip_missing=True) to leave those tensors out.")
+    shared = [n for n in base.names if n in other]
+    for n in shared:
+        if base.shape(n) != other.shape(n):
+            raise ReadaptError(f"tensor {n!r} has shape {list(base.shape(n))} in the base but "
+                               f"{list(other.shape(n))} in {other_label}: these are different architectures")
+    return shared, only_base + only_other
+
+
+def check_configs(base: Checkpoint, other_config: dict | None, other_label: str) -> None:
+    errors, warns = compare_configs(base.config, other_config, "the base", other_label)
+    if errors:
+        raise ReadaptError("the architectures differ: " + "; ".join(errors))
+    for w in warns:
+        warnings.warn(w, stacklevel=3)
+
+
+def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, *,
+            dtype: str | torch.dtype | None = None, skip_missing: bool = False, overwrite: bool = False,
+            max_shard_size: int | str = "5GB", allow_pickle: bool = False) -> Path:
+    """Write the RE-Adapter Δ = tuned − base (float32 arithmetic) as a delta folder at `out`.
+
+    Streams one tensor pair at a time. `dtype` is the stored dtype of Δ (default float32, which makes
+    base + 1.0·Δ reproduce `tuned` exactly). Returns the output folder.
+    """
+    b, t = Checkpoint.open(base, allow_pickle), Checkpoint.open(tuned, allow_pickle)
+    check_configs(b, t.config, "the tuned model")
+    names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
+    out_dtype = parse_dtype(dtype) or torch.float32
+    floats = [n for n in names if b.dtype(n).is_floating_point and t.dtype(n).is_floating_point]
+    plan = [(n, out_dtype, b.shape(n)) for n in floats]
+    manifest = {
+        "format": "readapt-delta", "format_version": 1, "readapt_version": __version__,
+        "formula": "delta = tuned - base (float32 arithmetic)",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base": _describe(b, base), "tuned": _describe(t, tuned), "delta_dtype": str(out_dtype).removeprefix("torch."),
+        "tensor_count": len(plan), "skipped": sorted(skipped + [n for n in names if n not in floats]),
+        "base_config": b.config,
+    }
+
+    def tensors():
+        with progress(sum(b.infos[n].end - b.infos[n].start for n in floats), "extract") as bar:
+            for n in floats:
+                d = t.read(n).float()
+                d = d.sub_(b.read(n).float())  # Δ = Θ − Φ, one pair in memory
+                bar.update(b.infos[n].end - b.infos[n].start)
+                yield n, d.to(out_dtype)
+
+    with output_folder(out, overwrite, inputs=[b.path, t.path]) as tmp:
+        write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size,
+                      metadata={"readapt": "delta", "formula": manifest["formula"]})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "README.md").write_text(_card(manifest))
+    return Path(out)
+
+
+def _card(m: dict) -> str:
+    return f"""---
+library_name: readapt
+tags: [readapt, re-adapter, weight-delta]
+---
+# RE-Adapter (weight delta)
+
+Made by readapt {m['readapt_version']} on {m['created']}:
+
+    delta = tuned - base        (float32 arithmetic, stored as {m['delta_dtype']})
+
+- base: `{m['base']['spec']}` ({', '.join(m['base']['dtypes'])}, {m['base']['tensor_count']} tensors)
+- tuned: `{m['tuned']['spec']}` ({', '.join(m['tuned']['dtypes'])}, {m['tuned']['tensor_count']} tensors)
+- tensors in the delta: {m['tensor_count']}; skipped: {len(m['skipped'])}
+
+Apply it with any scale (β=1 gives back the tuned model; β<1 is partial adaptation):
+
+    readapt merge BASE --add THIS_FOLDER:0.5 -o OUT
+
+See `readapt_delta.json` for the full manifest.
+"""
+
+
+class DeltaFolder:
+    """A delta folder as an addend: Ψ[name] = Δ[name]."""
+
+    kind = "delta"
+
+    def __init__(self, folder: str | os.PathLike, label: str | None = None):
+        self.path = Path(folder)
+        self.label = label or str(folder)
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ReadaptError(f"cannot read {self.path / MANIFEST}: {err}") from None
+        self.ckpt = Checkpoint.open(self.path)
+        self.config = self.manifest.get("base_config")
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        return {n: self.ckpt.shape(n) for n in self.ckpt.names}
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        return self.ckpt.read(name).float() if name in self.ckpt else None
+
+
+class CheckpointDifference:
+    """A full checkpoint as an addend: Ψ[name] = other[name] − base[name] (no delta written)."""
+
+    kind = "checkpoint"
+
+    def __init__(self, ckpt: Checkpoint, label: str | None = None):
+        self.ckpt = ckpt
+        self.path = ckpt.path
+        self.label = label or str(ckpt.path)
+        self.config = ckpt.config
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        return {n: self.ckpt.shape(n) for n in self.ckpt.names}
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        return self.ckpt.read(name).float().sub_(base) if name in self.ckpt else None

@@ -1,0 +1,220 @@
+"""Partial adaptation: Ω = Φ + Σᵢ sᵢ·Ψᵢ, streamed to a Hugging Face model folder or built in memory.
+
+RE-Adapt §3.2 ("partial adaptation"): Ω = Φ + αΨ + βΔ with a knowledge adapter Ψ and the RE-Adapter Δ,
+each with its own scale (α=β=0.5 was robust in the paper; β alone below 1 can improve the instruct model,
+Figure 6). An addend Ψᵢ is any of
+
+    a delta folder (readapt extract)      Ψ[n] = Δ[n]
+    a full checkpoint of the same family  Ψ[n] = Θ[n] − Φ[n]   ("--add INSTRUCT:0.5", no delta written)
+    a PEFT LoRA / DoRA adapter folder     Ψ[n] = s·B·A, or W′ − W for DoRA (readapt.adapters)
+
+Several addends on one tensor combine as the sum of their weight-space differences (PEFT, by contrast,
+merges adapters one after the other, so a second DoRA adapter sees the first one's output). All
+arithmetic is float32; the result is cast to the base checkpoint's dtype (or `dtype`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from readapt import __version__
+from readapt.adapters import PeftAdapter, is_peft_folder
+from readapt.checkpoint import (Checkpoint, copy_side_files, output_folder, parse_dtype, progress,
+                                resolve_model, write_tensors)
+from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, shared_tensors
+from readapt.errors import ReadaptError
+
+
+class Addend(Protocol):
+    """A source of weight-space differences Ψ[name] for the tensors of a base checkpoint."""
+
+    kind: str
+    label: str
+    path: Path
+
+    def targets(self) -> dict[str, tuple[int, ...] | None]: ...
+
+    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """Ψ[name] as a fresh float32 tensor (the caller may modify it), given the float32 base tensor."""
+
+
+AddSpec = tuple[str | os.PathLike, float] | str | os.PathLike
+
+
+def _normalise(adds: Sequence[AddSpec]) -> list[tuple[str, float]]:
+    out = []
+    for a in adds:
+        spec, scale = (a, 1.0) if isinstance(a, (str, os.PathLike)) else a
+        out.append((str(spec), float(scale)))
+    return out
+
+
+def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool = False,
+                allow_pickle: bool = False) -> Addend:
+    """Open `spec` as a delta folder, PEFT adapter or full checkpoint and check it fits `base`.
+
+    Checks: every tensor it touches exists in the base with the shape it expects (else: made for a
+    different base), configs agree on shapes (warnings for rope_theta-type fields).
+    """
+    path = resolve_model(spec)
+    if is_delta_folder(path):
+        addend: Addend = DeltaFolder(path, label=str(spec))
+        check_configs(base, addend.config, f"the base the delta {spec} was made from")
+    elif is_peft_folder(path):
+        addend = PeftAdapter(path, label=str(spec))
+    elif (path / "config.json").is_file():
+        other = Checkpoint.open(path, allow_pickle)
+        check_configs(base, other.config, str(spec))
+        shared_tensors(base, other, str(spec), skip_missing)
+        addend = CheckpointDifference(other, label=str(spec))
+    else:
+        raise ReadaptError(f"{spec} is not an adapter: expected a delta folder (readapt_delta.json), a PEFT "
+                           f"adapter (adapter_config.json) or a model checkpoint (config.json)")
+    unknown = [n for n in addend.targets() if n not in base]
+    if unknown and addend.kind != "checkpoint":
+        raise ReadaptError(f"{spec} was made for a different base: {len(unknown)} of its tensors are not in the "
+                           f"base checkpoint ({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''})")
+    for n, shape in addend.targets().items():
+        if n in base and shape is not None and tuple(shape) != base.shape(n):
+            raise ReadaptError(f"{spec} was made for a different base: tensor {n!r} is {list(base.shape(n))} in "
+                               f"the base but {list(shape)} in the adapter")
+        if n in base and not base.dtype(n).is_floating_point:
+            raise ReadaptError(f"{spec} changes the non-float tensor {n!r}; that cannot be merged")
+    return addend
+
+
+def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
+                dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, Ω[name]) for every base tensor, Ω = Φ + Σ sᵢ·Ψᵢ in float32, cast to `dtype`
+    (default: each tensor's own dtype). One base tensor and one addend tensor in memory at a time."""
+    for name in base.names:
+        raw = base.read(name)
+        if not raw.is_floating_point():
+            yield name, raw
+            continue
+        W = raw.float()  # Φ, float32 (a fresh buffer)
+        acc = None  # Σ sᵢ·Ψᵢ
+        for addend, s in addends:
+            d = addend.delta(name, W)
+            if d is None:
+                continue
+            if acc is None:
+                acc = d if s == 1.0 else d.mul_(s)
+            else:
+                acc.add_(d, alpha=s)
+            del d
+        if acc is not None:
+            W = W.add_(acc)  # Φ + Σ sᵢΨᵢ
+        out_dtype = dtype or raw.dtype
+        if acc is not None:
+            if not bool(torch.isfinite(W).all()):
+                src = "the base tensor" if not bool(torch.isfinite(raw).all()) else "an adapter or scale"
+                raise ReadaptError(f"tensor {name!r} has NaN/Inf after merging (it comes from {src}); nothing was "
+                                   f"written")
+        yield name, (raw if acc is None and out_dtype == raw.dtype else W.to(out_dtype))
+
+
+def _open_all(base_spec, adds, skip_missing, allow_pickle):
+    base = Checkpoint.open(base_spec, allow_pickle)
+    addends = [(open_addend(spec, base, skip_missing=skip_missing, allow_pickle=allow_pickle), s)
+               for spec, s in _normalise(adds)]
+    return base, addends
+
+
+def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec], *,
+          dtype: str | torch.dtype | None = None, skip_missing: bool = False, overwrite: bool = False,
+          max_shard_size: int | str = "5GB", allow_pickle: bool = False) -> Path:
+    """Write Ω = Φ + Σᵢ sᵢ·Ψᵢ as a complete Hugging Face model folder at `out`.
+
+    adds: [(adapter, scale), ...] or plain adapter paths (scale 1.0); any real scale, negative subtracts.
+    The folder gets the base's config, generation config, tokenizer and chat template, sharded
+    safetensors + index, and a README listing the adapters and scales. Streams one tensor at a time.
+    """
+    b, addends = _open_all(base, adds, skip_missing, allow_pickle)
+    if not addends:
+        raise ReadaptError("nothing to merge: give at least one adapter with its scale")
+    out_dtype = parse_dtype(dtype)
+    plan = [(n, (out_dtype or b.dtype(n)) if b.dtype(n).is_floating_point else b.dtype(n), b.shape(n))
+            for n in b.names]
+    inputs = [b.path] + [a.path for a, _ in addends]
+
+    def tensors():
+        with progress(b.nbytes, "merge") as bar:
+            for name, t in iter_merged(b, addends, out_dtype):
+                bar.update(b.infos[name].end - b.infos[name].start)
+                yield name, t
+
+    with output_folder(out, overwrite, inputs=inputs) as tmp:
+        write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size, metadata={"readapt": "merge"})
+        copy_side_files(b.path, tmp)
+        if out_dtype is not None and (tmp / "config.json").is_file():
+            cfg = json.loads((tmp / "config.json").read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = str(out_dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "README.md").write_text(_card(base, addends, out_dtype or "the base's"))
+    return Path(out)
+
+
+def _card(base, addends, dtype) -> str:
+    rows = "\n".join(f"| `{a.label}` | {a.kind} | {s:g} |" for a, s in addends)
+    terms = " + ".join(f"{s:g}·Ψ{i + 1}" for i, (_, s) in enumerate(addends))
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"""---
+library_name: transformers
+tags: [readapt, merge, partial-adaptation]
+---
+# Merged model
+
+Made by readapt {__version__} on {now}:
+
+    Ω = Φ + {terms}        (float32 arithmetic, saved in {str(dtype).removeprefix("torch.")} dtype)
+
+Φ (base): `{base}`
+
+| adapter | kind | scale |
+|---|---|---|
+{rows}
+
+A checkpoint adapter means its difference from the base; a delta folder is a RE-Adapter; a PEFT adapter
+contributes s·B·A (DoRA: W′ − W). Load with `transformers.AutoModelForCausalLM.from_pretrained`.
+"""
+
+
+def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: str | torch.dtype | None = None,
+                *, skip_missing: bool = False, allow_pickle: bool = False):
+    """Build Ω = Φ + Σᵢ sᵢ·Ψᵢ in memory (no checkpoint written) -> (model in eval mode, tokenizer or None).
+
+    Used by eval/sweep/demo. `dtype` defaults to the base checkpoint's dtype.
+    """
+    from transformers import AutoModelForCausalLM
+
+    b, addends = _open_all(base, adds, skip_missing, allow_pickle)
+    out_dtype = parse_dtype(dtype)
+    # transformers builds the module (buffers, tying, dtype) from the base; then each merged tensor is
+    # copied over its parameter, one at a time
+    model = AutoModelForCausalLM.from_pretrained(b.path, dtype=out_dtype or "auto")
+    if addends:
+        params = model.state_dict()
+        for name, t in iter_merged(b, addends, out_dtype):
+            if name not in params:
+                raise ReadaptError(f"{b.path}: tensor {name!r} is not a parameter of {type(model).__name__}")
+            params[name].copy_(t)
+    model.eval()
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(b.path)
+    except (OSError, ValueError, TypeError):
+        warnings.warn(f"no tokenizer in {b.path}", stacklevel=2)
+    return model, tokenizer
