@@ -115,7 +115,78 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    pass
+    def metric_list(text: str) -> list[str]:
+        return [m.strip() for m in text.split(",") if m.strip()]
+
+    def qa_flags(p: argparse.ArgumentParser) -> None:  # shared by eval and sweep
+        p.add_argument("--questions", required=True, help='JSON lines {"id", "question", "answers": [...], "passage_id"?}')
+        p.add_argument("--retrieval", choices=("none", "bm25", "oracle"), default="none",
+                       help="closed book (default), BM25 over --passages, or each question's gold passage_id")
+        p.add_argument("--passages", help='JSON lines {"id", "text"} (for --retrieval bm25/oracle)')
+        p.add_argument("--top-k", type=int, default=1, help="BM25 passages in the prompt (paper: 1)")
+        p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
+        p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (left padded)")
+        p.add_argument("--limit", type=int, help="only the first N questions (a quick look)")
+        p.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
+        p.add_argument("--device", help="cuda, cpu, mps... (default: cuda when available)")
+        p.add_argument("--tokenizer", help="tokenizer folder or id, if MODEL has none (or to override it)")
+        p.add_argument("--metrics", type=metric_list, help="comma-separated, default: rouge_l_recall,contains_em")
+        _common_output(p)
+
+    p = sub.add_parser("eval", help="QA accuracy (RE-Adapt protocol): closed book, BM25 or oracle passage")
+    p.add_argument("model", help="model folder or id in the local HF cache (BASE when --add is given)")
+    p.add_argument(
+        "--add", action="append", default=[], type=_scale_spec, metavar="ADAPTER[:SCALE]",
+        help="merged in memory as MODEL + sum(scale * adapter), nothing written; repeat for several",
+    )
+    qa_flags(p)
+
+    def run_eval(a):
+        from readapt.evaluate import evaluate
+
+        evaluate(
+            a.model, a.questions, a.output, adds=a.add, retrieval=a.retrieval, passages=a.passages,
+            top_k=a.top_k, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, limit=a.limit,
+            dtype=a.dtype, device=a.device, tokenizer=a.tokenizer, metrics=a.metrics, overwrite=a.overwrite,
+        )
+
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("sweep", help="partial adaptation grid: BASE + alpha*ADAPTER1 (+ beta*ADAPTER2), scored")
+    p.add_argument("base", help="base (pretrained) model folder or id in the local HF cache")
+    p.add_argument("--add", action="append", required=True, metavar="ADAPTER",
+                   help="one or two adapters (first alpha, second beta); the grid supplies the scales")
+    p.add_argument("--grid", default="0,0.25,0.5,0.75,1", help="scales for each adapter (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of questions held out to choose the scales; the rest report them (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    p.add_argument("--select", default="contains_em", help="metric that chooses the best cell (default contains_em)")
+    qa_flags(p)
+
+    def run_sweep(a):
+        from readapt.evaluate import sweep
+
+        sweep(
+            a.base, a.add, a.questions, a.output, grid=a.grid, val_fraction=a.val_fraction,
+            seed=a.seed, select=a.select, retrieval=a.retrieval, passages=a.passages, top_k=a.top_k,
+            max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, limit=a.limit, dtype=a.dtype,
+            device=a.device, tokenizer=a.tokenizer, metrics=a.metrics, overwrite=a.overwrite,
+        )
+
+    p.set_defaults(func=run_sweep)
+
+    p = sub.add_parser("score", help="score answers generated elsewhere: Rouge-L recall and contains-EM")
+    p.add_argument("predictions", help='JSON lines {"id", "response", "answers": [...]}')
+    p.add_argument("-o", "--output", help="also write OUTPUT/summary.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--metrics", type=metric_list, help="comma-separated, default: rouge_l_recall,contains_em")
+
+    def run_score(a):
+        from readapt.evaluate import score
+
+        score(a.predictions, a.output, metrics=a.metrics, overwrite=a.overwrite)
+
+    p.set_defaults(func=run_score)
 
 
 # --- demo (the demo world, issue 7) --------------------------------------------------------------------
