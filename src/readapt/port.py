@@ -1,0 +1,592 @@
+"""Port (PortLLM): carry a patch learned on one model version to the next, with no training and no data.
+
+PortLLM (Khan et al., 2024, "PortLLM: Personalizing Evolving Large Language Models with Training-Free
+and Portable Model Patches", §3): a patch P = θ_ft − θ learned on version θ is added to the new version θ′,
+
+    θ′_ported = θ′ + P          (LoRA: P = s·B·A; delta folder: P = Δ, e.g. instruct_v1 − base_v1)
+
+and the residual between re-fine-tuning θ′ and θ′ + P has rank ≤ 2r and a small norm. A real version
+change also renames modules, grows the vocabulary and changes configs, so every tensor of the patch is
+mapped to the new base and gets one status in the report:
+
+    carried    same (or re-keyed) name and shape: P is added as it is
+    adjusted   vocabulary rows (embed_tokens / lm_head): new row j gets P's row i when the token string
+               of j in the new tokenizer equals that of i in the old one (strings, not ids); new tokens
+               get no patch. DoRA magnitudes rescaled (below). PEFT modules_to_save copies turned back
+               into a patch (copy − old tensor) and added to the new tensor.
+    skipped    absent from the new base, other shape differences, tokenizers missing, ... (with why)
+
+DoRA (Liu et al. 2024): W′ = m ⊙ (W + sBA) / ‖W + sBA‖, norm per output row (per column for embeddings).
+m was learned for the old W: DoRA starts it at m₀ = ‖W_old‖, so what training learned is the ratio
+m / ‖W_old‖. Carrying m verbatim would force the new model's row norms back to the old fine-tuned ones
+and drop whatever the new version changed in them; so, when the old base is known, the port carries the
+learned ratio:  m′ = m ⊙ ‖W_new‖ / ‖W_old‖  (m′ = m when W_new = W_old; rows of new tokens get
+m′ = ‖W_new‖, i.e. no change). Without the old base m is carried verbatim and the report warns.
+
+Outputs: a retargeted PEFT adapter folder (or a delta folder for a delta patch), or with merge=True the
+complete model folder θ′ + P written by `readapt.merge.merge`; every output holds `port_report.json`.
+With an explicit old base the report adds the version drift ‖θ′ − θ‖/‖θ‖ per tensor and per layer, the
+patch's norm relative to the drift and cos(P, θ′ − θ), streamed one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from readapt import __version__
+from readapt.adapters import PREFIX, PeftAdapter, is_peft_folder
+from readapt.checkpoint import (Checkpoint, compare_configs, output_folder, progress, resolve_model, write_file,
+                                write_tensors)
+from readapt.delta import MANIFEST, DeltaFolder, is_delta_folder
+from readapt.errors import ReadaptError
+
+REPORT = "port_report.json"
+_VOCAB_NAME = re.compile(r"(embed_tokens|lm_head|wte|embed_out|word_embeddings)\.weight$")
+
+
+@dataclass
+class Item:
+    """What happens to one tensor of the patch (named as in the old base)."""
+
+    name: str
+    new_name: str | None
+    status: str  # "carried" | "adjusted" | "skipped"
+    why: str
+    old_shape: tuple[int, ...] | None
+    new_shape: tuple[int, ...] | None = None
+    rows: torch.Tensor | None = None  # (new rows,) old row for each new row, -1: no patch
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "new_name": self.new_name, "status": self.status, "why": self.why,
+                "old_shape": list(self.old_shape) if self.old_shape else None,
+                "new_shape": list(self.new_shape) if self.new_shape else None}
+
+
+def remap_rows(t: torch.Tensor, rows: torch.Tensor, dim: int = 0, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """out[j] = t[rows[j]] along `dim`, and `fill[j]` (default 0) where rows[j] = -1."""
+    keep = rows >= 0
+    shape = list(t.shape)
+    shape[dim] = rows.numel()
+    out = t.new_zeros(shape) if fill is None else fill.clone()
+    index = [slice(None)] * t.ndim
+    index[dim] = keep
+    src = [slice(None)] * t.ndim
+    src[dim] = rows[keep]
+    out[tuple(index)] = t[tuple(src)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# matching the patch to the new base: names, vocabulary rows, configs
+
+
+def rekey(names: list[str], new_names: list[str]) -> dict[str, str]:
+    """Old tensor name -> new base name: the name itself, or else the one new name that shares its longest
+    dotted suffix of ≥ 2 parts keeping every layer index (model.language_model.layers.0.q_proj.weight ->
+    model.layers.0.q_proj.weight). Ambiguous or unmatched names are left out."""
+    present = set(new_names)
+    by_suffix: dict[str, list[str]] = {}
+    for n in new_names:
+        parts = n.split(".")
+        for k in range(len(parts) - 1):
+            by_suffix.setdefault(".".join(parts[k:]), []).append(n)
+    out, claimed = {}, {}
+    for n in names:
+        if n in present:
+            out[n] = n
+            continue
+        parts = n.split(".")
+        for k in range(1, len(parts) - 1):
+            if any(p.isdigit() for p in parts[k - 1:k]):  # never drop a layer index
+                break
+            hits = by_suffix.get(".".join(parts[k:]), [])
+            if len(hits) == 1:
+                claimed.setdefault(hits[0], []).append(n)
+                break
+            if hits:
+                break
+    for target, sources in claimed.items():
+        if len(sources) == 1 and target not in names:  # one old name per new name
+            out[sources[0]] = target
+    return out
+
+
+def _load_vocab(folder: Path | None) -> tuple[dict[str, int] | None, str]:
+    """token string -> id from a folder's tokenizer, and where it came from (or why there is none)."""
+    if folder is None:
+        return None, "no folder to read it from"
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None, f"no tokenizer files in {folder}"
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder).get_vocab(), str(folder)
+    except Exception as err:  # tokenizer loaders raise many types; the report says why
+        return None, f"cannot load the tokenizer in {folder}: {err}"
+
+
+class Vocab:
+    """Row correspondence between the old and the new vocabulary, by token string."""
+
+    def __init__(self, old_folders: list[Path], new_folder: Path):
+        self.old, self.old_from = None, "no old tokenizer (pass --from OLD_BASE, or keep the tokenizer in the patch folder)"
+        for f in old_folders:
+            self.old, where = _load_vocab(f)
+            if self.old is not None:
+                self.old_from = where
+                break
+        self.new, self.new_from = _load_vocab(new_folder)
+        self.stats: dict = {}
+
+    def rows(self, n_old: int, n_new: int) -> torch.Tensor | None:
+        """(n_new,) old row of each new row, -1 where its token is new (or it has none); None without tokenizers."""
+        if self.old is None or self.new is None:
+            return None
+        rows = torch.full((n_new,), -1, dtype=torch.long)
+        for tok, j in self.new.items():
+            i = self.old.get(tok)
+            if j < n_new and i is not None and i < n_old:
+                rows[j] = i
+        shared = int((rows >= 0).sum())
+        new_tokens = sum(1 for t, j in self.new.items() if j < n_new and (t not in self.old or self.old[t] >= n_old))
+        self.stats = {"old_rows": n_old, "new_rows": n_new, "shared_tokens": shared, "new_tokens": new_tokens,
+                      "rows_without_token": n_new - shared - new_tokens, "old_rows_dropped": n_old - len(set(rows[rows >= 0].tolist())),
+                      "old_tokenizer": self.old_from, "new_tokenizer": self.new_from}
+        return rows
+
+    def identical(self, n_old: int, n_new: int) -> bool:
+        """Same row count and every token at the same id on both sides."""
+        return n_old == n_new and all(self.new.get(t) == i for t, i in self.old.items() if i < n_old) and \
+            all(self.old.get(t) == j for t, j in self.new.items() if j < n_new)
+
+
+def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: dict[str, str], vocab: Vocab,
+              new_cfg: dict) -> Item:
+    new_name = names.get(name)
+    if new_name is None:
+        if name.endswith("lm_head.weight") and new_cfg.get("tie_word_embeddings"):
+            return Item(name, None, "skipped", "the new base ties lm_head to embed_tokens (tie_word_embeddings) and "
+                        "stores no lm_head: the old lm_head's patch has nowhere to go", shape)
+        return Item(name, None, "skipped", "no tensor of this name (or a unique re-keyed one) in the new base", shape)
+    new_shape = new.shape(new_name)
+    renamed = f" (re-keyed from {name})" if new_name != name else ""
+    if not new.dtype(new_name).is_floating_point:
+        return Item(name, new_name, "skipped", "not a float tensor in the new base", shape, new_shape)
+    is_vocab = shape is not None and len(shape) == 2 and len(new_shape) == 2 and shape[1:] == new_shape[1:] and (
+        _VOCAB_NAME.search(name) is not None or new_shape[0] == new_cfg.get("vocab_size"))
+    if is_vocab and vocab.old is not None and vocab.new is not None:
+        if vocab.identical(shape[0], new_shape[0]):
+            return Item(name, new_name, "carried", "same shape, same tokens at the same ids" + renamed, shape, new_shape)
+        rows = vocab.rows(shape[0], new_shape[0])
+        st = vocab.stats
+        return Item(name, new_name, "adjusted", f"vocabulary rows matched by token string: {st['shared_tokens']} shared "
+                    f"tokens carried, {st['new_tokens']} new tokens and {st['rows_without_token']} untokenised rows get "
+                    f"no patch, {st['old_rows_dropped']} old rows dropped" + renamed, shape, new_shape, rows)
+    if shape == new_shape:
+        note = " (tokenizers not compared: one is missing)" if is_vocab else ""
+        return Item(name, new_name, "carried", "same shape" + renamed + note, shape, new_shape)
+    if is_vocab:
+        missing = "old" if vocab.old is None else "new"
+        return Item(name, new_name, "skipped", f"the vocabulary changed ({shape[0]} -> {new_shape[0]} rows) and the {missing} "
+                    f"tokenizer is missing ({vocab.old_from if vocab.old is None else vocab.new_from}): rows cannot be "
+                    f"matched by token string", shape, new_shape)
+    return Item(name, new_name, "skipped", f"shape {list(shape or [])} in the patch but {list(new_shape)} in the new base",
+                shape, new_shape)
+
+
+def _config_warnings(old_cfg: dict | None, new_cfg: dict | None) -> list[str]:
+    if not old_cfg or not new_cfg:
+        return ["the old base's config is unknown (pass --from OLD_BASE): config differences were not checked"]
+    errors, warns = compare_configs(old_cfg, new_cfg, "the old base", "the new base")
+    return [e + " (tensors whose shape it changes are handled one by one below)" for e in errors] + warns
+
+
+def _open_old(spec, source: str) -> tuple[Checkpoint | None, str]:
+    try:
+        return Checkpoint.open(spec), source
+    except ReadaptError as err:
+        return None, f"{spec} recorded in the patch could not be opened ({err})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the port
+
+
+def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike | None, *,
+         from_: str | os.PathLike | None = None, merge: bool = False, strict: bool = False,
+         overwrite: bool = False, dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB") -> dict:
+    """Carry `patch` (a PEFT LoRA/DoRA adapter or a delta folder made on an old version) to the new base `to`.
+
+    Writes at `out`: θ′ + P as a complete model folder (merge=True, the folder `readapt merge` writes), or
+    else the patch retargeted to `to` (a PEFT adapter folder `PeftModel.from_pretrained(to, out)` loads,
+    or a delta folder). Each gets `port_report.json`; the report is also returned (out=None: report only,
+    nothing written). `from_` is the old base: it enables the drift statistics and DoRA magnitude
+    rescaling (without it the base recorded in the patch is used for the latter when it is found locally).
+    Refuses: a different architecture, PEFT keys that match nothing in `to`, nothing carried, and with
+    strict=True any skipped tensor.
+    """
+    new = Checkpoint.open(to)
+    new_cfg = new.config or {}
+    patch_path = resolve_model(patch)
+    old, old_source = (Checkpoint.open(from_), "--from") if from_ is not None else (None, "")
+    if is_peft_folder(patch_path):
+        src = PeftAdapter(patch_path, label=str(patch))
+        if old is None and src.config.get("base_model_name_or_path"):
+            recorded = src.config["base_model_name_or_path"]
+            old, old_source = _open_old(recorded, f"base_model_name_or_path in {patch_path / 'adapter_config.json'}")
+        targets = src.targets()
+        old_cfg = old.config if old is not None else None
+        old_class = (src.config.get("auto_mapping") or {}).get("base_model_class")
+        kind = "peft-dora" if src.dora else "peft-lora"
+    elif is_delta_folder(patch_path):
+        src = DeltaFolder(patch_path, label=str(patch))
+        if old is None:
+            rec = src.manifest.get("base") or {}
+            for spec in (rec.get("path"), rec.get("spec")):
+                if spec and Path(spec).is_dir():
+                    old, old_source = _open_old(spec, f"the base recorded in {patch_path / MANIFEST}")
+                    break
+        targets = src.targets()
+        old_cfg = old.config if old is not None else src.config
+        old_class, kind = None, "delta"
+    else:
+        raise ReadaptError(f"{patch} is not a patch: expected a PEFT LoRA/DoRA adapter folder (adapter_config.json) "
+                           f"or a delta folder (readapt_delta.json). For a full fine-tuned checkpoint, make its delta "
+                           f"first: readapt extract OLD_BASE TUNED -o DELTA")
+
+    # -- architecture ------------------------------------------------------------------------------------
+    old_type, new_type = (old_cfg or {}).get("model_type"), new_cfg.get("model_type")
+    if old_type and new_type and old_type != new_type:
+        raise ReadaptError(f"{patch} was made on a {old_type!r} model but {to} is a {new_type!r} model: a patch only "
+                           f"ports between versions of one architecture")
+    new_class = (new_cfg.get("architectures") or [None])[0]
+    if old_class and new_class and old_class != new_class:
+        raise ReadaptError(f"{patch} was trained on a {old_class} but {to} is a {new_class} (adapter_config.json "
+                           f"auto_mapping): a patch only ports between versions of one architecture")
+    if old is not None:  # the patch must fit the old base it names
+        misfit = [n for n, s in targets.items() if n not in old or (s is not None and tuple(s) != old.shape(n))]
+        if misfit and old_source == "--from":
+            raise ReadaptError(f"{patch} does not fit the old base {from_}: {len(misfit)} of its tensors are missing "
+                               f"there or have another shape ({', '.join(misfit[:5])}); pass the base it was made on")
+        if misfit:
+            old, old_source = None, f"the base recorded in the patch does not fit it ({misfit[0]})"
+            old_cfg = None if kind != "delta" else src.config
+
+    # -- match every tensor of the patch -------------------------------------------------------------------
+    names = rekey(list(targets), new.names)
+    vocab = Vocab([p for p in (old.path if old else None, patch_path) if p is not None], new.path)
+    base_copies = [n for n, m in getattr(src, "modules", {}).items() if set(m.parts) <= {"base_layer.weight", "base_layer.bias"}]
+    items = [_classify(n, s, new, names, vocab, new_cfg) for n, s in targets.items() if n not in base_copies]
+    if kind != "delta":
+        for it in items:
+            parts = src.modules[it.name].parts
+            full = any(p in ("weight", "bias") or p.startswith("modules_to_save") for p in parts)
+            if it.status != "skipped" and full and old is None:
+                it.status, it.why = "skipped", ("a modules_to_save copy of the old tensor: its patch is (copy − old tensor); "
+                                                "pass --from OLD_BASE to carry it")
+            elif it.status != "skipped" and full:
+                it.status, it.why = "adjusted", "modules_to_save copy: new tensor + (copy − old tensor); " + it.why
+            elif it.status != "skipped" and "lora_magnitude_vector" in parts and old is not None:
+                it.status, it.why = "adjusted", "DoRA magnitude rescaled m′ = m·‖W_new‖/‖W_old‖; " + it.why
+    warnings = _config_warnings(old_cfg, new_cfg)
+    if old_cfg and old_cfg.get("tie_word_embeddings") and not new_cfg.get("tie_word_embeddings") \
+            and any(it.name.endswith("embed_tokens.weight") and it.status != "skipped" for it in items):
+        warnings.append("the old base tied lm_head to embed_tokens, the new one has its own lm_head: the embed_tokens "
+                        "patch is carried to embed_tokens only; the new lm_head gets no patch")
+    if kind == "peft-dora" and old is None:
+        warnings.append("DoRA magnitudes carried verbatim: they are the old model's fine-tuned row norms and override the "
+                        "new base's; pass --from OLD_BASE to rescale them (m′ = m·‖W_new‖/‖W_old‖)")
+    if base_copies or any("base_layer.weight" in src.modules[it.name].parts for it in items if kind != "delta"):
+        warnings.append("PEFT's copies of the old base's embedding layers (base_layer.weight, saved when embeddings are "
+                        "targeted) are old weights, not part of the patch: not carried")
+    report = {
+        "readapt_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "patch": {"spec": str(patch), "path": str(patch_path.resolve()), "kind": kind},
+        "new_base": {"spec": str(to), "path": str(new.path.resolve()), "model_type": new_type},
+        "old_base": {"spec": str(old.path) if old else None, "source": old_source or "unknown"},
+        "output": None if out is None else {"path": str(Path(out).absolute()), "merged": merge},
+        "counts": {s: sum(it.status == s for it in items) for s in ("carried", "adjusted", "skipped")},
+        "vocabulary": vocab.stats or None,
+        "warnings": warnings,
+        "modules": [it.as_dict() for it in items],
+        "drift": None,
+    }
+
+    # -- refusals ------------------------------------------------------------------------------------------
+    def refuse(msg: str):
+        err = ReadaptError(msg + "\n" + summary(report))
+        err.report = report
+        raise err
+
+    unmatched = [it.name for it in items if it.new_name is None and "ties lm_head" not in it.why]
+    if unmatched and kind != "delta":
+        refuse(f"{patch} has adapter keys that match no module of {to} ({len(unmatched)}: "
+               f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}): it was trained on another model")
+    if report["counts"]["carried"] + report["counts"]["adjusted"] == 0:
+        refuse(f"nothing in {patch} can be carried to {to}")
+    if strict and report["counts"]["skipped"]:
+        refuse(f"--strict: {report['counts']['skipped']} tensors of {patch} cannot be carried to {to}")
+
+    carried = [it for it in items if it.status != "skipped"]
+    with tempfile.TemporaryDirectory(prefix="readapt-port-") as tmp:
+        if kind == "delta":
+            ported = PortedDelta(src, carried, new, label=f"{patch} (ported)")
+        else:
+            _write_peft(Path(tmp), src, carried, new, old, to)
+            from readapt.merge import open_addend
+
+            ported = open_addend(tmp, new)
+            ported.label = f"{patch} (ported)"
+        if from_ is not None:
+            report["drift"] = drift(new, old, ported, {it.new_name: it for it in carried})
+        if out is None:
+            return report
+        text = json.dumps(report, indent=2) + "\n"
+        if merge:
+            from readapt.merge import merge as merge_fn
+
+            merge_fn(to, out, [(ported, 1.0)], dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size,
+                     extra_files={REPORT: text})
+            return report
+        with output_folder(out, overwrite, inputs=[patch_path, new.path] + ([old.path] if old else [])) as dst:
+            if kind == "delta":
+                _write_delta(dst, ported, report, max_shard_size)
+            else:
+                for f in Path(tmp).iterdir():
+                    shutil.copyfile(f, dst / f.name)
+            (dst / REPORT).write_text(text)
+            (dst / "README.md").write_text(_card(report))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing the retargeted patch
+
+
+def _write_peft(folder: Path, src: PeftAdapter, items: list[Item], new: Checkpoint, old: Checkpoint | None, to) -> None:
+    """The adapter's tensors under the new module names, vocabulary rows remapped, DoRA m rescaled,
+    modules_to_save copies rebuilt on the new tensors, base_layer copies dropped; adapter_config retargeted."""
+    from peft.utils.other import get_pattern_key
+
+    cfg = dict(src.config)
+    modules: dict[str, str] = {}  # old module -> new module, for LoRA-factor modules
+
+    def tensors():
+        for it in items:
+            mod = src.modules[it.name]
+            new_mod = it.new_name.rsplit(".", 1)[0]
+            embedding = "lora_embedding_A" in mod.parts
+            for part, key in mod.parts.items():
+                if part.startswith("base_layer"):
+                    continue
+                t = src.ckpt.read(key)
+                if part in ("weight", "bias") or part.startswith("modules_to_save"):
+                    P = t.float().sub_(old.read(it.name).float())  # the patch, on the old tensor's rows
+                    if it.rows is not None:
+                        P = remap_rows(P, it.rows)
+                    t = new.read(it.new_name).float().add_(P).to(t.dtype)  # new tensor + P
+                elif part == "lora_magnitude_vector":
+                    t = _dora_magnitude(t, it, new, old, embedding)
+                elif it.rows is not None and embedding and part == "lora_embedding_A":
+                    t = remap_rows(t, it.rows, dim=1)  # A: r×vocab, columns are tokens
+                elif it.rows is not None and not embedding and part in ("lora_B.weight", "lora_B.bias"):
+                    if src.config.get("fan_in_fan_out"):
+                        raise ReadaptError(f"{src.path}: vocabulary remapping of fan_in_fan_out layer {mod.name} is not supported")
+                    t = remap_rows(t, it.rows)  # B: vocab×r, rows are tokens
+                else:
+                    t = t.clone()
+                if part.startswith("lora_"):
+                    modules[mod.name] = new_mod
+                head = PREFIX if key.startswith(PREFIX) else ""
+                yield head + new_mod + key[len(head) + len(mod.name):], t
+
+    write_file(folder / "adapter_model.safetensors", tensors(), metadata={"readapt": "port"})
+    cfg["base_model_name_or_path"] = str(Path(to).absolute()) if Path(to).expanduser().is_dir() else str(to)
+    n_lora = len({src.modules[n].name for n in src.modules if any(p.startswith("lora_") for p in src.modules[n].parts)})
+    if modules and (any(a != b for a, b in modules.items()) or len(modules) < n_lora):
+        # wrap exactly the carried modules under their new names, with their own r and alpha
+        rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        cfg["rank_pattern"] = {b: rp.get(get_pattern_key(rp.keys(), a), cfg["r"]) for a, b in modules.items()}
+        cfg["alpha_pattern"] = {b: ap.get(get_pattern_key(ap.keys(), a), cfg["lora_alpha"]) for a, b in modules.items()}
+        cfg["target_modules"] = "^(" + "|".join(re.escape(m) for m in modules.values()) + ")$"
+        cfg["layers_to_transform"] = cfg["layers_pattern"] = None
+    if (new.config or {}).get("architectures") and isinstance(cfg.get("auto_mapping"), dict):
+        cfg["auto_mapping"] = {**cfg["auto_mapping"], "base_model_class": new.config["architectures"][0]}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _dora_magnitude(m: torch.Tensor, it: Item, new: Checkpoint, old: Checkpoint | None, embedding: bool) -> torch.Tensor:
+    """m′ = m ⊙ ‖W_new‖ / ‖W_old‖ (old base known) or m (unknown); rows of new tokens: m′ = ‖W_new‖ (no change).
+    Norms as PEFT's DoRA takes them: per output row of a Linear W (out×in), per column of an embedding (vocab×dim)."""
+    dim = 0 if embedding else 1
+    n_new = torch.linalg.norm(new.read(it.new_name).float(), dim=dim)
+    mf = m.float()
+    if it.rows is not None and not embedding:  # m has one entry per vocabulary row
+        mf = remap_rows(mf, it.rows, fill=n_new)
+    if old is not None:
+        n_old = torch.linalg.norm(old.read(it.name).float(), dim=dim)
+        if it.rows is not None and not embedding:
+            n_old = remap_rows(n_old, it.rows, fill=n_new)
+        ratio = torch.where(n_old > 0, n_new / n_old, torch.ones_like(n_new))
+        keep = it.rows >= 0 if it.rows is not None and not embedding else torch.ones_like(mf, dtype=torch.bool)
+        mf = torch.where(keep, mf * ratio, mf)
+    return mf.to(m.dtype)
+
+
+class PortedDelta:
+    """A delta folder seen through the port's name and row mapping: Ψ[new name] = Δ[old name], rows remapped."""
+
+    kind = "delta (ported)"
+
+    def __init__(self, src: DeltaFolder, items: list[Item], new: Checkpoint, label: str):
+        self.src, self.path, self.label = src, src.path, label
+        order = {n: i for i, n in enumerate(new.names)}
+        self.items = {it.new_name: it for it in sorted(items, key=lambda it: order[it.new_name])}
+        self.config = new.config
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        return {n: it.new_shape for n, it in self.items.items()}
+
+    def delta(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor | None:
+        it = self.items.get(name)
+        if it is None:
+            return None
+        d = self.src.ckpt.read(it.name).float()
+        return remap_rows(d, it.rows) if it.rows is not None else d
+
+
+def _write_delta(folder: Path, ported: PortedDelta, report: dict, max_shard_size) -> None:
+    ckpt = ported.src.ckpt
+    plan = [(n, ckpt.dtype(it.name), it.new_shape) for n, it in ported.items.items()]
+    write_tensors(folder, plan, ((n, ported.delta(n).to(dt)) for n, dt, _ in plan), max_shard_size=max_shard_size,
+                  metadata={"readapt": "delta", "formula": "delta ported by readapt port"})
+    manifest = {**ported.src.manifest,
+                "created": report["created"], "readapt_version": __version__,
+                "formula": "delta ported to a new base by readapt port (PortLLM): see port_report.json",
+                "base": {"spec": report["new_base"]["spec"], "path": report["new_base"]["path"],
+                         "model_type": report["new_base"]["model_type"]},
+                "base_config": ported.config, "tensor_count": len(plan),
+                "skipped": [m["name"] for m in report["modules"] if m["status"] == "skipped"],
+                "ported_from": {"delta": report["patch"]["path"], "base": ported.src.manifest.get("base")}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# drift between versions
+
+
+def _layer(name: str) -> str:
+    m = re.search(r"layers\.(\d+)\.", name)
+    return f"layer {int(m.group(1))}" if m else name.removesuffix(".weight")
+
+
+def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> dict:
+    """Version drift D = θ′ − θ per tensor and per layer: ‖D‖/‖θ‖, ‖P‖/‖D‖ and cos(P, D), where P is the
+    ported patch on that tensor (0 where it has none). Vocabulary tensors compare the rows of shared
+    tokens. Streams one tensor triple at a time; sums in float64."""
+    names = rekey(old.names, new.names)
+    old_of = {v: k for k, v in names.items()}
+    per_tensor: dict[str, dict] = {}
+    acc: dict[str, list[float]] = {}  # layer -> [‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩]
+    floats = [n for n in new.names if n in old_of and new.dtype(n).is_floating_point and old.dtype(old_of[n]).is_floating_point]
+    with progress(sum(new.infos[n].end - new.infos[n].start for n in floats), "drift") as bar:
+        for n in floats:
+            it = items.get(n)
+            Wn, Wo = new.read(n).float(), old.read(old_of[n]).float()
+            keep = None
+            if Wn.shape != Wo.shape:
+                if it is None or it.rows is None:
+                    continue
+                keep = it.rows >= 0
+                Wo = Wo[it.rows[keep]]  # old rows of the shared tokens
+            P = patch.delta(n, Wn) if it is not None else None
+            if keep is not None:
+                Wn = Wn[keep]
+                P = P[keep] if P is not None else None
+            D = Wn.sub_(Wo).double()
+            d2, w2 = float(D.square().sum()), float(Wo.double().square().sum())
+            p2 = float(P.double().square().sum()) if P is not None else 0.0
+            pd = float((P.double() * D).sum()) if P is not None else 0.0
+            row = {"drift": math.sqrt(d2 / w2) if w2 else None}
+            if P is not None:
+                row["patch_to_drift"] = math.sqrt(p2 / d2) if d2 else None
+                row["cos_patch_drift"] = pd / math.sqrt(p2 * d2) if p2 and d2 else None
+            per_tensor[n] = row
+            a = acc.setdefault(_layer(n), [0.0, 0.0, 0.0, 0.0])
+            for k, v in enumerate((d2, w2, p2, pd)):
+                a[k] += v
+            bar.update(new.infos[n].end - new.infos[n].start)
+    layers = {k: {"drift": math.sqrt(d2 / w2) if w2 else None,
+                  "patch_to_drift": math.sqrt(p2 / d2) if d2 and p2 else None,
+                  "cos_patch_drift": pd / math.sqrt(p2 * d2) if p2 and d2 else None}
+              for k, (d2, w2, p2, pd) in acc.items()}
+    tot = [sum(a[k] for a in acc.values()) for k in range(4)]
+    total = {"drift": math.sqrt(tot[0] / tot[1]) if tot[1] else None,
+             "patch_to_drift": math.sqrt(tot[2] / tot[0]) if tot[0] and tot[2] else None,
+             "cos_patch_drift": tot[3] / math.sqrt(tot[2] * tot[0]) if tot[0] and tot[2] else None}
+    return {"formula": "drift = ‖θ′−θ‖/‖θ‖; patch_to_drift = ‖P‖/‖θ′−θ‖; cos = ⟨P, θ′−θ⟩/(‖P‖‖θ′−θ‖)",
+            "total": total, "layers": layers, "tensors": per_tensor}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report, in words
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def summary(report: dict) -> str:
+    """The terminal summary of a port report: counts, every adjusted and skipped tensor, warnings, drift."""
+    c, p = report["counts"], report["patch"]
+    lines = [f"port {p['spec']} ({p['kind']}) -> {report['new_base']['spec']}: {c['carried']} carried, "
+             f"{c['adjusted']} carried with adjustment, {c['skipped']} skipped "
+             f"(old base: {report['old_base']['spec'] or 'unknown'}; {report['old_base']['source']})"]
+    for m in report["modules"]:
+        if m["status"] != "carried":
+            lines.append(f"  {m['status']:9s} {m['name']}: {m['why']}")
+    v = report.get("vocabulary")
+    if v:
+        lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens carried, "
+                     f"{v['new_tokens']} new tokens without patch")
+    for w in report["warnings"]:
+        lines.append(f"  warning: {w}")
+    d = report.get("drift")
+    if d:
+        lines.append(f"  drift vs the old base (total): drift {_fmt(d['total']['drift'])}, patch/drift "
+                     f"{_fmt(d['total']['patch_to_drift'])}, cos {_fmt(d['total']['cos_patch_drift'])}")
+        lines.append(f"    {'layer':28s} {'drift':>9s} {'patch/drift':>12s} {'cos':>9s}")
+        for k, r in d["layers"].items():
+            lines.append(f"    {k:28s} {_fmt(r['drift']):>9s} {_fmt(r['patch_to_drift']):>12s} {_fmt(r['cos_patch_drift']):>9s}")
+    if report.get("output"):
+        lines.append(f"  wrote {report['output']['path']} (details: {REPORT})")
+    return "\n".join(lines)
+
+
+def _card(report: dict) -> str:
+    c = report["counts"]
+    what = "LoRA/DoRA adapter (PEFT)" if report["patch"]["kind"] != "delta" else "weight delta"
+    return f"""---
+library_name: {'peft' if report['patch']['kind'] != 'delta' else 'readapt'}
+tags: [readapt, portllm, port]
+---
+# Ported {what}
+
+Made by readapt {__version__} on {report['created']}: the patch `{report['patch']['spec']}` (made on
+`{report['old_base']['spec'] or 'an older version'}`) retargeted to `{report['new_base']['spec']}` with no training
+(PortLLM: θ′ + P).
+
+{c['carried']} tensors carried, {c['adjusted']} carried with adjustment (vocabulary rows matched by token string,
+DoRA magnitudes rescaled), {c['skipped']} skipped. Every tensor and the reason: `{REPORT}`.
+"""

@@ -1,0 +1,311 @@
+"""readapt port (PortLLM): a patch made on version 1 carried to version 2, checked tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from tiny import VOCAB, config_of, perturb, read_all, save_tiny
+
+from readapt.cli import main
+from readapt.delta import extract
+from readapt.errors import ReadaptError
+from readapt.merge import merge
+from readapt.port import port, summary
+
+EXTRA = ["<|im_start|>", "<|im_end|>", "x0", "x1", "x2", "x3"]
+
+
+def tokenizer(vocab):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def grown(path, seed=5):
+    """A "version 2" with 6 more tokens inserted after the special tokens: every old word moves to id + 6."""
+    vocab = VOCAB[:4] + EXTRA + VOCAB[4:]
+    save_tiny(path, "llama", seed=seed, vocab_size=len(vocab))
+    tokenizer(vocab).save_pretrained(path)
+    return path, {w: i for i, w in enumerate(vocab)}
+
+
+def lora(base, out, targets, dora=False, seed=0, **kw):
+    """A PEFT LoRA/DoRA adapter on `base` with random (nonzero) B and, for DoRA, moved magnitudes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora, **kw))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_embedding_B" in n:
+                p.normal_()
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.rand_like(p))
+            if "modules_to_save" in n:
+                p.add_(0.1)
+    model.save_pretrained(out)
+    return out
+
+
+def factors(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (B, A) as stored in the adapter file (embeddings: lora_embedding_B, lora_embedding_A)."""
+    t = read_all(adapter)
+    out = {}
+    for k in t:
+        for a, b in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+            if k.endswith(a):
+                mod = k[len("base_model.model."):-len(a) - 1]
+                out[mod] = (t[k[: -len(a)] + b], t[k])
+    return out
+
+
+def peft_merged(base, adapter) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+    return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def statuses(report) -> dict[str, str]:
+    return {m["name"]: m["status"] for m in report["modules"]}
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    d = tmp_path_factory.mktemp("versions")
+    v1 = save_tiny(d / "v1", "llama")
+    v2 = perturb(v1, d / "v2", scale=0.05, seed=2)
+    ad = lora(v1, d / "lora", "all-linear")
+    return v1, v2, ad
+
+
+def test_merged_port_is_new_base_plus_sBA_exactly_and_equals_peft(versions, tmp_path):
+    v1, v2, ad = versions
+    report = port(ad, v2, tmp_path / "merged", merge=True)
+    assert report["counts"] == {"carried": 14, "adjusted": 0, "skipped": 0}
+    got, new = read_all(tmp_path / "merged"), read_all(v2)
+    F = factors(ad)
+    assert len(F) == 14 and set(got) == set(new)
+    for name, W in new.items():
+        mod = name.removesuffix(".weight")
+        ref = W + (F[mod][0] @ F[mod][1]) * 2.0 if mod in F else W  # s = alpha / r = 8 / 4
+        assert (got[name] - ref).abs().max().item() == 0, name
+    assert json.loads((tmp_path / "merged" / "port_report.json").read_text())["counts"]["carried"] == 14
+    assert config_of(tmp_path / "merged") == config_of(v2)
+
+    port(ad, v2, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(v2.absolute())
+    peft = peft_merged(v2, tmp_path / "adapter")
+    assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
+
+
+def test_drift_statistics_match_a_direct_computation(versions):
+    v1, v2, ad = versions
+    report = port(ad, v2, None, from_=v1)  # report only
+    W1, W2, F = read_all(v1), read_all(v2), factors(ad)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    D = (W2[name] - W1[name]).double()
+    P = ((F[name[:-7]][0] @ F[name[:-7]][1]) * 2.0).double()
+    row = report["drift"]["tensors"][name]
+    assert row["drift"] == pytest.approx(float(D.norm() / W1[name].double().norm()), rel=1e-6)
+    assert row["patch_to_drift"] == pytest.approx(float(P.norm() / D.norm()), rel=1e-6)
+    assert row["cos_patch_drift"] == pytest.approx(float((P * D).sum() / (P.norm() * D.norm())), rel=1e-6, abs=1e-9)
+    assert "patch_to_drift" not in report["drift"]["tensors"]["model.norm.weight"]  # no patch there
+    layer = [n for n in W1 if ".layers.0." in n]
+    d2 = sum(float((W2[n] - W1[n]).double().square().sum()) for n in layer)
+    w2 = sum(float(W1[n].double().square().sum()) for n in layer)
+    assert report["drift"]["layers"]["layer 0"]["drift"] == pytest.approx(math.sqrt(d2 / w2), rel=1e-6)
+    assert "layer 1" in summary(report)
+
+
+def test_grown_vocabulary_rows_follow_token_strings(tmp_path):
+    v1 = save_tiny(tmp_path / "v1", "llama")
+    v2, ids2 = grown(tmp_path / "v2")
+    ad = lora(v1, tmp_path / "ad", ["q_proj", "embed_tokens", "lm_head"])
+    assert any("base_layer" in k for k in read_all(ad))  # PEFT saved copies of v1's embeddings
+    report = port(ad, v2, tmp_path / "merged", merge=True)
+    st = statuses(report)
+    assert st["model.embed_tokens.weight"] == st["lm_head.weight"] == "adjusted"
+    assert report["vocabulary"]["shared_tokens"] == 64 and report["vocabulary"]["new_tokens"] == 6
+    got, new, F = read_all(tmp_path / "merged"), read_all(v2), factors(ad)
+    head = (F["lm_head"][0] @ F["lm_head"][1]) * 2.0  # 64×16 on v1's ids
+    emb = (F["model.embed_tokens"][0] @ F["model.embed_tokens"][1]).T * 2.0
+    for i, w in enumerate(VOCAB):  # old id i, new id j: the same token string
+        j = ids2[w]
+        assert (got["lm_head.weight"][j] - (new["lm_head.weight"][j] + head[i])).abs().max().item() == 0
+        assert (got["model.embed_tokens.weight"][j] - (new["model.embed_tokens.weight"][j] + emb[i])).abs().max().item() == 0
+    for w in EXTRA:  # new tokens: no patch
+        assert torch.equal(got["lm_head.weight"][ids2[w]], new["lm_head.weight"][ids2[w]])
+        assert torch.equal(got["model.embed_tokens.weight"][ids2[w]], new["model.embed_tokens.weight"][ids2[w]])
+
+    port(ad, v2, tmp_path / "adapter")
+    assert not any("base_layer" in k for k in read_all(tmp_path / "adapter"))
+    peft = peft_merged(v2, tmp_path / "adapter")
+    assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
+
+
+def test_missing_tokenizer_skips_vocabulary_rows_and_strict_refuses(tmp_path):
+    v1 = save_tiny(tmp_path / "v1", "llama")
+    v2, _ = grown(tmp_path / "v2")
+    (v2 / "tokenizer.json").unlink()
+    ad = lora(v1, tmp_path / "ad", ["v_proj", "lm_head"])
+    report = port(ad, v2, tmp_path / "out", merge=True)
+    st = statuses(report)
+    assert st["lm_head.weight"] == "skipped" and st["model.layers.0.self_attn.v_proj.weight"] == "carried"
+    assert "tokenizer is missing" in report["modules"][[m["name"] for m in report["modules"]].index("lm_head.weight")]["why"]
+    assert torch.equal(read_all(tmp_path / "out")["lm_head.weight"], read_all(v2)["lm_head.weight"])
+    with pytest.raises(ReadaptError, match="--strict"):
+        port(ad, v2, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_chat_vector_delta_port_equals_merging_the_ported_delta(tmp_path):
+    v1 = save_tiny(tmp_path / "v1", "llama")
+    inst = perturb(v1, tmp_path / "inst", scale=0.02, seed=3)
+    delta = extract(v1, inst, tmp_path / "delta")
+    v2, ids2 = grown(tmp_path / "v2")
+    report = port(delta, v2, tmp_path / "ported")
+    assert report["counts"]["adjusted"] == 2 and report["counts"]["skipped"] == 0
+    assert report["old_base"]["source"].startswith("the base recorded")
+    port(delta, v2, tmp_path / "merged", merge=True)
+    merge(v2, tmp_path / "merged2", [(tmp_path / "ported", 1.0)])  # the ported delta is an ordinary delta folder
+    got, got2, new = read_all(tmp_path / "merged"), read_all(tmp_path / "merged2"), read_all(v2)
+    D = read_all(delta)
+    assert all(torch.equal(got[k], got2[k]) for k in got)
+    for name, W in new.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            rows = torch.tensor([ids2[w] for w in VOCAB])
+            assert (got[name][rows] - (W[rows] + D[name])).abs().max().item() == 0
+        else:
+            assert (got[name] - (W + D[name])).abs().max().item() == 0, name
+
+
+def test_dora_magnitude_is_rescaled_to_the_new_row_norms(versions, tmp_path):
+    v1, v2, _ = versions
+    ad = lora(v1, tmp_path / "dora", ["q_proj", "v_proj"], dora=True, modules_to_save=["norm"])
+    report = port(ad, v2, tmp_path / "adapter", from_=v1)
+    st = statuses(report)
+    assert st["model.layers.0.self_attn.q_proj.weight"] == "adjusted" and st["model.norm.weight"] == "adjusted"
+    W1, W2, old, new = read_all(v1), read_all(v2), read_all(ad), read_all(tmp_path / "adapter")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"
+    W = "model.layers.1.self_attn.v_proj.weight"
+    ref = old[key] * (torch.linalg.norm(W2[W], dim=1) / torch.linalg.norm(W1[W], dim=1))
+    assert torch.equal(new[key], ref)
+    norm = "base_model.model.model.norm.weight"  # modules_to_save copy: new + (copy - old)
+    assert torch.equal(new[norm], W2["model.norm.weight"] + (old[norm] - W1["model.norm.weight"]))
+    port(ad, v2, tmp_path / "merged", from_=v1, merge=True)
+    got, peft = read_all(tmp_path / "merged"), peft_merged(v2, tmp_path / "adapter")
+    assert max((peft[k] - got[k]).abs().max().item() for k in got) < 1e-6
+
+    same = port(ad, v1, tmp_path / "same", from_=v1)  # onto its own base: m unchanged
+    assert torch.equal(read_all(tmp_path / "same")[key], old[key]) and same["counts"]["skipped"] == 0
+
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")  # old base unknown: m verbatim, copies skipped
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    blind = port(ad, v2, tmp_path / "blind")
+    assert torch.equal(read_all(tmp_path / "blind")[key], old[key])
+    assert any("DoRA magnitudes carried verbatim" in w for w in blind["warnings"])
+    assert statuses(blind)["model.norm.weight"] == "skipped"
+
+
+def test_renamed_modules_are_rekeyed(versions, tmp_path):
+    v1, v2, ad = versions
+    src = tmp_path / "renamed"
+    src.mkdir()
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some/multimodal-v1"  # not available: names alone must match
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file({k.replace("model.model.layers.", "model.model.language_model.layers."): v
+               for k, v in read_all(ad).items()}, src / "adapter_model.safetensors")
+    report = port(src, v2, tmp_path / "adapter")
+    assert report["counts"]["carried"] == 14
+    assert all("re-keyed from model.language_model.layers" in m["why"] for m in report["modules"])
+    out = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert out["target_modules"].startswith("^(") and "model\\.layers\\.0\\.self_attn\\.q_proj" in out["target_modules"]
+    assert set(read_all(tmp_path / "adapter")) == set(read_all(ad))
+    port(src, v2, tmp_path / "merged", merge=True)
+    got, peft = read_all(tmp_path / "merged"), peft_merged(v2, tmp_path / "adapter")
+    assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
+    assert all(torch.equal(got[k], read_all(tmp_path / "merged")[k]) for k in got)
+
+
+def test_refusals_leave_no_output(versions, tmp_path):
+    v1, v2, ad = versions
+    gemma = save_tiny(tmp_path / "gemma", "gemma2")
+    with pytest.raises(ReadaptError, match="gemma2"):
+        port(ad, gemma, tmp_path / "o1", merge=True)
+    wide = save_tiny(tmp_path / "wide", "llama", hidden_size=32, intermediate_size=64)
+    with pytest.raises(ReadaptError, match="nothing in .* can be carried") as err:
+        port(ad, wide, tmp_path / "o2")
+    assert err.value.report["counts"]["skipped"] == 14 and "skipped" in str(err.value)
+    bad = tmp_path / "bad"
+    shutil.copytree(ad, bad)
+    from safetensors.torch import save_file
+
+    save_file({k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qq_proj"): v for k, v in read_all(ad).items()},
+              bad / "adapter_model.safetensors")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ReadaptError, match="match no module.*qq_proj"):
+        port(bad, v2, tmp_path / "o3")
+    with pytest.raises(ReadaptError, match="does not fit the old base"):
+        port(ad, v2, tmp_path / "o4", from_=wide)
+    with pytest.raises(ReadaptError, match="readapt extract"):
+        port(v1, v2, tmp_path / "o5")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+    assert not [p for p in tmp_path.iterdir() if ".readapt-tmp" in p.name]
+
+
+def test_config_warnings_tied_embeddings_and_gemma(tmp_path):
+    v1 = save_tiny(tmp_path / "v1", "llama")
+    inst = perturb(v1, tmp_path / "inst", scale=0.02, seed=3)
+    delta = extract(v1, inst, tmp_path / "delta")
+    v2 = save_tiny(tmp_path / "v2", "llama", seed=4, tie_word_embeddings=True,
+                   rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+    report = port(delta, v2, tmp_path / "out", merge=True)
+    st = statuses(report)
+    assert st["lm_head.weight"] == "skipped"
+    assert "ties lm_head" in [m for m in report["modules"] if m["name"] == "lm_head.weight"][0]["why"]
+    assert st["model.embed_tokens.weight"] == "carried"
+    text = " ".join(report["warnings"])
+    assert "rope_parameters" in text and "tie_word_embeddings" in text
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a loadable model folder
+
+    g1 = save_tiny(tmp_path / "g1", "gemma2")
+    g2 = perturb(g1, tmp_path / "g2", scale=0.05, seed=6)
+    gi = perturb(g1, tmp_path / "gi", scale=0.02, seed=7)
+    gd = extract(g1, gi, tmp_path / "gd")
+    rep = port(gd, g2, tmp_path / "gout", merge=True)
+    assert rep["counts"]["skipped"] == 0 and rep["warnings"] == []
+    got, W, D = read_all(tmp_path / "gout"), read_all(g2), read_all(gd)
+    assert "lm_head.weight" not in got  # tied: one matrix
+    assert (got["model.embed_tokens.weight"] - (W["model.embed_tokens.weight"] + D["model.embed_tokens.weight"])).abs().max() == 0
+
+
+def test_cli(versions, tmp_path, capsys):
+    v1, v2, ad = versions
+    assert main(["port", str(ad), "--to", str(v2), "--from", str(v1), "-o", str(tmp_path / "m"), "--merge"]) == 0
+    out = capsys.readouterr().out
+    assert "14 carried" in out and "drift" in out and (tmp_path / "m" / "port_report.json").is_file()
+    assert main(["port", str(ad), "--to", str(v2), "--dry-run"]) == 0
+    assert main(["port", str(ad), "--to", str(v2), "-o", str(tmp_path / "m")]) == 2  # exists
+    assert main(["port", str(ad), "--to", str(v2)]) == 2  # no -o
+    assert "-o OUTPUT" in capsys.readouterr().err
