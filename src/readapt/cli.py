@@ -101,7 +101,37 @@ def _add_lowrank(sub) -> None:
 
 
 def _add_port(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "port", help="PortLLM: carry a LoRA/DoRA adapter or delta made on an old model version to a new version",
+        description="Retarget PATCH (a PEFT LoRA/DoRA adapter or a delta folder made on the old version) to "
+        "NEW_BASE, or with --merge write NEW_BASE + PATCH as a model folder. Prints (and writes as port_report.json) "
+        "what was carried, adjusted (vocabulary rows matched by token string, DoRA magnitudes) or skipped, and why.",
+    )
+    p.add_argument("patch", help="PEFT LoRA/DoRA adapter folder or delta folder (readapt extract) made on the old version")
+    p.add_argument("--to", required=True, metavar="NEW_BASE", help="the new version: folder or model id in the local HF cache")
+    p.add_argument("--from", dest="from_", default=None, metavar="OLD_BASE",
+                   help="the old version the patch was made on: adds version drift statistics to the report and "
+                   "rescales DoRA magnitudes (default: the base recorded in the patch, when found locally)")
+    p.add_argument("-o", "--output", default=None, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--merge", action="store_true", help="write NEW_BASE + PATCH as a complete model folder")
+    p.add_argument("--strict", action="store_true", help="refuse if any tensor of the patch cannot be carried")
+    p.add_argument("--dry-run", action="store_true", help="print the report only; write nothing (no -o needed)")
+    p.add_argument("--dtype", default=None, help="with --merge: output dtype (default: NEW_BASE's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+
+    def run(a):
+        from readapt.port import port, summary
+
+        if a.output is None and not a.dry_run:
+            raise ReadaptError("port needs -o OUTPUT (or --dry-run to print the report only)")
+        report = port(
+            a.patch, a.to, None if a.dry_run else a.output, from_=a.from_, merge=a.merge, strict=a.strict,
+            overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size,
+        )
+        print(summary(report))
+
+    p.set_defaults(func=run)
 
 
 # --- train (knowledge adapters, issue 4) ---------------------------------------------------------------
