@@ -1,29 +1,19 @@
 """readapt: weight arithmetic for open LLM families (RE-Adapt, LoRE-Adapt, partial adaptation, PortLLM).
 
 The public API is a handful of typed functions; each CLI subcommand is a thin layer over one of them.
-Imports are lazy so that `import readapt` stays cheap.
+
+    readapt.extract(base, tuned, out)                       # RE-Adapter Δ = Θ − Φ
+    readapt.merge(base, out, [(delta, 0.5), (lora, 0.5)])   # Ω = Φ + Σ sᵢ·Ψᵢ, a HF model folder
+    readapt.load_merged(base, [(delta, 0.5)])               # the same Ω in memory
+
+Modules import transformers/peft/matplotlib lazily, so `import readapt` costs about one `import torch`.
 """
-
-from __future__ import annotations
-
-import importlib
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_API = {
-    "ReadaptError": "readapt.errors",
-    "Checkpoint": "readapt.checkpoint",
-    "extract": "readapt.delta",
-    "merge": "readapt.merge",
-    "load_merged": "readapt.merge",
-}
+from readapt.errors import ReadaptError  # noqa: E402
+from readapt.checkpoint import Checkpoint  # noqa: E402
+from readapt.delta import extract  # noqa: E402
+from readapt.merge import load_merged, merge  # noqa: E402
 
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'readapt' has no attribute {name!r}")
-
-
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "ReadaptError", "Checkpoint", "extract", "merge", "load_merged"]

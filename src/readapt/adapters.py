@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,13 +122,37 @@ class PeftAdapter:
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """Ψ[name] in float32 for the float32 base tensor `base` (None if the adapter leaves it alone)."""
+        target = self.target(name, base)
+        return target.sub_(base) if target is not None else self._lora(name)
+
+    def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """The full weight this adapter gives `name` where it defines one (DoRA's W′, modules_to_save);
+        None for plain LoRA terms, whose merge is base + s·B·A."""
         mod = self.modules.get(name)
         if mod is None:
             return None
-        p, read = mod.parts, (lambda part: self.ckpt.read(p[part]).float())
-        saved = next((k for k in p if k.startswith("modules_to_save") or k in ("weight", "bias")), None)
-        if saved is not None:  # a full replacement tensor
-            return read(saved).sub_(base)
+        saved = next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
+                      or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
+        if saved is not None:  # a full replacement tensor (bias="lora_only"/"all": PEFT loads base_layer.bias)
+            return self.ckpt.read(mod.parts[saved]).float()
+        if "lora_magnitude_vector" not in mod.parts:
+            return None
+        # DoRA: W′ = m ⊙ (W + d) / ‖W + d‖, the same operations in the same order as PEFT's merge
+        d = self._lora(name)
+        m = self.ckpt.read(mod.parts["lora_magnitude_vector"]).float()
+        combined = base + d
+        if "lora_embedding_A" in mod.parts:  # norm of each embedding dimension over the vocabulary; m: dim
+            norm = torch.linalg.norm(base.T + d.T, dim=1)
+            return (m / norm).view(1, -1).mul(combined)
+        if self.config.get("fan_in_fan_out"):
+            raise ReadaptError(f"{self.path}: DoRA with fan_in_fan_out=True is not supported")
+        norm = torch.linalg.norm(base + d, dim=1)  # out
+        return (m / norm).view(-1, 1).mul(combined)
+
+    def _lora(self, name: str) -> torch.Tensor | None:
+        """s·B·A for `name` (out×in; vocab×dim for embeddings), as PEFT's get_delta_weight computes it."""
+        mod = self.modules[name]
+        p, read = mod.parts, (lambda part: self.ckpt.read(mod.parts[part]).float())
         if "lora_B.bias" in p and name.endswith(".bias"):
             a_key = self.modules[name[: -len("bias")] + "weight"].parts["lora_A.weight"]
             return read("lora_B.bias").mul_(self.scale(mod.name, self.ckpt.shape(a_key)[0]))
@@ -137,32 +161,20 @@ class PeftAdapter:
             d = B @ A
             if self.config.get("fan_in_fan_out"):
                 d = d.T
-            d = d * self.scale(mod.name, A.shape[0])  # out×in, as PEFT's get_delta_weight
-            embedding = False
-        elif "lora_embedding_A" in p:
+            return d * self.scale(mod.name, A.shape[0])
+        if "lora_embedding_A" in p:
             A, B = read("lora_embedding_A"), read("lora_embedding_B")  # A: r×vocab, B: dim×r
-            d = (B @ A).T * self.scale(mod.name, A.shape[0])  # vocab×dim
-            embedding = True
-        else:
-            return None  # only a base_layer copy: not part of the patch
-        if "lora_magnitude_vector" not in p:
-            return d
-        # DoRA: W′ = m ⊙ (W + d) / ‖W + d‖, the same operations in the same order as PEFT's merge
-        m = read("lora_magnitude_vector")
-        combined = base + d
-        if embedding:  # norm of each embedding dimension over the vocabulary; m: dim
-            norm = torch.linalg.norm(base.T + d.T, dim=1)
-            return (m / norm).view(1, -1).mul(combined).sub_(base)
-        if self.config.get("fan_in_fan_out"):
-            raise ReadaptError(f"{self.path}: DoRA with fan_in_fan_out=True is not supported")
-        norm = torch.linalg.norm(base + d, dim=1)  # out
-        return (m / norm).view(-1, 1).mul(combined).sub_(base)
+            return (B @ A).T * self.scale(mod.name, A.shape[0])  # vocab×dim
+        return None  # only a base_layer copy: not part of the patch
 
 
 def save_lora(folder: Path, factors: Iterable[tuple[str, torch.Tensor, torch.Tensor]], *,
               base_model: str | None, extra_config: Mapping | None = None,
-              extra_tensors: Iterable[tuple[str, torch.Tensor]] = ()) -> dict:
+              extra_tensors: Iterable[tuple[str, torch.Tensor]] = (), embeddings: Container[str] = ()) -> dict:
     """Write a PEFT LoRA adapter with scale 1 per module: Ψ[module.weight] = B A.
+
+    Modules in `embeddings` (nn.Embedding, Δ: vocab×dim = B A) are written as PEFT's
+    lora_embedding_A = Bᵀ (k×vocab), lora_embedding_B = Aᵀ (dim×k), for which PEFT's Ψ = (B_e A_e)ᵀ = B A.
 
     factors: (module name e.g. "model.layers.0.self_attn.q_proj", B: out×k, A: k×in); each rank k
     goes into rank_pattern and alpha_pattern under the module's fully qualified name. Streams: one
@@ -173,6 +185,10 @@ def save_lora(folder: Path, factors: Iterable[tuple[str, torch.Tensor, torch.Ten
     def tensors():
         for mod, B, A in factors:
             ranks[mod] = A.shape[0]
+            if mod in embeddings:
+                yield f"{PREFIX}{mod}.lora_embedding_A", B.T.contiguous()
+                yield f"{PREFIX}{mod}.lora_embedding_B", A.T.contiguous()
+                continue
             yield f"{PREFIX}{mod}.lora_A.weight", A.contiguous()
             yield f"{PREFIX}{mod}.lora_B.weight", B.contiguous()
         yield from extra_tensors

@@ -269,6 +269,14 @@ def _read_pickles(files: Sequence[Path]) -> dict[str, TensorInfo]:
 # ---------------------------------------------------------------------------------------------------
 # writing
 
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`. A float32 sum is ~40x faster than isfinite().all() on CPU and is finite
+    whenever every element is, unless it overflows: only then is the exact check run."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
 Plan = Sequence[tuple[str, torch.dtype, tuple[int, ...]]]
 
 
@@ -326,7 +334,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
                 if got_name != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
                     raise RuntimeError(f"writer expected {name} {dtype} {list(shape)}, got {got_name} "
                                        f"{t.dtype} {list(t.shape)}")  # a bug in the job, not user input
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if not is_finite(t):
                     raise ReadaptError(f"tensor {name!r} has NaN/Inf values in the output; nothing was written. "
                                        f"Check the inputs and scales (a NaN in an input tensor propagates).")
                 f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
@@ -351,7 +359,7 @@ def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     offset = 0
     with open(spool, "wb") as f:
         for name, t in tensors:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not is_finite(t):
                 raise ReadaptError(f"tensor {name!r} has NaN/Inf values; nothing was written")
             n = t.numel() * t.element_size()
             header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}

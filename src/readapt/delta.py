@@ -173,5 +173,8 @@ class CheckpointDifference:
     def targets(self) -> dict[str, tuple[int, ...]]:
         return {n: self.ckpt.shape(n) for n in self.ckpt.names}
 
+    def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
+        return self.ckpt.read(name).float() if name in self.ckpt else None
+
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.ckpt.read(name).float().sub_(base) if name in self.ckpt else None

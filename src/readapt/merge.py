@@ -27,7 +27,7 @@ import torch
 
 from readapt import __version__
 from readapt.adapters import PeftAdapter, is_peft_folder
-from readapt.checkpoint import (Checkpoint, copy_side_files, output_folder, parse_dtype, progress,
+from readapt.checkpoint import (Checkpoint, copy_side_files, is_finite, output_folder, parse_dtype, progress,
                                 resolve_model, write_tensors)
 from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, shared_tensors
 from readapt.errors import ReadaptError
@@ -46,14 +46,14 @@ class Addend(Protocol):
         """Ψ[name] as a fresh float32 tensor (the caller may modify it), given the float32 base tensor."""
 
 
-AddSpec = tuple[str | os.PathLike, float] | str | os.PathLike
+AddSpec = tuple[str | os.PathLike | Addend, float] | str | os.PathLike
 
 
-def _normalise(adds: Sequence[AddSpec]) -> list[tuple[str, float]]:
+def _normalise(adds: Sequence[AddSpec]) -> list[tuple[str | Addend, float]]:
     out = []
     for a in adds:
         spec, scale = (a, 1.0) if isinstance(a, (str, os.PathLike)) else a
-        out.append((str(spec), float(scale)))
+        out.append((spec if hasattr(spec, "delta") else str(spec), float(scale)))  # an opened Addend stays as is
     return out
 
 
@@ -95,48 +95,63 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, Ω[name]) for every base tensor, Ω = Φ + Σ sᵢ·Ψᵢ in float32, cast to `dtype`
     (default: each tensor's own dtype). One base tensor and one addend tensor in memory at a time."""
+    touched = [(a, s, set(a.targets())) for a, s in addends]
     for name in base.names:
         raw = base.read(name)
-        if not raw.is_floating_point():
-            yield name, raw
+        terms = [(a, s) for a, s, names in touched if name in names]
+        if not terms or not raw.is_floating_point():
+            yield name, raw if dtype is None or not raw.is_floating_point() else raw.to(dtype)
             continue
-        W = raw.float()  # Φ, float32 (a fresh buffer)
-        acc = None  # Σ sᵢ·Ψᵢ
-        for addend, s in addends:
-            d = addend.delta(name, W)
-            if d is None:
-                continue
-            if acc is None:
-                acc = d if s == 1.0 else d.mul_(s)
-            else:
-                acc.add_(d, alpha=s)
-            del d
-        if acc is not None:
-            W = W.add_(acc)  # Φ + Σ sᵢΨᵢ
         out_dtype = dtype or raw.dtype
-        if acc is not None:
-            if not bool(torch.isfinite(W).all()):
-                src = "the base tensor" if not bool(torch.isfinite(raw).all()) else "an adapter or scale"
-                raise ReadaptError(f"tensor {name!r} has NaN/Inf after merging (it comes from {src}); nothing was "
-                                   f"written")
-        yield name, (raw if acc is None and out_dtype == raw.dtype else W.to(out_dtype))
+        W = raw.float()  # Φ in float32 (a fresh buffer)
+        del raw
+        if not is_finite(W):
+            raise ReadaptError(f"tensor {name!r} of the base checkpoint {base.path} has NaN/Inf values")
+        W = _apply(name, W, terms)
+        if not is_finite(W):
+            raise ReadaptError(f"tensor {name!r} has NaN/Inf after adding {', '.join(a.label for a, _ in terms)} "
+                               f"(check the adapter and its scale); nothing was written")
+        yield name, W.to(out_dtype)
+
+
+def _apply(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]]) -> torch.Tensor:
+    """Φ + Σ sᵢ·Ψᵢ for one tensor, in place on the float32 base tensor W."""
+    if len(terms) == 1:
+        addend, s = terms[0]
+        target = addend.target(name, W) if hasattr(addend, "target") else None
+        if target is not None:
+            # the addend knows its full weight Φ′ (a checkpoint, DoRA's W′): Φ + s·(Φ′ − Φ) as lerp,
+            # exact at both ends (s=1 gives Φ′ bit for bit, s=0 gives Φ)
+            return W.lerp_(target, s)
+        d = addend.delta(name, W)
+        return W if d is None else W.add_(d, alpha=s)  # s=1: W + d, the same operation as PEFT's merge
+    acc = None  # Σ sᵢ·Ψᵢ
+    for addend, s in terms:
+        d = addend.delta(name, W)
+        if d is not None:
+            acc = d.mul_(s) if acc is None else acc.add_(d, alpha=s)
+    return W if acc is None else W.add_(acc)
 
 
 def _open_all(base_spec, adds, skip_missing, allow_pickle):
     base = Checkpoint.open(base_spec, allow_pickle)
-    addends = [(open_addend(spec, base, skip_missing=skip_missing, allow_pickle=allow_pickle), s)
+    addends = [(spec if not isinstance(spec, str) else
+                open_addend(spec, base, skip_missing=skip_missing, allow_pickle=allow_pickle), s)
                for spec, s in _normalise(adds)]
     return base, addends
 
 
 def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec], *,
           dtype: str | torch.dtype | None = None, skip_missing: bool = False, overwrite: bool = False,
-          max_shard_size: int | str = "5GB", allow_pickle: bool = False) -> Path:
+          max_shard_size: int | str = "5GB", allow_pickle: bool = False,
+          extra_files: dict[str, str] | None = None) -> Path:
     """Write Ω = Φ + Σᵢ sᵢ·Ψᵢ as a complete Hugging Face model folder at `out`.
 
     adds: [(adapter, scale), ...] or plain adapter paths (scale 1.0); any real scale, negative subtracts.
     The folder gets the base's config, generation config, tokenizer and chat template, sharded
     safetensors + index, and a README listing the adapters and scales. Streams one tensor at a time.
+    An entry of `adds` may be an already opened Addend (e.g. port's ported patch); `extra_files`
+    ({name: text}) are written into the folder too (e.g. port_report.json).
     """
     b, addends = _open_all(base, adds, skip_missing, allow_pickle)
     if not addends:
@@ -162,6 +177,8 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
                     cfg[key] = str(out_dtype).removeprefix("torch.")
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "README.md").write_text(_card(base, addends, out_dtype or "the base's"))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
     return Path(out)
 
 

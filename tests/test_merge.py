@@ -1,0 +1,310 @@
+"""extract (RE-Adapter) and merge (partial adaptation): exactness, PEFT parity, outputs, bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import readapt
+from readapt.errors import ReadaptError
+from tiny import perturb, read_all, save_tiny, tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of a bf16/fp16 tensor, in float32."""
+    x = x.float().abs()
+    info = torch.finfo(x.dtype if x.dtype != torch.float32 else torch.float32)
+    return torch.nextafter(x, torch.full_like(x, float("inf"))) - x if info else None
+
+
+def _ulp_of(t: torch.Tensor) -> torch.Tensor:
+    nxt = torch.nextafter(t.abs(), torch.full_like(t, float("inf"), dtype=t.dtype))
+    return (nxt.float() - t.abs().float())
+
+
+def _digest(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_roundtrip_float32_bit_exact(tmp_path, family):
+    base = save_tiny(tmp_path / "base", family, max_shard_size="10KB")
+    tuned = perturb(base, tmp_path / "tuned", scale=0.02, max_shard_size="10KB")
+    before = _digest(base), _digest(tuned)
+    delta = readapt.extract(base, tuned, tmp_path / "delta", max_shard_size="10KB")
+    out = readapt.merge(base, tmp_path / "out", [(delta, 1.0)], max_shard_size="10KB")
+    want, got = read_all(tuned), read_all(out)
+    assert got.keys() == want.keys()
+    for n in want:
+        assert got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]), n
+    assert (_digest(base), _digest(tuned)) == before  # inputs untouched
+    # the delta folder: shards + index + manifest + card, nothing else
+    files = sorted(os.listdir(delta))
+    assert "readapt_delta.json" in files and "README.md" in files and "model.safetensors.index.json" in files
+    assert all(f.endswith(".safetensors") for f in files if f not in
+               ("readapt_delta.json", "README.md", "model.safetensors.index.json"))
+    manifest = json.loads((delta / "readapt_delta.json").read_text())
+    assert manifest["tensor_count"] == len(want) and manifest["delta_dtype"] == "float32"
+    assert manifest["base"]["dtypes"] == ["float32"] and manifest["readapt_version"] == readapt.__version__
+    # the merged folder is a complete model: config, generation config, tokenizer, chat template, card
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+              "model.safetensors.index.json", "chat_template.jinja"):
+        assert (out / f).exists(), f
+    assert "delta" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_roundtrip_16bit(tmp_path, dtype, capsys):
+    base = save_tiny(tmp_path / "base", "llama", dtype=dtype)
+    tuned = perturb(base, tmp_path / "tuned", scale=0.02)
+    want = read_all(tuned)
+    # default: float32 delta -> exact
+    out = readapt.merge(base, tmp_path / "out", [(readapt.extract(base, tuned, tmp_path / "d32"), 1.0)])
+    got = read_all(out)
+    assert all(got[n].dtype == dtype and torch.equal(got[n], want[n]) for n in want)
+    # compact delta stored in the checkpoint's dtype: within one ulp of max(|tuned|, |delta|)
+    d16 = readapt.extract(base, tuned, tmp_path / "d16", dtype=dtype)
+    got = read_all(readapt.merge(base, tmp_path / "out16", [(d16, 1.0)]))
+    delta = read_all(d16)
+    exact = total = 0
+    for n in want:
+        err = (got[n].float() - want[n].float()).abs()
+        bound = _ulp_of(torch.maximum(want[n].float().abs(), delta[n].float().abs()).to(dtype))
+        assert bool((err <= bound).all()), n
+        exact += int((err == 0).sum())
+        total += err.numel()
+    with capsys.disabled():
+        print(f"\n{dtype} delta stored in {dtype}: {100 * exact / total:.2f}% of elements exact")
+    assert exact > 0.5 * total
+
+
+def test_full_checkpoint_addend_and_load(tmp_path):
+    base = save_tiny(tmp_path / "base", "qwen2")
+    inst = perturb(base, tmp_path / "inst", scale=0.05)
+    out = readapt.merge(base, tmp_path / "out", [(inst, 0.5)])
+    b, i, o = read_all(base), read_all(inst), read_all(out)
+    for n in b:
+        assert torch.equal(o[n], torch.lerp(b[n], i[n], 0.5)), n
+    model = AutoModelForCausalLM.from_pretrained(out)  # strict load through transformers, no readapt
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in b.values())
+    # negative scale subtracts; two addends sum
+    out2 = readapt.merge(base, tmp_path / "out2", [(inst, 1.0), (inst, -1.0)])
+    assert all(torch.equal(read_all(out2)[n], b[n]) for n in b)
+
+
+def test_load_merged_matches_written_merge(tmp_path):
+    base = save_tiny(tmp_path / "base", "gemma2")
+    inst = perturb(base, tmp_path / "inst", scale=0.05)
+    written = AutoModelForCausalLM.from_pretrained(readapt.merge(base, tmp_path / "out", [(inst, 0.75)]))
+    model, tok = readapt.load_merged(base, [(inst, 0.75)])
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, written(ids).logits)
+    assert tok is not None and tok.chat_template
+
+
+def _lora(tmp_path, family="llama", **cfg):
+    base = save_tiny(tmp_path / "base", family)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**cfg))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "magnitude" in n else 0.0) * p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "adapter")
+    return base, tmp_path / "adapter"
+
+
+def _peft_merged(base, adapter) -> dict:
+    m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    return {k: v for k, v in m.merge_and_unload().state_dict().items()}
+
+
+LORA_CASES = {
+    "plain": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "rslora+patterns": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
+                            rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3}),
+    "embeddings": dict(r=4, lora_alpha=16, target_modules=["embed_tokens", "lm_head", "k_proj"]),
+    "bias": dict(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj"], lora_bias=True),
+}
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_merge_equals_peft_merge_and_unload(tmp_path, case, capsys):
+    family = "qwen2" if case == "bias" else "llama"
+    base, adapter = _lora(tmp_path, family, **LORA_CASES[case])
+    want = _peft_merged(base, adapter)
+    got = read_all(readapt.merge(base, tmp_path / "out", [(adapter, 1.0)]))
+    err = max((got[n] - want[n]).abs().max().item() for n in got)
+    with capsys.disabled():
+        print(f"\nLoRA[{case}] vs PEFT merge_and_unload: max abs error {err}")
+    assert err == 0.0
+    assert any(not torch.equal(got[n], read_all(base)[n]) for n in got)
+
+
+def test_dora_partial_adaptation(tmp_path, capsys):
+    base, adapter = _lora(tmp_path, "llama", r=4, lora_alpha=8, use_dora=True,
+                          target_modules=["q_proj", "down_proj", "embed_tokens"])
+    b = read_all(base)
+    full = read_all(readapt.merge(base, tmp_path / "a1", [(adapter, 1.0)]))
+    want = _peft_merged(base, adapter)
+    err = max((full[n] - want[n]).abs().max().item() for n in full)
+    with capsys.disabled():
+        print(f"\nDoRA α=1 vs PEFT merge_and_unload: max abs error {err}")
+    assert err == 0.0
+    zero = read_all(readapt.merge(base, tmp_path / "a0", [(adapter, 0.0)]))
+    assert all(torch.equal(zero[n], b[n]) for n in b)  # α=0 gives W₀ exactly (scaling s would not)
+    half = read_all(readapt.merge(base, tmp_path / "a05", [(adapter, 0.5)]))
+    for n in b:  # α=0.5: W₀ + 0.5·(W′ − W₀) with W′ PEFT's own merged weight
+        assert torch.allclose(half[n], b[n] + 0.5 * (want[n] - b[n]), rtol=0, atol=1e-6), n
+    # two adapters on one layer: the sum of their weight-space differences
+    two = read_all(readapt.merge(base, tmp_path / "two", [(adapter, 0.5), (adapter, 0.25)]))
+    for n in b:
+        assert torch.allclose(two[n], b[n] + 0.75 * (want[n] - b[n]), rtol=0, atol=1e-6), n
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def test_shape_and_config_mismatch(tmp_path):
+    base = save_tiny(tmp_path / "base", "llama")
+    wide = save_tiny(tmp_path / "wide", "llama", intermediate_size=48)
+    with pytest.raises(ReadaptError, match="intermediate_size"):
+        readapt.extract(base, wide, tmp_path / "d")
+    other = save_tiny(tmp_path / "rope", "llama", rope_theta=5e5)
+    with pytest.warns(UserWarning, match="rope"):
+        readapt.extract(base, other, tmp_path / "d2")
+    assert not (tmp_path / "d").exists()
+
+
+def test_shape_mismatch_names_tensor_without_configs(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_file({"w": torch.zeros(2, 3), "v": torch.zeros(2)}, tmp_path / "a" / "model.safetensors")
+    save_file({"w": torch.zeros(3, 3), "v": torch.zeros(2)}, tmp_path / "b" / "model.safetensors")
+    with pytest.raises(ReadaptError, match=r"tensor 'w' has shape \[2, 3\] in the base but \[3, 3\]"):
+        readapt.extract(tmp_path / "a", tmp_path / "b", tmp_path / "d")
+
+
+def test_one_sided_tensors_listed_and_skippable(tmp_path):
+    from safetensors.torch import save_file
+
+    for side, names in (("a", ["w", "only_a"]), ("b", ["w", "only_b"])):
+        (tmp_path / side).mkdir()
+        save_file({n: torch.ones(2) * (side == "b") for n in names}, tmp_path / side / "model.safetensors")
+    with pytest.raises(ReadaptError, match="only in the base \\(only_a\\).*only in the tuned model \\(only_b\\)"):
+        readapt.extract(tmp_path / "a", tmp_path / "b", tmp_path / "d")
+    d = readapt.extract(tmp_path / "a", tmp_path / "b", tmp_path / "d", skip_missing=True)
+    assert list(read_all(d)) == ["w"]
+    assert json.loads((d / "readapt_delta.json").read_text())["skipped"] == ["only_a", "only_b"]
+
+
+def test_adapter_for_a_different_base(tmp_path):
+    base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
+    other = save_tiny(tmp_path / "other", "llama", hidden_size=32, num_attention_heads=4)
+    with pytest.raises(ReadaptError, match="different base.*q_proj.weight"):
+        readapt.merge(other, tmp_path / "out", [(adapter, 1.0)])
+    d = readapt.extract(base, perturb(base, tmp_path / "t"), tmp_path / "d")
+    with pytest.raises(ReadaptError, match="hidden_size"):
+        readapt.merge(other, tmp_path / "out", [(d, 1.0)])
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_found_or_produced(tmp_path):
+    base = save_tiny(tmp_path / "base")
+    tuned = perturb(base, tmp_path / "tuned")
+    with pytest.raises(ReadaptError, match="NaN/Inf"):
+        readapt.merge(base, tmp_path / "out", [(tuned, float("inf"))])
+    assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_not_an_adapter(tmp_path):
+    base = save_tiny(tmp_path / "base")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ReadaptError, match="not an adapter"):
+        readapt.merge(base, tmp_path / "out", [(tmp_path / "junk", 1.0)])
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "readapt", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_cli_extract_merge_and_errors(tmp_path):
+    base = save_tiny(tmp_path / "base", "mistral", max_shard_size="10KB")
+    tuned = perturb(base, tmp_path / "tuned", max_shard_size="10KB")
+    base2, adapter = _lora(tmp_path / "x", "mistral", r=2, lora_alpha=4, target_modules=["o_proj"])
+    r = _cli("extract", base, tuned, "-o", tmp_path / "delta")
+    assert r.returncode == 0, r.stderr
+    r = _cli("merge", base, "-o", tmp_path / "out", "--add", f"{tmp_path / 'delta'}:0.5", "--add", f"{adapter}:0.5")
+    assert r.returncode == 0, r.stderr
+    b, t, d = read_all(base), read_all(tuned), read_all(tmp_path / "delta")
+    o = read_all(tmp_path / "out")
+    assert not torch.equal(o["model.layers.0.self_attn.o_proj.weight"], b["model.layers.0.self_attn.o_proj.weight"] + 0.5 * d["model.layers.0.self_attn.o_proj.weight"])
+    assert torch.equal(o["model.norm.weight"], b["model.norm.weight"].add(d["model.norm.weight"], alpha=0.5))
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # errors: one line, exit 2, nothing left behind
+    r = _cli("merge", base, "-o", tmp_path / "out", "--add", tmp_path / "delta")
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    r = _cli("extract", base, tmp_path / "nope", "-o", tmp_path / "d2")
+    assert r.returncode == 2 and "nope" in r.stderr and not (tmp_path / "d2").exists()
+    r = _cli("merge", base, "-o", tmp_path / "o3")
+    assert r.returncode == 2 and "--add" in r.stderr
+    assert t  # tuned read
+
+
+def test_cli_interrupt_leaves_nothing(tmp_path):
+    """SIGINT in the middle of writing: exit 130, no output folder, no temporary sibling."""
+    import signal
+    import time
+
+    base = save_tiny(tmp_path / "base", "llama", hidden_size=256, intermediate_size=1024, num_attention_heads=4)
+    tuned = perturb(base, tmp_path / "tuned")
+    code = ("import time, readapt.checkpoint as c\n"
+            "orig = c.write_tensors\n"
+            "def slow(folder, plan, tensors, **kw):\n"
+            "    def gen():\n"
+            "        for x in tensors:\n"
+            "            open(str(folder) + '/../started', 'w').close(); time.sleep(0.2); yield x\n"
+            "    return orig(folder, plan, gen(), **kw)\n"
+            "import readapt.delta; readapt.delta.write_tensors = slow\n"
+            "from readapt.cli import main; raise SystemExit(main())\n")
+    p = subprocess.Popen([sys.executable, "-c", code, "extract", str(base), str(tuned), "-o", str(tmp_path / "d")],
+                         stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if (tmp_path / "started").exists():
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert sorted(os.listdir(tmp_path)) == ["base", "started", "tuned"]
+
+
+def test_tiny_model_logits_after_merge(tmp_path):
+    """merge at scale 1 of the instruct model's delta gives the instruct model's logits exactly."""
+    base = save_tiny(tmp_path / "base", "qwen2")
+    tuned = perturb(base, tmp_path / "tuned", scale=0.05)
+    out = readapt.merge(base, tmp_path / "out", [(readapt.extract(base, tuned, tmp_path / "d"), 1.0)])
+    ids = torch.tensor([[1, 9, 10, 11]])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tuned)(ids).logits
+    assert torch.equal(a, b)
+    assert tiny_model  # helper import used by other tests
