@@ -51,8 +51,28 @@ def _add_extract(sub) -> None:
     p.add_argument("--dtype", default=None, help="delta dtype (default float32: exact round trip)")
     p.add_argument("--skip-missing", action="store_true", help="skip tensors present on one side only")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+    # LoRE-Adapter instead of a full delta (readapt.lowrank.extract_lowrank): --tau or --rank
+    p.add_argument("--tau", type=float, default=None, help="LoRE: per layer keep the smallest rank whose "
+                   "squared singular values reach this share of the layer's (0 < tau <= 1; paper: 0.5)")
+    p.add_argument("--rank", type=int, default=None, help="LoRE: fixed rank per layer (clamped, with a warning)")
+    p.add_argument("--svd", default="auto", choices=("auto", "exact", "gram", "randomized"),
+                   help="LoRE SVD path (auto: gram for --tau, randomized for --rank)")
+    p.add_argument("--device", default=None, help="LoRE: where the SVDs run (cpu, cuda)")
+    p.add_argument("--embeddings", default="lowrank", choices=("lowrank", "dense", "skip"), help="LoRE: embeddings")
+    p.add_argument("--lm-head", default="lowrank", choices=("lowrank", "dense", "skip"), help="LoRE: lm_head")
+    p.add_argument("--norms", default="dense", choices=("dense", "skip"), help="LoRE: norms (modules_to_save)")
+    p.add_argument("--biases", default="dense", choices=("dense", "skip"), help="LoRE: linear biases")
 
     def run(a):
+        if a.tau is not None or a.rank is not None:
+            from readapt.lowrank import Policy, extract_lowrank, summary
+
+            print(summary(extract_lowrank(
+                a.base, a.tuned, a.output, tau=a.tau, rank=a.rank, svd=a.svd, device=a.device, dtype=a.dtype,
+                policy=Policy(a.embeddings, a.lm_head, a.norms, a.biases), skip_missing=a.skip_missing,
+                overwrite=a.overwrite, allow_pickle=a.allow_pickle,
+            )))
+            return
         from readapt.delta import extract
 
         extract(
@@ -94,7 +114,64 @@ def _add_merge(sub) -> None:
 
 
 def _add_lowrank(sub) -> None:
-    pass
+    def policy_flags(p):
+        p.add_argument("--svd", default="auto", choices=("auto", "exact", "gram", "randomized"),
+                       help="SVD path (auto: gram for --tau, randomized for --rank; spectrum: gram)")
+        p.add_argument("--device", default=None, help="where the SVDs run (cpu, cuda)")
+        p.add_argument("--embeddings", default="lowrank", choices=("lowrank", "dense", "skip"),
+                       help="embeddings: low rank (lora_embedding_A/B), dense, or skip (default lowrank)")
+        p.add_argument("--lm-head", default="lowrank", choices=("lowrank", "dense", "skip"),
+                       help="lm_head (untied): low rank, dense or skip (default lowrank)")
+        p.add_argument("--norms", default="dense", choices=("dense", "skip"),
+                       help="norms and other 1-D tensors: dense (PEFT modules_to_save) or skip (default dense)")
+        p.add_argument("--biases", default="dense", choices=("dense", "skip"),
+                       help="linear biases: dense (PEFT bias='lora_only') or skip (default dense)")
+
+    p = sub.add_parser("compress", help="LoRE-Adapter: low-rank PEFT LoRA from a delta folder (by --tau or --rank)")
+    p.add_argument("delta", help="delta folder made by `readapt extract`")
+    _common_output(p)
+    p.add_argument("--tau", type=float, default=None, help="per layer keep the smallest rank whose squared "
+                   "singular values reach this share (0 < tau <= 1; the paper uses 0.5)")
+    p.add_argument("--rank", type=int, default=None, help="fixed rank per layer (clamped, with a warning)")
+    p.add_argument("--base", default=None, help="base checkpoint for dense tensors (default: the delta's manifest)")
+    p.add_argument("--dtype", default=None, help="factor dtype (default float32)")
+    policy_flags(p)
+
+    def run_compress(a):
+        from readapt.lowrank import Policy, compress, summary
+
+        print(summary(compress(
+            a.delta, a.output, tau=a.tau, rank=a.rank, svd=a.svd, device=a.device, base=a.base, dtype=a.dtype,
+            policy=Policy(a.embeddings, a.lm_head, a.norms, a.biases), overwrite=a.overwrite,
+        )))
+
+    p.set_defaults(func=run_compress)
+
+    p = sub.add_parser("spectrum", help="singular-value report of a delta: rank at tau, energy, plots (PNG+JSON)")
+    p.add_argument("source", help="delta folder, or BASE followed by TUNED")
+    p.add_argument("tuned", nargs="?", default=None, help="tuned checkpoint (when SOURCE is the base)")
+    _common_output(p)
+    _common_inputs(p)
+    p.add_argument("--tau", type=float, default=0.5, help="the tau of the per-layer table (default 0.5)")
+    p.add_argument("--layers", default=None, help="comma-separated layer indices for figure 2 (default: first, "
+                   "middle, last)")
+    p.add_argument("--skip-missing", action="store_true", help="skip tensors present on one side only")
+    policy_flags(p)
+
+    def run_spectrum(a):
+        from readapt.lowrank import Policy, spectrum, summary
+
+        try:
+            layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+        except ValueError:
+            raise ReadaptError(f"--layers {a.layers!r}: give comma-separated layer numbers, e.g. 0,15,31") from None
+        print(summary(spectrum(
+            a.source, a.tuned, a.output, tau=a.tau, svd="gram" if a.svd == "auto" else a.svd, device=a.device,
+            policy=Policy(a.embeddings, a.lm_head, a.norms, a.biases), layers=layers,
+            skip_missing=a.skip_missing, overwrite=a.overwrite, allow_pickle=a.allow_pickle,
+        )))
+
+    p.set_defaults(func=run_spectrum)
 
 
 # --- port (PortLLM, issue 5) ---------------------------------------------------------------------------
