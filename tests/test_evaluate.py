@@ -38,6 +38,11 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
     base = save_tiny(d / "base", "llama")
     t1 = perturb(base, d / "t1", scale=0.3, seed=1)
+    # a shipped generation config with sampling and penalties (as instruct models have): eval must ignore it
+    from transformers import GenerationConfig
+
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=True, temperature=0.6, top_p=0.9,
+                     top_k=5, repetition_penalty=1.5, no_repeat_ngram_size=1).save_pretrained(t1)
     t2 = perturb(base, d / "t2", scale=0.3, seed=2)
     # varied prompt lengths, so that left padding matters inside a batch
     qs = [{"id": f"q{i}", "question": " ".join(f"w{j}" for j in range(i, i + 1 + i % 5)),
