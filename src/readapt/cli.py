@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 
 from readapt import __version__
 from readapt.errors import ReadaptError
@@ -24,6 +25,16 @@ def _scale_spec(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def _wrote(folder) -> int:
+    """Tell the user what a job wrote: the folder, its files and size."""
+    from pathlib import Path
+
+    files = [f for f in Path(folder).iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {folder} ({len(files)} files, {size / 1e9:.3f} GB)")
+    return 0
 
 
 def _common_output(p: argparse.ArgumentParser) -> None:
@@ -75,10 +86,10 @@ def _add_extract(sub) -> None:
             return
         from readapt.delta import extract
 
-        extract(
+        return _wrote(extract(
             a.base, a.tuned, a.output, dtype=a.dtype, skip_missing=a.skip_missing, overwrite=a.overwrite,
             max_shard_size=a.max_shard_size, allow_pickle=a.allow_pickle,
-        )
+        ))
 
     p.set_defaults(func=run)
 
@@ -102,10 +113,10 @@ def _add_merge(sub) -> None:
 
         if not a.add:
             raise ReadaptError("merge needs at least one --add ADAPTER[:SCALE]")
-        merge(
+        return _wrote(merge(
             a.base, a.output, a.add, dtype=a.dtype, skip_missing=a.skip_missing, overwrite=a.overwrite,
             max_shard_size=a.max_shard_size, allow_pickle=a.allow_pickle,
-        )
+        ))
 
     p.set_defaults(func=run)
 
@@ -215,7 +226,53 @@ def _add_port(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "train", help="train a knowledge adapter (LoRA/DoRA) on the pretrained BASE with unlabeled text",
+        description="Next-token prediction on unlabeled text, packed into max-length blocks with EOS between "
+        "documents. Defaults are the RE-Adapt paper's (all linear layers, r=64, alpha=128, dropout 0.05, DoRA, "
+        "batch 20, AdamW lr 2e-4, linear schedule). Several GPUs: `accelerate launch -m readapt train ...`.",
+    )
+    p.add_argument("base", help="PRETRAINED checkpoint: folder or model id in the local HF cache")
+    p.add_argument("--data", action="append", required=True, metavar="FILE",
+                   help='.jsonl with a "text" field per line, or .txt (one document); repeat for several')
+    p.add_argument("--eval-data", action="append", default=None, metavar="FILE",
+                   help="held-out text scored (loss, perplexity) before and after training")
+    _common_output(p)
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64)")
+    p.add_argument("--alpha", type=float, default=128, help="lora_alpha; scale s = alpha/r (default 128)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument("--dora", action=argparse.BooleanOptionalAction, default=True,
+                   help="DoRA (weight-decomposed LoRA) or plain LoRA (default: DoRA)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (default 2e-4)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1; the paper: 10)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=20, help="blocks per optimizer step, all GPUs (default 20)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="blocks per forward pass per process; smaller = less memory, same result (gradient "
+                   "accumulation); default: the whole per-process batch")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per block (default 1024)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same inputs -> same adapter (default 0)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, 0 = never (default 500)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where checkpoints live while training (default: OUTPUT.partial; deleted on success)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="auto: accelerate's configured mixed precision, else bf16 on GPUs that support it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+
+    def run(a):
+        from readapt.train import train
+
+        train(
+            a.base, a.data, a.output, rank=a.rank, alpha=a.alpha, dropout=a.dropout, dora=a.dora, lr=a.lr,
+            epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
+            max_length=a.max_length, warmup_steps=a.warmup_steps, seed=a.seed, eval_data=a.eval_data,
+            save_every=a.save_every or None, checkpoint_dir=a.checkpoint_dir, resume=a.resume,
+            overwrite=a.overwrite, precision=a.precision, quiet=a.quiet,
+        )
+
+    p.set_defaults(func=run)
 
 
 # --- eval / sweep / score (evaluation, issue 6) ---------------------------------------------------------
@@ -323,9 +380,15 @@ def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, remove te
     raise KeyboardInterrupt
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # one line, no source dump
+    print(f"readapt: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("ignore", category=FutureWarning)  # dependencies' deprecation chatter
     try:
         result = args.func(args)
     except ReadaptError as err:

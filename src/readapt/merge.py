@@ -105,10 +105,10 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
         out_dtype = dtype or raw.dtype
         W = raw.float()  # Φ in float32 (a fresh buffer)
         del raw
-        if not is_finite(W):
-            raise ReadaptError(f"tensor {name!r} of the base checkpoint {base.path} has NaN/Inf values")
         W = _apply(name, W, terms)
         if not is_finite(W):
+            if not is_finite(base.read(name)):
+                raise ReadaptError(f"tensor {name!r} of the base checkpoint {base.path} has NaN/Inf values")
             raise ReadaptError(f"tensor {name!r} has NaN/Inf after adding {', '.join(a.label for a, _ in terms)} "
                                f"(check the adapter and its scale); nothing was written")
         yield name, W.to(out_dtype)
