@@ -241,9 +241,22 @@ def test_not_an_adapter(tmp_path):
 # --- CLI -------------------------------------------------------------------------------------------
 
 
-def _cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "readapt", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **env})
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _cli(*args):
+    """Run the `readapt` command in-process (the same main() the console script calls)."""
+    import contextlib
+    import io
+
+    from readapt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        code = main([str(a) for a in args])
+    return _Result(code, out.getvalue(), err.getvalue())
 
 
 def test_cli_extract_merge_and_errors(tmp_path):
