@@ -321,3 +321,27 @@ def test_tiny_model_logits_after_merge(tmp_path):
         b = AutoModelForCausalLM.from_pretrained(tuned)(ids).logits
     assert torch.equal(a, b)
     assert tiny_model  # helper import used by other tests
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, dtype):
+    """Delta/checkpoint addends are merged in float32 blocks; block size must not change a single bit."""
+    import importlib
+
+    rm = importlib.import_module("readapt.merge")  # the module (readapt.merge is the function)
+
+    base = save_tiny(tmp_path / "base", "qwen2", dtype=dtype)
+    inst = perturb(base, tmp_path / "inst", scale=0.05)
+    delta = readapt.extract(base, inst, tmp_path / "d")
+    adds = [[(delta, 1.0)], [(inst, 0.5)], [(delta, 0.5), (inst, 0.25)]]
+    whole = [read_all(readapt.merge(base, tmp_path / f"w{i}", a)) for i, a in enumerate(adds)]
+    monkeypatch.setattr(rm, "BLOCK", 7)
+    blocks = [read_all(readapt.merge(base, tmp_path / f"b{i}", a)) for i, a in enumerate(adds)]
+    b, d, t = read_all(base), read_all(delta), read_all(inst)
+    for w, k in zip(whole, blocks):
+        assert all(torch.equal(w[n], k[n]) for n in w)
+    for n in b:  # and each equals its formula
+        assert torch.equal(whole[0][n], t[n])
+        assert torch.equal(whole[1][n], torch.lerp(b[n].float(), t[n].float(), 0.5).to(dtype))
+        two = b[n].float().add_(d[n].mul(0.5).add_(t[n].float() - b[n].float(), alpha=0.25))
+        assert torch.equal(whole[2][n], two.to(dtype))

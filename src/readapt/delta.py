@@ -158,6 +158,10 @@ class DeltaFolder:
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.ckpt.read(name).float() if name in self.ckpt else None
 
+    def stored(self, name: str) -> torch.Tensor:
+        """Δ[name] as stored (merge adds it elementwise, in float32 blocks)."""
+        return self.ckpt.read(name)
+
 
 class CheckpointDifference:
     """A full checkpoint as an addend: Ψ[name] = other[name] − base[name] (no delta written)."""
@@ -175,6 +179,10 @@ class CheckpointDifference:
 
     def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.ckpt.read(name).float() if name in self.ckpt else None
+
+    def stored(self, name: str) -> torch.Tensor:
+        """Θ[name] as stored (merge blends it elementwise, in float32 blocks)."""
+        return self.ckpt.read(name)
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.ckpt.read(name).float().sub_(base) if name in self.ckpt else None
