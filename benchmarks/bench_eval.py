@@ -38,7 +38,8 @@ def bench_bm25(n_passages: int, n_queries: int, seed: int = 0) -> None:
         pos += n
     gold = rng.integers(0, n_passages, size=n_queries)
     queries = [" ".join(rng.choice(texts[g].split(), size=6)) for g in gold]
-    print(f"bm25: built {n_passages} passages ({lengths.mean():.0f} words on average) in {time.perf_counter() - t:.1f} s")
+    print(f"bm25: built {n_passages} passages ({lengths.mean():.0f} words on average) "
+          f"in {time.perf_counter() - t:.1f} s")
 
     # indexing and querying separately (bm25_search does both in one call)
     t0 = time.perf_counter()
@@ -98,11 +99,14 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--questions", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--sizes", default="16x2,128x4", help="HIDDENxLAYERS models to time")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.part in ("all", "bm25"):
         bench_bm25(a.passages, a.queries)
     if a.part in ("all", "generate"):

@@ -288,9 +288,12 @@ def test_sweep_cells_are_exact_merges_and_selection_uses_validation(world, tmp_p
     evaluate(world["base"], world["questions"], tmp_path / "base", **kw)
     pred = out / "predictions"
     assert len({tuple(_responses(tmp_path / k)) for k in ("mix", "t1", "base")}) == 3  # the cells differ
-    assert _responses(tmp_path / "mix") == [json.loads(x)["response"] for x in (pred / "alpha=0.5_beta=0.5.jsonl").open()]
-    assert _responses(tmp_path / "t1") == [json.loads(x)["response"] for x in (pred / "alpha=0.5_beta=0.jsonl").open()]
-    assert _responses(tmp_path / "base") == [json.loads(x)["response"] for x in (pred / "alpha=0_beta=0.jsonl").open()]
+    def cell(name):
+        return [json.loads(x)["response"] for x in (pred / name).open()]
+
+    assert _responses(tmp_path / "mix") == cell("alpha=0.5_beta=0.5.jsonl")
+    assert _responses(tmp_path / "t1") == cell("alpha=0.5_beta=0.jsonl")
+    assert _responses(tmp_path / "base") == cell("alpha=0_beta=0.jsonl")
     # chosen on validation (first maximum), reported on test
     val, test = split_validation(10, 0.4, seed=3)
     best = max(cells, key=lambda c: c["val_contains_em"])

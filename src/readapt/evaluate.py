@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 import random
 import sys
 import time
@@ -327,7 +326,8 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
         t1 = time.perf_counter()
         responses = generate(net, tok, prompts, max_new_tokens, batch_size, fmt == "plain", progress=not quiet)
         t2 = time.perf_counter()
-        summary, per_q = score_predictions(({"response": r, "answers": q["answers"]} for q, r in zip(qs, responses)), names)
+        rows = ({"response": r, "answers": q["answers"]} for q, r in zip(qs, responses))
+        summary, per_q = score_predictions(rows, names)
         summary.update(stats)
         summary.update(
             model=str(model), adds=[[str(a), s] for a, s in adds], questions=str(questions), retrieval=retrieval,
@@ -339,6 +339,7 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not quiet:
         print(format_table([summary], [*names, *(k for k in stats if k != "retrieval_n"), "n"]))
+        print(f"predictions and summary.json in {output}")
     return summary
 
 
@@ -408,8 +409,8 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
           max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
           device: str | None = None, tokenizer: str | None = None, metrics: Sequence[str] | None = None,
           overwrite: bool = False, quiet: bool = False) -> dict:
-    """Partial adaptation grid (RE-Adapt section 3, Figure 6): Omega = base + alpha * adds[0] (+ beta * adds[1]) for every
-    (alpha, beta) in grid x grid ("0,0.5,1" or a list), each merged in memory and evaluated like `evaluate`.
+    """Partial adaptation grid (RE-Adapt section 3, Figure 6): Omega = base + alpha * adds[0] (+ beta * adds[1])
+    for every (alpha, beta) in grid x grid ("0,0.5,1" or a list), merged in memory, evaluated like `evaluate`.
 
     With val_fraction > 0 a seeded share of the questions is held out for choosing: the best cell maximises
     `select` on the validation split and is reported on the other (test) questions. Writes OUTPUT/cells.csv
@@ -453,7 +454,8 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
             t1 = time.perf_counter()
             responses = generate(net, tok, prompts, max_new_tokens, batch_size, fmt == "plain", progress=not quiet)
             t2 = time.perf_counter()
-            _, per_q = score_predictions(({"response": r, "answers": q["answers"]} for q, r in zip(qs, responses)), names)
+            rows = [{"response": r, "answers": q["answers"]} for q, r in zip(qs, responses)]
+            _, per_q = score_predictions(rows, names)
             cell = {"adapters": [str(a) for a in adds], "scales": list(scales), **dict(zip(labels, scales))}
             for split, idx in splits.items():
                 for m in names:
@@ -461,7 +463,8 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
             cell.update(merge_seconds=round(t1 - t0, 3), generate_seconds=round(t2 - t1, 3))
             cells.append(cell)
             tag = "_".join(f"{k}={s:g}" for k, s in zip(labels, scales))
-            _write_jsonl(tmp / "predictions" / f"{tag}.jsonl", _prediction_rows(qs, prompts, responses, retrieved, per_q))
+            rows = _prediction_rows(qs, prompts, responses, retrieved, per_q)
+            _write_jsonl(tmp / "predictions" / f"{tag}.jsonl", rows)
             if not quiet:
                 print(tag, " ".join(f"{k}={cell[k]:.2f}" for k in cell if k.endswith(tuple(names))), file=sys.stderr)
         choose = "val" if val else "all"
