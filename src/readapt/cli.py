@@ -357,7 +357,21 @@ def _add_eval(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    pass
+    p = sub.add_parser("demo", help="both papers' experiments end to end in a synthetic world, on a CPU in minutes")
+    p.add_argument("--quick", action="store_true", help="a smaller world, the same pipeline (about 2 minutes)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1 and report mean ± std (default 1)")
+    p.add_argument("-o", "--output", default="readapt-demo", help="output folder (default ./readapt-demo; a previous "
+                   "demo there is replaced)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder that is not a demo")
+    p.add_argument("--cache-dir", default=None, help="trained models and results (default ~/.cache/readapt/demo, or "
+                   "$READAPT_DEMO_CACHE)")
+
+    def run(a):
+        from readapt.demo import demo
+
+        demo(a.output, quick=a.quick, seeds=a.seeds, cache_dir=a.cache_dir, overwrite=a.overwrite)
+
+    p.set_defaults(func=run)
 
 
 _SECTIONS = (_add_extract, _add_merge, _add_lowrank, _add_port, _add_train, _add_eval, _add_demo)
