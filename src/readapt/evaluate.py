@@ -246,7 +246,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     # settings and penalties (temperature, top_p, repetition_penalty, ...) are neutralised explicitly
     gen = GenerationConfig(
         do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
     )
