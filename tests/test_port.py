@@ -152,6 +152,13 @@ def test_grown_vocabulary_rows_follow_token_strings(tmp_path):
 
     port(ad, v2, tmp_path / "adapter")
     assert not any("base_layer" in k for k in read_all(tmp_path / "adapter"))
+    rows = torch.tensor([ids2[w] for w in VOCAB])  # drift of a vocabulary tensor: over the shared tokens
+    W1 = read_all(v1)["lm_head.weight"]
+    d = port(ad, v2, None, from_=v1)["drift"]["tensors"]["lm_head.weight"]
+    D = (new["lm_head.weight"][rows] - W1).double()
+    assert d["drift"] == pytest.approx(float(D.norm() / W1.double().norm()), rel=1e-6)
+    assert d["cos_patch_drift"] == pytest.approx(float((head.double() * D).sum() / (head.double().norm() * D.norm())),
+                                                 rel=1e-5, abs=1e-9)
     peft = peft_merged(v2, tmp_path / "adapter")
     assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
 

@@ -139,14 +139,20 @@ class Vocab:
     """Row correspondence between the old and the new vocabulary, by token string."""
 
     def __init__(self, old_folders: list[Path], new_folder: Path):
-        self.old, self.old_from = None, "no old tokenizer (pass --from OLD_BASE, or keep the tokenizer in the patch folder)"
-        for f in old_folders:
-            self.old, where = _load_vocab(f)
-            if self.old is not None:
-                self.old_from = where
-                break
-        self.new, self.new_from = _load_vocab(new_folder)
-        self.stats: dict = {}
+        self.old_folders, self.new_folder, self.loaded, self.stats = old_folders, new_folder, False, {}
+
+    def load(self) -> Vocab:
+        """Read both tokenizers, once, when a vocabulary tensor first needs them."""
+        if not self.loaded:
+            self.old, self.old_from = None, "no old tokenizer (pass --from OLD_BASE, or keep it in the patch folder)"
+            for f in self.old_folders:
+                self.old, where = _load_vocab(f)
+                if self.old is not None:
+                    self.old_from = where
+                    break
+            self.new, self.new_from = _load_vocab(self.new_folder)
+            self.loaded = True
+        return self
 
     def rows(self, n_old: int, n_new: int) -> torch.Tensor | None:
         """(n_new,) old row of each new row, -1 where its token is new (or it has none); None without tokenizers."""
@@ -184,7 +190,7 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
         return Item(name, new_name, "skipped", "not a float tensor in the new base", shape, new_shape)
     is_vocab = shape is not None and len(shape) == 2 and len(new_shape) == 2 and shape[1:] == new_shape[1:] and (
         _VOCAB_NAME.search(name) is not None or new_shape[0] == new_cfg.get("vocab_size"))
-    if is_vocab and vocab.old is not None and vocab.new is not None:
+    if is_vocab and vocab.load().old is not None and vocab.new is not None:
         if vocab.identical(shape[0], new_shape[0]):
             return Item(name, new_name, "carried", "same shape, same tokens at the same ids" + renamed, shape, new_shape)
         rows = vocab.rows(shape[0], new_shape[0])
@@ -377,8 +383,6 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
 def _write_peft(folder: Path, src: PeftAdapter, items: list[Item], new: Checkpoint, old: Checkpoint | None, to) -> None:
     """The adapter's tensors under the new module names, vocabulary rows remapped, DoRA m rescaled,
     modules_to_save copies rebuilt on the new tensors, base_layer copies dropped; adapter_config retargeted."""
-    from peft.utils.other import get_pattern_key
-
     cfg = dict(src.config)
     modules: dict[str, str] = {}  # old module -> new module, for LoRA-factor modules
 
@@ -416,6 +420,8 @@ def _write_peft(folder: Path, src: PeftAdapter, items: list[Item], new: Checkpoi
     n_lora = len({src.modules[n].name for n in src.modules if any(p.startswith("lora_") for p in src.modules[n].parts)})
     if modules and (any(a != b for a, b in modules.items()) or len(modules) < n_lora):
         # wrap exactly the carried modules under their new names, with their own r and alpha
+        from peft.utils.other import get_pattern_key
+
         rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
         cfg["rank_pattern"] = {b: rp.get(get_pattern_key(rp.keys(), a), cfg["r"]) for a, b in modules.items()}
         cfg["alpha_pattern"] = {b: ap.get(get_pattern_key(ap.keys(), a), cfg["lora_alpha"]) for a, b in modules.items()}
@@ -458,18 +464,20 @@ class PortedDelta:
     def targets(self) -> dict[str, tuple[int, ...]]:
         return {n: it.new_shape for n, it in self.items.items()}
 
-    def delta(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor | None:
-        it = self.items.get(name)
-        if it is None:
-            return None
-        d = self.src.ckpt.read(it.name).float()
+    def stored(self, name: str) -> torch.Tensor:
+        """Δ[name] in its stored dtype, rows remapped (merge adds it elementwise, in float32 blocks)."""
+        it = self.items[name]
+        d = self.src.ckpt.read(it.name)
         return remap_rows(d, it.rows) if it.rows is not None else d
+
+    def delta(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.stored(name).float() if name in self.items else None
 
 
 def _write_delta(folder: Path, ported: PortedDelta, report: dict, max_shard_size) -> None:
     ckpt = ported.src.ckpt
     plan = [(n, ckpt.dtype(it.name), it.new_shape) for n, it in ported.items.items()]
-    write_tensors(folder, plan, ((n, ported.delta(n).to(dt)) for n, dt, _ in plan), max_shard_size=max_shard_size,
+    write_tensors(folder, plan, ((n, ported.stored(n)) for n, _, _ in plan), max_shard_size=max_shard_size,
                   metadata={"readapt": "delta", "formula": "delta ported by readapt port"})
     manifest = {**ported.src.manifest,
                 "created": report["created"], "readapt_version": __version__,
@@ -491,6 +499,12 @@ def _layer(name: str) -> str:
     return f"layer {int(m.group(1))}" if m else name.removesuffix(".weight")
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """⟨a, b⟩ summed in float64, 1M elements at a time (no float64 copy of a whole tensor)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(float(x.double().dot(y.double())) for x, y in zip(a.split(chunk), b.split(chunk)))
+
+
 def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> dict:
     """Version drift D = θ′ − θ per tensor and per layer: ‖D‖/‖θ‖, ‖P‖/‖D‖ and cos(P, D), where P is the
     ported patch on that tensor (0 where it has none). Vocabulary tensors compare the rows of shared
@@ -505,21 +519,22 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
             it = items.get(n)
             Wn, Wo = new.read(n).float(), old.read(old_of[n]).float()
             keep = None
-            if Wn.shape != Wo.shape:
-                if it is None or it.rows is None:
-                    continue
+            if it is not None and it.rows is not None:  # vocabulary rows: compare shared tokens
                 keep = it.rows >= 0
                 Wo = Wo[it.rows[keep]]  # old rows of the shared tokens
+            elif Wn.shape != Wo.shape:
+                continue
             P = patch.delta(n, Wn) if it is not None else None
             if keep is not None:
                 Wn = Wn[keep]
                 P = P[keep] if P is not None else None
-            D = Wn.sub_(Wo).double()
-            d2, w2 = float(D.square().sum()), float(Wo.double().square().sum())
-            p2 = float(P.double().square().sum()) if P is not None else 0.0
-            pd = float((P.double() * D).sum()) if P is not None else 0.0
+            D = Wn.sub_(Wo)  # θ′ − θ, in place of θ′
+            d2, w2 = _dot(D, D), _dot(Wo, Wo)
+            p2, pd = (_dot(P, P), _dot(P, D)) if P is not None else (0.0, 0.0)
+            patched = P is not None
+            del Wn, Wo, D, P
             row = {"drift": math.sqrt(d2 / w2) if w2 else None}
-            if P is not None:
+            if patched:
                 row["patch_to_drift"] = math.sqrt(p2 / d2) if d2 else None
                 row["cos_patch_drift"] = pd / math.sqrt(p2 * d2) if p2 and d2 else None
             per_tensor[n] = row
@@ -553,9 +568,11 @@ def summary(report: dict) -> str:
     lines = [f"port {p['spec']} ({p['kind']}) -> {report['new_base']['spec']}: {c['carried']} carried, "
              f"{c['adjusted']} carried with adjustment, {c['skipped']} skipped "
              f"(old base: {report['old_base']['spec'] or 'unknown'}; {report['old_base']['source']})"]
-    for m in report["modules"]:
-        if m["status"] != "carried":
-            lines.append(f"  {m['status']:9s} {m['name']}: {m['why']}")
+    rest = [m for m in report["modules"] if m["status"] != "carried"]
+    for m in rest[:40]:
+        lines.append(f"  {m['status']:9s} {m['name']}: {m['why']}")
+    if len(rest) > 40:
+        lines.append(f"  ... {len(rest) - 40} more adjusted/skipped tensors in {REPORT}")
     v = report.get("vocabulary")
     if v:
         lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens carried, "
