@@ -320,6 +320,8 @@ def test_sweep_one_adapter_and_bad_input(world, tmp_path):
         sweep(world["base"], [str(world["t1"])], world["questions"], tmp_path / "s3", grid="0,a", quiet=True)
     with pytest.raises(ReadaptError, match="unknown metric"):
         sweep(world["base"], [str(world["t1"])], world["questions"], tmp_path / "s3", select="em", quiet=True)
+    with pytest.raises(ReadaptError, match="without a scale"):
+        sweep(world["base"], [f"{world['t1']}:0.5"], world["questions"], tmp_path / "s3", quiet=True)
     assert not (tmp_path / "s3").exists()
 
 

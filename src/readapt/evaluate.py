@@ -428,6 +428,10 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
     check_metrics([select])
     if not 1 <= len(adds) <= 2:
         raise ReadaptError(f"sweep takes one or two --add adapters (alpha, beta), got {len(adds)}")
+    for a in adds:
+        head, sep, _ = str(a).rpartition(":")
+        if sep and not Path(a).exists() and Path(head).exists():
+            raise ReadaptError(f"sweep --add {a}: give the adapter without a scale ({head}); --grid supplies the scales")
     grid = parse_grid(grid) if isinstance(grid, str) else parse_grid(",".join(map(str, grid)))
     qs = load_questions(questions, limit)
     val, test = split_validation(len(qs), val_fraction, seed)
@@ -437,10 +441,10 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
     cells: list[dict] = []
     with output_folder(output, overwrite, inputs=_inputs(base, questions, passages, *adds)) as tmp:
         (tmp / "predictions").mkdir()
+        ckpt = Checkpoint.open(base)
+        addends = [open_addend(a, ckpt) for a in adds]  # checked before the (slow) model load
         net, tok = load_model(base, (), dtype, tokenizer, device)
         prompts, fmt = build_prompts(tok, qs, contexts)
-        ckpt = Checkpoint.open(base)
-        addends = [open_addend(a, ckpt) for a in adds]
         params = net.state_dict()
         for scales in itertools.product(grid, repeat=len(adds)):
             t0 = time.perf_counter()
