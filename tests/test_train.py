@@ -1,0 +1,237 @@
+"""readapt.train: knowledge adapters trained on unlabeled text (issue 4), on a tiny Llama on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from tiny import read_all, save_tiny, tiny_tokenizer
+
+from readapt.errors import ReadaptError
+from readapt.train import pack, read_texts, train
+
+FAST = dict(rank=8, alpha=16, lr=2e-2, batch_size=4, max_length=16, quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_single_thread():
+    """No instruct-model warnings from tests/tiny.py's chat template; one thread (tiny matrices gain
+    nothing from more, and lose a lot when other jobs share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*looks like an instruct")
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny pretrained Llama (hidden 32, tokenizer without chat template) and a learnable corpus."""
+    root = tmp_path_factory.mktemp("train")
+    base = save_tiny(root / "base", "llama", hidden_size=32, intermediate_size=64)
+    for f in base.glob("chat_template*"):
+        f.unlink()
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": " ".join(f"w{(i + j) % 12}" for j in range(20))}) + "\n")
+            if i % 5 == 0:
+                f.write("\n")  # blank lines are skipped
+    (root / "heldout.txt").write_text(" ".join(f"w{j % 12}" for j in range(70)))
+    return root
+
+
+def adapter(folder) -> dict[str, torch.Tensor]:
+    return read_all(folder)
+
+
+def test_pack_puts_eos_between_documents_and_drops_the_tail():
+    tok = tiny_tokenizer()
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("w1", "w2", "w3", "w4", "</s>")}
+    blocks, tail = pack(["w1 w2", "w3", "w4 w1"], tok, 3)
+    eos = ids["</s>"]
+    assert blocks.tolist() == [[ids["w1"], ids["w2"], eos], [ids["w3"], eos, ids["w4"]]]
+    assert tail.tolist() == [ids["w1"], eos]
+
+
+def test_read_texts_jsonl_and_txt(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "w1 w2"}\n\n{"text": "", "id": 3}\n{"text": "w3", "x": 1}\n')
+    (tmp_path / "b.txt").write_text("w1 w2\n\nw3\n")
+    assert read_texts(tmp_path / "a.jsonl") == ["w1 w2", "w3"]
+    assert read_texts(tmp_path / "b.txt") == ["w1 w2\n\nw3\n"]
+
+
+def test_loss_falls_log_card_and_peft_reload(world, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from readapt.train import evaluate, load_blocks
+
+    out = train(world / "base", world / "data.jsonl", tmp_path / "k", max_steps=12, dropout=0.0,
+                eval_data=world / "heldout.txt", **FAST)
+    assert out == tmp_path / "k"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json",
+                                                    "adapter_model.safetensors", "training_log.jsonl"]
+    assert not (tmp_path / "k.partial").exists()  # checkpoints are gone after success
+    log = [json.loads(l) for l in (out / "training_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    evals = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["step"] for r in evals] == [0, 12]
+    assert all(r["tokens"] == r["step"] * 4 * 16 for r in steps)
+    first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.25, (first, last)
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"] - 0.25, evals
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert sorted(m.rsplit(".", 1)[-1] for m in cfg["target_modules"]) == sorted(linear * 2)  # not lm_head
+    card = (out / "README.md").read_text()
+    assert "data.jsonl" in card and "12 of 4 blocks" in card and f"{12 * 4 * 16:,} tokens seen" in card
+    assert f"{evals[1]['eval_loss']:.4f}" in card
+
+    # the saved adapter, reloaded by PEFT alone, scores the held-out text exactly as the trained model did
+    tok_blocks, tail, _ = load_blocks([world / "heldout.txt"], tiny_tokenizer(), 16)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), out).eval()
+    from accelerate import Accelerator
+
+    again = evaluate(model, tok_blocks, tail, 4, Accelerator(cpu=True))
+    assert again["eval_loss"] == pytest.approx(evals[1]["eval_loss"], abs=1e-6)
+    assert again["eval_tokens"] == evals[1]["eval_tokens"] == 4 * 15 + 6  # 70 words + EOS = 4 blocks of 16 + a tail of 7
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter(world, tmp_path):
+    a = adapter(train(world / "base", world / "data.jsonl", tmp_path / "a", max_steps=3, seed=7, **FAST))
+    b = adapter(train(world / "base", world / "data.jsonl", tmp_path / "b", max_steps=3, seed=7, **FAST))
+    c = adapter(train(world / "base", world / "data.jsonl", tmp_path / "c", max_steps=3, seed=8, **FAST))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_micro_batches_give_the_same_adapter(world, tmp_path):
+    kw = dict(FAST, max_steps=3, dropout=0.0, dora=False)
+    a = adapter(train(world / "base", world / "data.jsonl", tmp_path / "a", **kw))
+    b = adapter(train(world / "base", world / "data.jsonl", tmp_path / "b", micro_batch_size=1, **kw))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_equals_uninterrupted(world, tmp_path):
+    kw = dict(FAST, max_steps=7, save_every=2, data=world / "data.jsonl", eval_data=world / "heldout.txt")
+    full = train(world / "base", out=tmp_path / "full", **kw)
+
+    def stop_at_5(record):
+        if record.get("step") == 5 and "loss" in record:
+            raise KeyboardInterrupt
+
+    out, partial = tmp_path / "cut", tmp_path / "cut.partial"
+    with pytest.raises(KeyboardInterrupt):
+        train(world / "base", out=out, callback=stop_at_5, **kw)
+    assert not out.exists() and not list(tmp_path.glob(".cut*"))  # no half-written output
+    assert [p.name for p in partial.glob("step-*")] == ["step-000004"]
+    with pytest.raises(ReadaptError, match="--resume"):
+        train(world / "base", out=out, **kw)
+    with pytest.raises(ReadaptError, match="lr"):
+        train(world / "base", out=out, resume=True, **dict(kw, lr=1e-3))
+    train(world / "base", out=out, resume=True, **kw)
+    assert not partial.exists()
+    a, b = adapter(full), adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_full = [json.loads(l) for l in (full / "training_log.jsonl").read_text().splitlines()]
+    log_cut = [json.loads(l) for l in (out / "training_log.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if k != "tokens_per_s"}  # noqa: E731
+    assert [drop(r) for r in log_cut] == [drop(r) for r in log_full]  # no step twice, same losses
+
+
+def test_overwrite_with_checkpoints_starts_over(world, tmp_path):
+    def stop(record):
+        if record.get("step") == 3:
+            raise KeyboardInterrupt
+
+    kw = dict(FAST, max_steps=4, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(world / "base", world / "data.jsonl", tmp_path / "o", callback=stop, **kw)
+    out = train(world / "base", world / "data.jsonl", tmp_path / "o", overwrite=True, **kw)
+    ref = train(world / "base", world / "data.jsonl", tmp_path / "ref", **kw)
+    a, b = adapter(out), adapter(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_instruct_warning(world, tmp_path):
+    inst = tmp_path / "tiny-Instruct"
+    shutil.copytree(world / "base", inst)
+    kw = dict(FAST, max_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pretrained base: no warning at all from readapt
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        train(world / "base", world / "data.jsonl", tmp_path / "a", **kw)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        train(inst, world / "data.jsonl", tmp_path / "b", **kw)
+    assert any("instruct" in str(x.message) and "tiny-Instruct" in str(x.message) for x in w)
+    chat = save_tiny(tmp_path / "pretrained", "llama")  # tests/tiny.py's tokenizer has a chat template
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        train(chat, world / "data.jsonl", tmp_path / "c", **kw)
+    assert any("chat template" in str(x.message) for x in w)
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "does not exist"),
+    ("", "contains no text"),
+    ('{"text": "w1"}\n{"txt": "w2"}\n', r'bad\.jsonl:2: no "text" field'),
+    ('{"text": "w1"}\n\n{"text": "w2"\n', r"bad\.jsonl:3: not valid JSON"),
+    ('{"text": ["w1"]}\n', r'bad\.jsonl:1: "text" is a list'),
+    ('{"text": "w1 w2 w3"}\n', "fewer tokens than one block of max_length=16"),
+])
+def test_bad_data(world, tmp_path, content, match):
+    bad = tmp_path / "in" / "bad.jsonl"
+    bad.parent.mkdir()
+    if content is not None:
+        bad.write_text(content)
+    with pytest.raises(ReadaptError, match=match):
+        train(world / "base", bad, tmp_path / "out", max_steps=1, **{k: v for k, v in FAST.items()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written
+
+
+def test_bad_arguments(world, tmp_path):
+    data = world / "data.jsonl"
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "c.csv").write_text("text\nw1\n")
+    cases = [
+        (dict(out=tmp_path / "exists"), "already exists"),
+        (dict(data=tmp_path / "c.csv"), "unknown data format '.csv'"),
+        (dict(max_length=1000), r"max_length=1000 exceeds .*max_position_embeddings=64"),
+        (dict(micro_batch_size=3), "micro_batch_size=3 does not divide"),
+        (dict(rank=0), "rank=0"),
+        (dict(eval_data=tmp_path / "missing.txt"), "missing.txt does not exist"),
+        (dict(base=tmp_path / "nowhere"), "does not exist"),
+    ]
+    for change, match in cases:
+        kw = dict(FAST, base=world / "base", data=data, out=tmp_path / "new", max_steps=1) | change
+        with pytest.raises(ReadaptError, match=match):
+            train(**kw)
+        assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
+    assert (tmp_path / "exists").is_dir() and not any((tmp_path / "exists").iterdir())
+
+
+def test_cli(world, tmp_path, capsys):
+    from readapt.cli import main
+
+    args = ["train", str(world / "base"), "--data", str(world / "data.jsonl"), "--data", str(world / "heldout.txt"),
+            "-o", str(tmp_path / "k"), "--rank", "2", "--alpha", "4", "--no-dora", "--max-steps", "2",
+            "--batch-size", "4", "--micro-batch-size", "2", "--max-length", "16", "--lr", "1e-3", "--quiet"]
+    assert main(args) == 0
+    cfg = json.loads((tmp_path / "k" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["lora_alpha"] == 4 and cfg["use_dora"] is False
+    assert "heldout.txt" in (tmp_path / "k" / "README.md").read_text()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
