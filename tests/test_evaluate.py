@@ -164,6 +164,9 @@ def test_bad_question_files(tmp_path):
     bad.write_text('{"question": "a", "answers": []}\n')
     with pytest.raises(ReadaptError, match=r"bad.jsonl:1: 'answers' must be a non-empty list"):
         load_questions(bad)
+    bad.write_text('{"question": ["a"], "answers": ["b"]}\n')
+    with pytest.raises(ReadaptError, match=r"bad.jsonl:1: 'question' must be a string"):
+        load_questions(bad)
     bad.write_text('{"question": "a", "answers": ["b"]}\n{"question": "c", "answers": ["d"], "id": "x"}\n')
     assert [q["id"] for q in load_questions(bad)] == ["1", "x"]  # line number when there is no id
     assert len(load_questions(bad, limit=1)) == 1
@@ -218,7 +221,7 @@ def test_evaluate_with_adds_equals_the_merged_model(world, tmp_path):
     kw = dict(max_new_tokens=4, batch_size=4, quiet=True)
     evaluate(world["t1"], world["questions"], tmp_path / "t1", **kw)
     evaluate(world["base"], world["questions"], tmp_path / "base", **kw)
-    evaluate(world["base"], world["questions"], tmp_path / "add", adds=[(str(world["t1"]), 1.0)], **kw)
+    evaluate(world["base"], world["questions"], tmp_path / "add", adds=[str(world["t1"])], **kw)  # scale 1
     assert _responses(tmp_path / "t1") != _responses(tmp_path / "base")
     assert _responses(tmp_path / "add") == _responses(tmp_path / "t1")
 

@@ -73,7 +73,15 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[dict]:
     """Questions {"id", "question", "answers": [...], "passage_id"?}; the first `limit` only if given."""
     if limit is not None and limit < 1:
         raise ReadaptError(f"--limit must be a positive number of questions, got {limit}")
-    return read_jsonl(path, ("question", "answers"))[:limit]
+    rows = read_jsonl(path, ("question", "answers"))
+    _check_strings(path, rows, "question")
+    return rows[:limit]
+
+
+def _check_strings(path, rows: list[dict], key: str) -> None:
+    bad = next((r for r in rows if not isinstance(r[key], str)), None)
+    if bad is not None:
+        raise ReadaptError(f"{path}:{bad['_line']}: {key!r} must be a string, got {bad[key]!r}")
 
 
 # --- retrieval -----------------------------------------------------------------------------------------
@@ -109,6 +117,7 @@ def retrieve(questions: list[dict], retrieval: str, passages: str | Path | None,
     if top_k < 1:
         raise ReadaptError(f"--top-k must be at least 1, got {top_k}")
     corpus = read_jsonl(passages, ("id", "text"))
+    _check_strings(passages, corpus, "text")
     ids = [str(p["id"]) for p in corpus]
     by_id = {pid: i for i, pid in enumerate(ids)}
     if len(by_id) != len(ids):
@@ -304,11 +313,13 @@ def _prediction_rows(questions, prompts, responses, retrieved, per_q) -> list[di
 
 
 def evaluate(model: str, questions: str | Path, output: str | Path, *,
-             adds: Sequence[tuple[str, float]] = (), retrieval: str = "none", passages: str | Path | None = None,
+             adds: Sequence[tuple[str, float] | str] = (), retrieval: str = "none", passages: str | Path | None = None,
              top_k: int = 1, max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
              dtype: str | None = None, device: str | None = None, tokenizer: str | None = None,
              metrics: Sequence[str] | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
     """Answer `questions` with MODEL (+ sum scale_i * adapter_i, merged in memory) and score the answers.
+
+    adds: [(adapter, scale), ...] (a bare adapter path means scale 1), as for readapt.merge.
 
     Writes OUTPUT/predictions.jsonl (id, prompt, response, answers, per-question scores x100, retrieved
     passage id) and OUTPUT/summary.json ({metric: 100 * mean_q max_ref metric, "n", retrieval accuracy,
@@ -317,6 +328,7 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
     from readapt.checkpoint import output_folder
 
     names = check_metrics(metrics)
+    adds = [(str(a), 1.0) if isinstance(a, (str, Path)) else (str(a[0]), float(a[1])) for a in adds]
     qs = load_questions(questions, limit)
     contexts, retrieved, stats = retrieve(qs, retrieval, passages, top_k)
     with output_folder(output, overwrite, inputs=_inputs(model, questions, passages, *(a for a, _ in adds))) as tmp:
@@ -330,7 +342,7 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
         summary, per_q = score_predictions(rows, names)
         summary.update(stats)
         summary.update(
-            model=str(model), adds=[[str(a), s] for a, s in adds], questions=str(questions), retrieval=retrieval,
+            model=str(model), adds=[list(a) for a in adds], questions=str(questions), retrieval=retrieval,
             passages=None if passages is None else str(passages), top_k=top_k if retrieval == "bm25" else None,
             prompt_format=fmt, max_new_tokens=max_new_tokens, load_seconds=round(t1 - t0, 3),
             generate_seconds=round(t2 - t1, 3), questions_per_second=round(len(qs) / max(t2 - t1, 1e-9), 3),
@@ -505,9 +517,7 @@ def score(predictions: str | Path, output: str | Path | None = None, metrics: Se
     """
     names = check_metrics(metrics)
     rows = read_jsonl(predictions, ("response", "answers"))
-    bad = next((r for r in rows if not isinstance(r["response"], str)), None)
-    if bad is not None:
-        raise ReadaptError(f"{predictions}:{bad['_line']}: 'response' must be a string, got {bad['response']!r}")
+    _check_strings(predictions, rows, "response")
     summary, _ = score_predictions(rows, names)
     summary["predictions"] = str(predictions)
     if output is not None:
