@@ -235,3 +235,27 @@ def test_cli(world, tmp_path, capsys):
     assert "heldout.txt" in (tmp_path / "k" / "README.md").read_text()
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_two_processes_train_what_one_does(world, tmp_path):
+    """DDP through accelerate (2 CPU processes, gloo, as `accelerate launch` would start them): the global
+    batch is split over the processes, so the adapter equals the single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    kw = dict(rank=4, alpha=8, dropout=0.0, dora=False, lr=2e-2, max_steps=3, batch_size=4, max_length=16)
+    one = adapter(train(world / "base", world / "data.jsonl", tmp_path / "one", quiet=True, **kw))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items() if k != "dora"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "readapt",
+         "train", str(world / "base"), "--data", str(world / "data.jsonl"), "-o", str(tmp_path / "two"),
+         "--no-dora", "--micro-batch-size=1", "--save-every=2", *flags],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es) x 2 micro-batch(es) of 1" in run.stderr
+    two = adapter(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
