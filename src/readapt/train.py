@@ -41,7 +41,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -163,6 +163,17 @@ def looks_instruct(spec: str, tokenizer) -> str | None:
 
 def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@contextmanager
+def _discard_unless_resumable(ckpt_dir: Path, main: bool):
+    """On any failure, delete the checkpoint folder if it holds no checkpoint to resume from."""
+    try:
+        yield
+    except BaseException:
+        if main and _latest(ckpt_dir) is None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        raise
 
 
 def _latest(ckpt_dir: Path) -> Path | None:
@@ -325,7 +336,7 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
     from readapt.checkpoint import output_folder, resolve_model
 
@@ -371,11 +382,10 @@ def train(
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_path)
     except (OSError, ValueError) as err:
-        raise ReadaptError(f"cannot load a tokenizer from {base_path} ({err}); BASE needs its tokenizer files") from None
+        raise ReadaptError(f"cannot load a tokenizer from {base_path} ({err}); BASE needs its tokenizer "
+                           f"files") from None
     if tokenizer.eos_token_id is None:
         raise ReadaptError(f"the tokenizer of {base_path} has no EOS token, which separates documents")
-    from transformers import AutoConfig
-
     n_ctx = getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", None)
     if n_ctx and max_length > n_ctx:
         raise ReadaptError(f"max_length={max_length} exceeds the context of {base_path} "
@@ -390,7 +400,7 @@ def train(
     if eval_files:
         eval_blocks, eval_tail, _ = load_blocks(eval_files, tokenizer, max_length, "--eval-data")
         if eval_blocks.numel() + eval_tail.numel() < 2:
-            raise ReadaptError(f"the --eval-data text has fewer than 2 tokens; nothing to score")
+            raise ReadaptError("the --eval-data text has fewer than 2 tokens; nothing to score")
     total_steps = max_steps or math.ceil(epochs * n_blocks / batch_size)
     why = looks_instruct(str(base), tokenizer)
     if why and main:
@@ -429,98 +439,101 @@ def train(
         (ckpt_dir / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
     acc.wait_for_everyone()
 
-    # ---- model, optimizer, schedule
-    set_seed(seed)  # same LoRA A initialisation in every process
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = lora_model(base_path, rank=rank, alpha=alpha, dropout=dropout, dora=dora,
-                       target_modules=target_modules, dtype=dtype)
-    model.peft_config["default"].base_model_name_or_path = base_name  # what PeftModel.from_pretrained reads
-    params = [p for _, p in _trainable(model)]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)  # not prepared: we step it once per optimizer step
-    model, optimizer = acc.prepare(model, optimizer)
-    model.train()
+    with _discard_unless_resumable(ckpt_dir, main):  # a failure before the first checkpoint leaves nothing
+        # ---- model, optimizer, schedule
+        set_seed(seed)  # same LoRA A initialisation in every process
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        model = lora_model(base_path, rank=rank, alpha=alpha, dropout=dropout, dora=dora,
+                           target_modules=target_modules, dtype=dtype)
+        model.peft_config["default"].base_model_name_or_path = base_name  # what PeftModel.from_pretrained reads
+        params = [p for _, p in _trainable(model)]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # not passed to acc.prepare, which would step it once per process: we step it once per optimizer step
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        model, optimizer = acc.prepare(model, optimizer)
+        model.train()
 
-    log_path = ckpt_dir / "training_log.jsonl"
-    counters = {"step": 0, "tokens": 0, "train_seconds": 0.0}
-    if latest is not None:
-        counters = _load_checkpoint(acc, latest, model, optimizer, scheduler)
-        say(f"resuming from {latest} (step {counters['step']} of {total_steps})")
-        if main:  # drop log lines written after the checkpoint; they will be written again
-            lines = log_path.read_text().splitlines() if log_path.exists() else []
-            log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= counters["step"]))
-    elif resume:
-        say(f"no checkpoint in {ckpt_dir}; starting from step 0")
+        log_path = ckpt_dir / "training_log.jsonl"
+        counters = {"step": 0, "tokens": 0, "train_seconds": 0.0}
+        if latest is not None:
+            counters = _load_checkpoint(acc, latest, model, optimizer, scheduler)
+            say(f"resuming from {latest} (step {counters['step']} of {total_steps})")
+            if main:  # drop log lines written after the checkpoint; they will be written again
+                lines = log_path.read_text().splitlines() if log_path.exists() else []
+                log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= counters["step"]))
+        elif resume:
+            say(f"no checkpoint in {ckpt_dir}; starting from step 0")
 
-    def log(record: dict) -> None:
+        def log(record: dict) -> None:
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if callback:
+                    callback(record)
+
+        say(f"{n_blocks} blocks of {max_length} tokens from {len(files)} file(s); {total_steps} steps of "
+            f"{batch_size} blocks ({P} process(es) x {accum} micro-batch(es) of {micro}); "
+            f"{sum(p.numel() for p in params):,} trainable parameters; precision {precision}; device {acc.device}")
+        if eval_blocks is not None and latest is None:
+            before = evaluate(model, eval_blocks, eval_tail, micro, acc)
+            log({"step": 0, **before})
+            say(f"held-out loss before training {before['eval_loss']:.4f} (perplexity {before['eval_perplexity']:.2f})")
+
+        # ---- the loop
+        quiet_bar = quiet or not main or (not sys.stderr.isatty() and not os.environ.get("READAPT_PROGRESS"))
+        bar = tqdm(total=total_steps, initial=counters["step"], desc="train", unit="step", disable=quiet_bar)
+        cache: dict = {}
+        loss_value = float("nan")
+        for step in range(counters["step"], total_steps):
+            t0 = time.perf_counter()
+            idx = _stream(step * batch_size, batch_size, n_blocks, seed, cache)  # [B] global
+            idx = idx[acc.process_index * local:(acc.process_index + 1) * local]  # [local] this process
+            loss_sum = torch.zeros((), device=acc.device)
+            for j in range(accum):
+                x = blocks[idx[j * micro:(j + 1) * micro]].long().to(acc.device)  # [micro, T]
+                sync = acc.no_sync(model) if j < accum - 1 else nullcontext()  # DDP all-reduce on the last only
+                with sync:
+                    loss = model(input_ids=x, labels=x).loss  # mean over micro·(T-1) tokens
+                    acc.backward(loss / accum)
+                loss_sum += loss.detach()
+            if max_grad_norm:
+                acc.clip_grad_norm_(params, max_grad_norm)
+            lr_now = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(acc.reduce(loss_sum / accum, "mean"))
+            dt = time.perf_counter() - t0
+            counters["step"] = step + 1
+            counters["tokens"] += batch_size * max_length
+            counters["train_seconds"] += dt
+            record = {"step": step + 1, "epoch": round((step + 1) * batch_size / n_blocks, 4), "loss": loss_value,
+                      "lr": lr_now, "tokens": counters["tokens"],
+                      "tokens_per_s": round(batch_size * max_length / dt, 1)}
+            log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
+                _save_checkpoint(acc, ckpt_dir, step + 1, model, optimizer, scheduler, counters)
+        bar.close()
+
+        after = None
+        if eval_blocks is not None:
+            after = evaluate(model, eval_blocks, eval_tail, micro, acc)
+            log({"step": total_steps, **after})
+            say(f"held-out loss after training {after['eval_loss']:.4f} (perplexity {after['eval_perplexity']:.2f})")
+
+        # ---- output: PEFT adapter folder + log + model card, written all at once
+        acc.wait_for_everyone()
         if main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if callback:
-                callback(record)
-
-    say(f"{n_blocks} blocks of {max_length} tokens from {len(files)} file(s); {total_steps} steps of "
-        f"{batch_size} blocks ({P} process(es) x {accum} micro-batch(es) of {micro}); "
-        f"{sum(p.numel() for p in params):,} trainable parameters; precision {precision}; device {acc.device}")
-    if eval_blocks is not None and latest is None:
-        before = evaluate(model, eval_blocks, eval_tail, micro, acc)
-        log({"step": 0, **before})
-        say(f"held-out loss before training {before['eval_loss']:.4f} (perplexity {before['eval_perplexity']:.2f})")
-
-    # ---- the loop
-    quiet_bar = quiet or not main or (not sys.stderr.isatty() and not os.environ.get("READAPT_PROGRESS"))
-    bar = tqdm(total=total_steps, initial=counters["step"], desc="train", unit="step", disable=quiet_bar)
-    cache: dict = {}
-    loss_value = float("nan")
-    for step in range(counters["step"], total_steps):
-        t0 = time.perf_counter()
-        idx = _stream(step * batch_size, batch_size, n_blocks, seed, cache)  # [B] global
-        idx = idx[acc.process_index * local:(acc.process_index + 1) * local]  # [local] this process
-        loss_sum = torch.zeros((), device=acc.device)
-        for j in range(accum):
-            x = blocks[idx[j * micro:(j + 1) * micro]].long().to(acc.device)  # [micro, T]
-            sync = acc.no_sync(model) if j < accum - 1 else nullcontext()  # DDP all-reduce on the last only
-            with sync:
-                loss = model(input_ids=x, labels=x).loss  # mean over micro·(T-1) tokens
-                acc.backward(loss / accum)
-            loss_sum += loss.detach()
-        if max_grad_norm:
-            acc.clip_grad_norm_(params, max_grad_norm)
-        lr_now = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(acc.reduce(loss_sum / accum, "mean"))
-        dt = time.perf_counter() - t0
-        counters["step"] = step + 1
-        counters["tokens"] += batch_size * max_length
-        counters["train_seconds"] += dt
-        record = {"step": step + 1, "epoch": round((step + 1) * batch_size / n_blocks, 4), "loss": loss_value,
-                  "lr": lr_now, "tokens": counters["tokens"], "tokens_per_s": round(batch_size * max_length / dt, 1)}
-        log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
-            _save_checkpoint(acc, ckpt_dir, step + 1, model, optimizer, scheduler, counters)
-    bar.close()
-
-    after = None
-    if eval_blocks is not None:
-        after = evaluate(model, eval_blocks, eval_tail, micro, acc)
-        log({"step": total_steps, **after})
-        say(f"held-out loss after training {after['eval_loss']:.4f} (perplexity {after['eval_perplexity']:.2f})")
-
-    # ---- output: PEFT adapter folder + log + model card, written all at once
-    acc.wait_for_everyone()
-    if main:
-        records = [json.loads(l) for l in log_path.read_text().splitlines()]
-        with output_folder(out, overwrite=overwrite, inputs=[base_path, *files, *eval_files]) as tmp:
-            acc.unwrap_model(model).save_pretrained(tmp)
-            shutil.copyfile(log_path, tmp / "training_log.jsonl")
-            (tmp / "README.md").write_text(_model_card(settings, records, n_blocks, n_tokens, counters,
-                                                       eval_files, P, precision))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        say(f"wrote {out} ({total_steps} steps, {counters['tokens']:,} tokens, last loss {loss_value:.4f})")
+            records = [json.loads(l) for l in log_path.read_text().splitlines()]
+            with output_folder(out, overwrite=overwrite, inputs=[base_path, *files, *eval_files]) as tmp:
+                acc.unwrap_model(model).save_pretrained(tmp)
+                shutil.copyfile(log_path, tmp / "training_log.jsonl")
+                (tmp / "README.md").write_text(_model_card(settings, records, n_blocks, n_tokens, counters,
+                                                           eval_files, P, precision))
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            say(f"wrote {out} ({total_steps} steps, {counters['tokens']:,} tokens, last loss {loss_value:.4f})")
     acc.wait_for_everyone()
     return out
 
