@@ -1,6 +1,7 @@
 """Port benchmark (issue 5): peak memory of `readapt port --merge` vs one LoRA training step on the same model.
 
     python benchmarks/bench_port.py [--work benchmarks/_work/port] [--rank 64] [--no-train]
+                                    [--layers 8 --hidden 1024 --intermediate 2816]   # make_pair's sizes
 
 PortLLM's headline (Khan et al. 2024) is that porting a patch costs far less memory than re-fine-tuning
 the new version (12.2x less GPU memory than LoRA). Here, on the synthetic 168M-parameter float32 Llama
@@ -83,10 +84,10 @@ def _child(kind: str, args: list) -> dict:
     if kind == "setup":  # the inputs, built in a child so that the measuring parent stays small
         from make_pair import make_pair
 
-        work, rank = Path(args[0]), args[1]
+        work, rank, layers, hidden, intermediate = Path(args[0]), *args[1:]
         pair = work / "pair"
         if not (pair / "instruct" / "config.json").is_file():
-            make_pair(pair)
+            make_pair(pair, layers=layers, hidden=hidden, intermediate=intermediate)
         for dora in (False, True):
             make_adapter(pair / "base", work / f"{'dora' if dora else 'lora'}-r{rank}", rank, dora)
         return {"parameters": sum(p.stat().st_size for p in (pair / "instruct").glob("*.safetensors")) // 4}
@@ -113,8 +114,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "_work" / "port")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
+    ap.add_argument("--no-dora-train", action="store_true", help="skip the DoRA training step (the heaviest run)")
+    ap.add_argument("--layers", type=int, default=8, help="model size (make_pair; the pair is reused if --work has one)")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
     a = ap.parse_args()
-    params = _run("setup", [str(a.work), a.rank])["parameters"]
+    params = _run("setup", [str(a.work), a.rank, a.layers, a.hidden, a.intermediate])["parameters"]
     old, new = a.work / "pair" / "base", a.work / "pair" / "instruct"
     lora, dora = a.work / f"lora-r{a.rank}", a.work / f"dora-r{a.rank}"
     results = {"torch import": _run("torch", [])}
@@ -131,7 +136,7 @@ def main() -> None:
     if not a.no_train:
         from bench_train import step_memory
 
-        for name, d in (("train step LoRA", False), ("train step DoRA", True)):
+        for name, d in (("train step LoRA", False), ("train step DoRA", True))[: 1 if a.no_dora_train else 2]:
             r = step_memory(str(new), batch_size=1, max_length=512, rank=a.rank, dora=d)
             results[name] = {"peak_rss_mb": r["peak_rss_mb"], "wall_s": r["load_s"] + r["step_s"], "step": r}
             print(json.dumps({"run": name, **r}), flush=True)

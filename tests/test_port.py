@@ -271,10 +271,15 @@ def test_refusals_leave_no_output(versions, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ReadaptError, match="match no module.*qq_proj"):
         port(bad, v2, tmp_path / "o3")
+    with pytest.raises(ReadaptError, match="LlamaForCausalLM but .* Gemma2ForCausalLM"):  # old base unknown
+        port(bad, gemma, tmp_path / "o3")
     with pytest.raises(ReadaptError, match="does not fit the old base"):
         port(ad, v2, tmp_path / "o4", from_=wide)
     with pytest.raises(ReadaptError, match="readapt extract"):
         port(v1, v2, tmp_path / "o5")
+    with pytest.raises(ReadaptError, match="overlaps the input"):  # never over an input, even with overwrite
+        port(ad, v2, v1, merge=True, overwrite=True)
+    assert (v1 / "model.safetensors").is_file()
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
     assert not [p for p in tmp_path.iterdir() if ".readapt-tmp" in p.name]
 

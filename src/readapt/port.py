@@ -270,6 +270,15 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
                            f"or a delta folder (readapt_delta.json). For a full fine-tuned checkpoint, make its delta "
                            f"first: readapt extract OLD_BASE TUNED -o DELTA")
 
+    if out is not None:  # before any long work: the checks output_folder makes again at the end
+        o = Path(out).expanduser().resolve()
+        for i in [patch_path, new.path] + ([old.path] if old else []):
+            i = i.resolve()
+            if o == i or i in o.parents or o in i.parents:
+                raise ReadaptError(f"output folder {o} overlaps the input {i}; choose another -o")
+        if o.exists() and not overwrite:
+            raise ReadaptError(f"output folder {o} already exists; pass --overwrite (overwrite=True) to replace it")
+
     # -- architecture ------------------------------------------------------------------------------------
     old_type, new_type = (old_cfg or {}).get("model_type"), new_cfg.get("model_type")
     if old_type and new_type and old_type != new_type:
