@@ -321,3 +321,21 @@ def test_cli(versions, tmp_path, capsys):
     assert main(["port", str(ad), "--to", str(v2), "-o", str(tmp_path / "m")]) == 2  # exists
     assert main(["port", str(ad), "--to", str(v2)]) == 2  # no -o
     assert "-o OUTPUT" in capsys.readouterr().err
+
+
+def test_other_shape_changes_are_skipped_and_the_adapter_still_loads(versions, tmp_path):
+    v1, _, ad = versions
+    v2 = save_tiny(tmp_path / "v2", "llama", seed=8, intermediate_size=48)  # a version with a wider MLP
+    report = port(ad, v2, tmp_path / "adapter")
+    assert report["counts"] == {"carried": 8, "adjusted": 0, "skipped": 6}
+    skipped = [m for m in report["modules"] if m["status"] == "skipped"]
+    assert all(".mlp." in m["name"] and "in the patch but" in m["why"] and "48" in m["why"] for m in skipped)
+    assert any("intermediate_size" in w for w in report["warnings"])
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "mlp" not in cfg["target_modules"] and len(cfg["rank_pattern"]) == 8
+    port(ad, v2, tmp_path / "merged", merge=True)
+    got, new, peft = read_all(tmp_path / "merged"), read_all(v2), peft_merged(v2, tmp_path / "adapter")
+    assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
+    assert all(torch.equal(got[k], new[k]) for k in got if ".mlp." in k)
+    with pytest.raises(ReadaptError, match="--strict: 6 tensors"):
+        port(ad, v2, tmp_path / "strict", merge=True, strict=True)
