@@ -1,7 +1,8 @@
 """Training benchmarks (issue 4), CPU unless a GPU is visible.
 
     python benchmarks/bench_train.py speed                        # tokens/s and peak RSS, tiny + small model
-    python benchmarks/bench_train.py step-memory CKPT [--max-length 512 --batch-size 1 --rank 64 --no-dora]
+    python benchmarks/bench_train.py step-memory CKPT [--max-length 512 --batch-size 1 --rank 64 --no-dora
+                                                      --dtype bfloat16]
 
 `speed` builds models from a config (no downloads) and word-level text, then times `readapt.train.train`
 in a fresh subprocess per setting, so that the peak RSS (ru_maxrss) belongs to that run alone:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -82,16 +84,22 @@ def corpus(path: Path, vocab: int, n_tokens: int, seed: int = 0) -> Path:
     return path
 
 
-def _child_speed(size: str, batch: int, micro: int, length: int, rank: int, dora: bool, steps: int) -> dict:
+def _child_speed(size: str, batch: int, micro: int, length: int, rank: int, dora: bool, steps: int,
+                 threads: int | None = None) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+
+    from readapt.checkpoint import Checkpoint
     from readapt.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = build(tmp / "base", size, length)
         data = corpus(tmp / "data.jsonl", SIZES[size]["vocab"], (batch * (steps + 2)) * length)
-        params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(base).parameters())
+        ck = Checkpoint.open(base)
+        params = sum(math.prod(ck.shape(n)) for n in ck.names)
         rss0 = rss_mb()
         t0 = time.perf_counter()
         out = train(base, data, tmp / "out", rank=rank, alpha=2 * rank, dora=dora, lr=2e-3, max_steps=steps,
@@ -104,18 +112,25 @@ def _child_speed(size: str, batch: int, micro: int, length: int, rank: int, dora
             "rank": rank, "dora": dora, "steps": steps, "threads": torch.get_num_threads(),
             "tokens_per_s": round(tps), "s_per_step": round(batch * length / tps, 4),
             "wall_s_incl_setup": round(wall, 2), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
-            "rss_before_train_mb": round(rss0), "peak_rss_mb": round(peak_rss_mb())}
+            "rss_before_train_mb": round(rss0), "peak_rss_mb": round(peak_rss_mb()),
+            "load_average_1min": os.getloadavg()[0], "cpus": os.cpu_count()}
 
 
-def _child_step(ckpt: str, batch_size: int, max_length: int, rank: int, dora: bool) -> dict:
-    """Load CKPT, wrap it with a fresh adapter, run one training step on random tokens; report memory."""
+def _child_step(ckpt: str, batch_size: int, max_length: int, rank: int, dora: bool, dtype: str | None = None) -> dict:
+    """Load CKPT, wrap it with a fresh adapter, run one training step on random tokens; report memory.
+
+    dtype of the frozen base: default bfloat16 on a GPU that supports it (what `readapt train` does there),
+    else float32 (what it does on CPU); the adapter and optimizer state are float32 either way."""
     import torch
 
     from readapt.train import lora_model
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype:
+        dtype = getattr(torch, dtype)
+    else:
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     rss0 = rss_mb()
     t0 = time.perf_counter()
     model = lora_model(ckpt, rank=rank, alpha=2 * rank, dropout=0.05, dora=dora, dtype=dtype).to(dev)
@@ -128,7 +143,7 @@ def _child_step(ckpt: str, batch_size: int, max_length: int, rank: int, dora: bo
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     x = torch.randint(0, model.config.vocab_size, (batch_size, max_length), device=dev)
     t0 = time.perf_counter()
-    with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(dev, dtype=dtype, enabled=cuda and dtype != torch.float32):
         loss = model(input_ids=x, labels=x).loss
     loss.backward()
     opt.step()
@@ -155,13 +170,17 @@ def _in_subprocess(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def speed(size: str, batch: int, micro: int, length: int, rank: int, dora: bool, steps: int) -> dict:
-    return _in_subprocess(["speed", json.dumps([size, batch, micro, length, rank, dora, steps])])
+def speed(size: str, batch: int, micro: int, length: int, rank: int, dora: bool, steps: int,
+          threads: int | None = None) -> dict:
+    """Train `steps` steps of a `size` model in a fresh process; tokens/s (after the first step), peak RSS."""
+    return _in_subprocess(["speed", json.dumps([size, batch, micro, length, rank, dora, steps, threads])])
 
 
-def step_memory(ckpt: str, batch_size: int = 1, max_length: int = 512, rank: int = 64, dora: bool = True) -> dict:
-    """Peak memory of one LoRA/DoRA training step on checkpoint folder `ckpt`, measured in a fresh process."""
-    return _in_subprocess(["step", json.dumps([str(ckpt), batch_size, max_length, rank, dora])])
+def step_memory(ckpt: str, batch_size: int = 1, max_length: int = 512, rank: int = 64, dora: bool = True,
+                dtype: str | None = None) -> dict:
+    """Peak memory of one LoRA/DoRA training step on checkpoint folder `ckpt`, measured in a fresh process
+    (peak RSS; on a GPU also peak allocated GPU memory). dtype: "float32", "bfloat16" or None (default)."""
+    return _in_subprocess(["step", json.dumps([str(ckpt), batch_size, max_length, rank, dora, dtype])])
 
 
 def main() -> None:
@@ -174,20 +193,24 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("speed")
     sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    sp.add_argument("--only", choices=sorted(SIZES), default=None, help="one model size only")
     sm = sub.add_parser("step-memory")
     sm.add_argument("checkpoint")
     sm.add_argument("--batch-size", type=int, default=1)
     sm.add_argument("--max-length", type=int, default=512)
     sm.add_argument("--rank", type=int, default=64)
     sm.add_argument("--dora", action=argparse.BooleanOptionalAction, default=True)
+    sm.add_argument("--dtype", default=None, help="base dtype: float32 (CPU default) or bfloat16 (GPU default)")
     a = ap.parse_args()
     if a.cmd == "step-memory":
-        print(json.dumps(step_memory(a.checkpoint, a.batch_size, a.max_length, a.rank, a.dora), indent=2))
+        print(json.dumps(step_memory(a.checkpoint, a.batch_size, a.max_length, a.rank, a.dora, a.dtype), indent=2))
         return
     settings = [("demo", 64, 64, 64, 32, False), ("demo", 64, 64, 64, 32, True),
                 ("small", 8, 8, 256, 64, True), ("small", 8, 2, 256, 64, True)]
     for size, batch, micro, length, rank, dora in settings:
-        print(json.dumps(speed(size, batch, micro, length, rank, dora, a.steps)), flush=True)
+        if a.only in (None, size):
+            print(json.dumps(speed(size, batch, micro, length, rank, dora, a.steps, a.threads)), flush=True)
 
 
 if __name__ == "__main__":

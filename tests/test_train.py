@@ -156,8 +156,12 @@ def test_overwrite_with_checkpoints_starts_over(world, tmp_path):
             raise KeyboardInterrupt
 
     kw = dict(FAST, max_steps=4, save_every=2)
+    with pytest.raises(KeyboardInterrupt):  # before the first checkpoint: nothing to resume, nothing left
+        train(world / "base", world / "data.jsonl", tmp_path / "o", callback=lambda r: stop(dict(r, step=3)), **kw)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(KeyboardInterrupt):
         train(world / "base", world / "data.jsonl", tmp_path / "o", callback=stop, **kw)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.partial"]
     out = train(world / "base", world / "data.jsonl", tmp_path / "o", overwrite=True, **kw)
     ref = train(world / "base", world / "data.jsonl", tmp_path / "ref", **kw)
     a, b = adapter(out), adapter(ref)
@@ -214,6 +218,7 @@ def test_bad_arguments(world, tmp_path):
         (dict(rank=0), "rank=0"),
         (dict(eval_data=tmp_path / "missing.txt"), "missing.txt does not exist"),
         (dict(base=tmp_path / "nowhere"), "does not exist"),
+        (dict(out=world, overwrite=True), "overlaps the input"),  # would delete the data with the old output
     ]
     for change, match in cases:
         kw = dict(FAST, base=world / "base", data=data, out=tmp_path / "new", max_steps=1) | change

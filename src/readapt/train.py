@@ -219,8 +219,8 @@ def _load_checkpoint(acc, path: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     rng_file = path / f"rng-{acc.process_index}.pt"
     if rng_file.exists():  # absent when resuming with more processes than before
         rng = torch.load(rng_file, weights_only=True)
@@ -362,6 +362,10 @@ def train(
     base_path = resolve_model(base)
     if not (base_path / "config.json").exists():
         raise ReadaptError(f"{base_path} has no config.json: BASE must be a transformers causal-LM checkpoint")
+    for src in (base_path, *files, *eval_files):  # never write over (or delete, with --overwrite) an input
+        src = Path(src).expanduser().resolve()
+        if src == out.resolve() or out.resolve() in src.parents or src in out.resolve().parents:
+            raise ReadaptError(f"output folder {out} overlaps the input {src}; choose another -o")
 
     precision = _precision(precision)
     acc = Accelerator(mixed_precision=precision)
@@ -424,7 +428,7 @@ def train(
             raise ReadaptError(f"an interrupted run left checkpoints in {ckpt_dir}: pass --resume to continue it, "
                                f"or --overwrite to start over")
     if resume and latest:
-        saved = json.loads((ckpt_dir / "run.json").read_text())
+        saved = json.loads((ckpt_dir / "run.json").read_text()) if (ckpt_dir / "run.json").exists() else {}
         changed = [k for k in settings if saved.get(k) != settings[k]]
         if changed:
             raise ReadaptError(f"cannot resume from {latest}: these settings differ from the interrupted run: "
