@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--no-train", action="store_true", help="skip the training-step measurements")
     ap.add_argument("--no-dora-train", action="store_true", help="skip the DoRA training step (the heaviest run)")
-    ap.add_argument("--layers", type=int, default=8, help="model size (make_pair; the pair is reused if --work has one)")
+    ap.add_argument("--layers", type=int, default=8, help="model size (make_pair); a pair in --work is reused")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     a = ap.parse_args()

@@ -145,7 +145,8 @@ def test_grown_vocabulary_rows_follow_token_strings(tmp_path):
     for i, w in enumerate(VOCAB):  # old id i, new id j: the same token string
         j = ids2[w]
         assert (got["lm_head.weight"][j] - (new["lm_head.weight"][j] + head[i])).abs().max().item() == 0
-        assert (got["model.embed_tokens.weight"][j] - (new["model.embed_tokens.weight"][j] + emb[i])).abs().max().item() == 0
+        E = "model.embed_tokens.weight"
+        assert (got[E][j] - (new[E][j] + emb[i])).abs().max().item() == 0
     for w in EXTRA:  # new tokens: no patch
         assert torch.equal(got["lm_head.weight"][ids2[w]], new["lm_head.weight"][ids2[w]])
         assert torch.equal(got["model.embed_tokens.weight"][ids2[w]], new["model.embed_tokens.weight"][ids2[w]])
@@ -171,7 +172,7 @@ def test_missing_tokenizer_skips_vocabulary_rows_and_strict_refuses(tmp_path):
     report = port(ad, v2, tmp_path / "out", merge=True)
     st = statuses(report)
     assert st["lm_head.weight"] == "skipped" and st["model.layers.0.self_attn.v_proj.weight"] == "carried"
-    assert "tokenizer is missing" in report["modules"][[m["name"] for m in report["modules"]].index("lm_head.weight")]["why"]
+    assert "tokenizer is missing" in next(m["why"] for m in report["modules"] if m["name"] == "lm_head.weight")
     assert torch.equal(read_all(tmp_path / "out")["lm_head.weight"], read_all(v2)["lm_head.weight"])
     with pytest.raises(ReadaptError, match="--strict"):
         port(ad, v2, tmp_path / "strict", strict=True)
@@ -264,8 +265,8 @@ def test_refusals_leave_no_output(versions, tmp_path):
     shutil.copytree(ad, bad)
     from safetensors.torch import save_file
 
-    save_file({k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qq_proj"): v for k, v in read_all(ad).items()},
-              bad / "adapter_model.safetensors")
+    save_file({k.replace("layers.1.self_attn.q_proj", "layers.1.self_attn.qq_proj"): v
+               for k, v in read_all(ad).items()}, bad / "adapter_model.safetensors")
     cfg = json.loads((bad / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = None
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
@@ -293,7 +294,7 @@ def test_config_warnings_tied_embeddings_and_gemma(tmp_path):
     report = port(delta, v2, tmp_path / "out", merge=True)
     st = statuses(report)
     assert st["lm_head.weight"] == "skipped"
-    assert "ties lm_head" in [m for m in report["modules"] if m["name"] == "lm_head.weight"][0]["why"]
+    assert "ties lm_head" in next(m["why"] for m in report["modules"] if m["name"] == "lm_head.weight")
     assert st["model.embed_tokens.weight"] == "carried"
     text = " ".join(report["warnings"])
     assert "rope_parameters" in text and "tie_word_embeddings" in text
@@ -309,7 +310,8 @@ def test_config_warnings_tied_embeddings_and_gemma(tmp_path):
     assert rep["counts"]["skipped"] == 0 and rep["warnings"] == []
     got, W, D = read_all(tmp_path / "gout"), read_all(g2), read_all(gd)
     assert "lm_head.weight" not in got  # tied: one matrix
-    assert (got["model.embed_tokens.weight"] - (W["model.embed_tokens.weight"] + D["model.embed_tokens.weight"])).abs().max() == 0
+    E = "model.embed_tokens.weight"
+    assert (got[E] - (W[E] + D[E])).abs().max().item() == 0
 
 
 def test_cli(versions, tmp_path, capsys):

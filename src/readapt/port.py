@@ -166,7 +166,8 @@ class Vocab:
         shared = int((rows >= 0).sum())
         new_tokens = sum(1 for t, j in self.new.items() if j < n_new and (t not in self.old or self.old[t] >= n_old))
         self.stats = {"old_rows": n_old, "new_rows": n_new, "shared_tokens": shared, "new_tokens": new_tokens,
-                      "rows_without_token": n_new - shared - new_tokens, "old_rows_dropped": n_old - len(set(rows[rows >= 0].tolist())),
+                      "rows_without_token": n_new - shared - new_tokens,
+                      "old_rows_dropped": n_old - len(set(rows[rows >= 0].tolist())),
                       "old_tokenizer": self.old_from, "new_tokenizer": self.new_from}
         return rows
 
@@ -192,22 +193,23 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
         _VOCAB_NAME.search(name) is not None or new_shape[0] == new_cfg.get("vocab_size"))
     if is_vocab and vocab.load().old is not None and vocab.new is not None:
         if vocab.identical(shape[0], new_shape[0]):
-            return Item(name, new_name, "carried", "same shape, same tokens at the same ids" + renamed, shape, new_shape)
+            return Item(name, new_name, "carried", "same shape, same tokens at the same ids" + renamed, shape,
+                        new_shape)
         rows = vocab.rows(shape[0], new_shape[0])
         st = vocab.stats
-        return Item(name, new_name, "adjusted", f"vocabulary rows matched by token string: {st['shared_tokens']} shared "
-                    f"tokens carried, {st['new_tokens']} new tokens and {st['rows_without_token']} untokenised rows get "
-                    f"no patch, {st['old_rows_dropped']} old rows dropped" + renamed, shape, new_shape, rows)
+        return Item(name, new_name, "adjusted", f"vocabulary rows matched by token string: {st['shared_tokens']} "
+                    f"shared tokens carried, {st['new_tokens']} new tokens and {st['rows_without_token']} untokenised "
+                    f"rows get no patch, {st['old_rows_dropped']} old rows dropped" + renamed, shape, new_shape, rows)
     if shape == new_shape:
         note = " (tokenizers not compared: one is missing)" if is_vocab else ""
         return Item(name, new_name, "carried", "same shape" + renamed + note, shape, new_shape)
     if is_vocab:
-        missing = "old" if vocab.old is None else "new"
-        return Item(name, new_name, "skipped", f"the vocabulary changed ({shape[0]} -> {new_shape[0]} rows) and the {missing} "
-                    f"tokenizer is missing ({vocab.old_from if vocab.old is None else vocab.new_from}): rows cannot be "
-                    f"matched by token string", shape, new_shape)
-    return Item(name, new_name, "skipped", f"shape {list(shape or [])} in the patch but {list(new_shape)} in the new base",
-                shape, new_shape)
+        missing, where = ("old", vocab.old_from) if vocab.old is None else ("new", vocab.new_from)
+        return Item(name, new_name, "skipped", f"the vocabulary changed ({shape[0]} -> {new_shape[0]} rows) and the "
+                    f"{missing} tokenizer is missing ({where}): rows cannot be matched by token string",
+                    shape, new_shape)
+    return Item(name, new_name, "skipped",
+                f"shape {list(shape or [])} in the patch but {list(new_shape)} in the new base", shape, new_shape)
 
 
 def _config_warnings(old_cfg: dict | None, new_cfg: dict | None) -> list[str]:
@@ -300,15 +302,16 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     # -- match every tensor of the patch -------------------------------------------------------------------
     names = rekey(list(targets), new.names)
     vocab = Vocab([p for p in (old.path if old else None, patch_path) if p is not None], new.path)
-    base_copies = [n for n, m in getattr(src, "modules", {}).items() if set(m.parts) <= {"base_layer.weight", "base_layer.bias"}]
+    base_copies = [n for n, m in getattr(src, "modules", {}).items()
+                   if set(m.parts) <= {"base_layer.weight", "base_layer.bias"}]
     items = [_classify(n, s, new, names, vocab, new_cfg) for n, s in targets.items() if n not in base_copies]
     if kind != "delta":
         for it in items:
             parts = src.modules[it.name].parts
             full = any(p in ("weight", "bias") or p.startswith("modules_to_save") for p in parts)
             if it.status != "skipped" and full and old is None:
-                it.status, it.why = "skipped", ("a modules_to_save copy of the old tensor: its patch is (copy − old tensor); "
-                                                "pass --from OLD_BASE to carry it")
+                it.status, it.why = "skipped", ("a modules_to_save copy of the old tensor: its patch is "
+                                                "(copy − old tensor); pass --from OLD_BASE to carry it")
             elif it.status != "skipped" and full:
                 it.status, it.why = "adjusted", "modules_to_save copy: new tensor + (copy − old tensor); " + it.why
             elif it.status != "skipped" and "lora_magnitude_vector" in parts and old is not None:
@@ -319,11 +322,11 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
         warnings.append("the old base tied lm_head to embed_tokens, the new one has its own lm_head: the embed_tokens "
                         "patch is carried to embed_tokens only; the new lm_head gets no patch")
     if kind == "peft-dora" and old is None:
-        warnings.append("DoRA magnitudes carried verbatim: they are the old model's fine-tuned row norms and override the "
-                        "new base's; pass --from OLD_BASE to rescale them (m′ = m·‖W_new‖/‖W_old‖)")
+        warnings.append("DoRA magnitudes carried verbatim: they are the old model's fine-tuned row norms and override "
+                        "the new base's; pass --from OLD_BASE to rescale them (m′ = m·‖W_new‖/‖W_old‖)")
     if base_copies or any("base_layer.weight" in src.modules[it.name].parts for it in items if kind != "delta"):
-        warnings.append("PEFT's copies of the old base's embedding layers (base_layer.weight, saved when embeddings are "
-                        "targeted) are old weights, not part of the patch: not carried")
+        warnings.append("PEFT's copies of the old base's embedding layers (base_layer.weight, saved when embeddings "
+                        "are targeted) are old weights, not part of the patch: not carried")
     report = {
         "readapt_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -415,7 +418,8 @@ def _write_peft(folder: Path, src: PeftAdapter, items: list[Item], new: Checkpoi
                     t = remap_rows(t, it.rows, dim=1)  # A: r×vocab, columns are tokens
                 elif it.rows is not None and not embedding and part in ("lora_B.weight", "lora_B.bias"):
                     if src.config.get("fan_in_fan_out"):
-                        raise ReadaptError(f"{src.path}: vocabulary remapping of fan_in_fan_out layer {mod.name} is not supported")
+                        raise ReadaptError(f"{src.path}: vocabulary rows of the fan_in_fan_out layer {mod.name} "
+                                           f"cannot be remapped (not supported)")
                     t = remap_rows(t, it.rows)  # B: vocab×r, rows are tokens
                 else:
                     t = t.clone()
@@ -441,7 +445,8 @@ def _write_peft(folder: Path, src: PeftAdapter, items: list[Item], new: Checkpoi
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _dora_magnitude(m: torch.Tensor, it: Item, new: Checkpoint, old: Checkpoint | None, embedding: bool) -> torch.Tensor:
+def _dora_magnitude(m: torch.Tensor, it: Item, new: Checkpoint, old: Checkpoint | None,
+                    embedding: bool) -> torch.Tensor:
     """m′ = m ⊙ ‖W_new‖ / ‖W_old‖ (old base known) or m (unknown); rows of new tokens: m′ = ‖W_new‖ (no change).
     Norms as PEFT's DoRA takes them: per output row of a Linear W (out×in), per column of an embedding (vocab×dim)."""
     dim = 0 if embedding else 1
@@ -522,7 +527,8 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
     old_of = {v: k for k, v in names.items()}
     per_tensor: dict[str, dict] = {}
     acc: dict[str, list[float]] = {}  # layer -> [‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩]
-    floats = [n for n in new.names if n in old_of and new.dtype(n).is_floating_point and old.dtype(old_of[n]).is_floating_point]
+    floats = [n for n in new.names
+              if n in old_of and new.dtype(n).is_floating_point and old.dtype(old_of[n]).is_floating_point]
     with progress(sum(new.infos[n].end - new.infos[n].start for n in floats), "drift") as bar:
         for n in floats:
             it = items.get(n)
@@ -584,8 +590,8 @@ def summary(report: dict) -> str:
         lines.append(f"  ... {len(rest) - 40} more adjusted/skipped tensors in {REPORT}")
     v = report.get("vocabulary")
     if v:
-        lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens carried, "
-                     f"{v['new_tokens']} new tokens without patch")
+        lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens "
+                     f"carried, {v['new_tokens']} new tokens without patch")
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
     d = report.get("drift")
@@ -594,7 +600,8 @@ def summary(report: dict) -> str:
                      f"{_fmt(d['total']['patch_to_drift'])}, cos {_fmt(d['total']['cos_patch_drift'])}")
         lines.append(f"    {'layer':28s} {'drift':>9s} {'patch/drift':>12s} {'cos':>9s}")
         for k, r in d["layers"].items():
-            lines.append(f"    {k:28s} {_fmt(r['drift']):>9s} {_fmt(r['patch_to_drift']):>12s} {_fmt(r['cos_patch_drift']):>9s}")
+            lines.append(f"    {k:28s} {_fmt(r['drift']):>9s} {_fmt(r['patch_to_drift']):>12s} "
+                         f"{_fmt(r['cos_patch_drift']):>9s}")
     if report.get("output"):
         lines.append(f"  wrote {report['output']['path']} (details: {REPORT})")
     return "\n".join(lines)
