@@ -302,6 +302,12 @@ def test_config_warnings_tied_embeddings_and_gemma(tmp_path):
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a loadable model folder
 
+    t1 = save_tiny(tmp_path / "t1", "llama", tie_word_embeddings=True)  # tied v1 -> untied v1 (the other way)
+    td = extract(t1, perturb(t1, tmp_path / "ti", scale=0.02, seed=3), tmp_path / "td")
+    rep = port(td, v1, tmp_path / "untied", merge=True)
+    assert any("the new lm_head gets no patch" in w for w in rep["warnings"])
+    assert torch.equal(read_all(tmp_path / "untied")["lm_head.weight"], read_all(v1)["lm_head.weight"])
+
     g1 = save_tiny(tmp_path / "g1", "gemma2")
     g2 = perturb(g1, tmp_path / "g2", scale=0.05, seed=6)
     gi = perturb(g1, tmp_path / "gi", scale=0.02, seed=7)
