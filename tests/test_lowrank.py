@@ -93,6 +93,20 @@ def test_bad_rule_is_refused(kw):
         factorize(torch.randn(4, 4), **kw)
 
 
+def test_cuda_device(pair, tmp_path):
+    root, base, tuned = pair
+    if not torch.cuda.is_available():
+        with pytest.raises(ReadaptError, match="no CUDA GPU"):
+            extract_lowrank(base, tuned, tmp_path / "gpu", rank=2, device="cuda")
+        return
+    D = torch.randn(300, 120, generator=torch.Generator().manual_seed(0))
+    for svd in ("exact", "gram", "randomized"):
+        f = factorize(D.cuda(), rank=7, svd=svd)
+        optimum = float(torch.linalg.svdvals(D.double())[7:].square().sum().sqrt())
+        assert float((D.double() - (f.B @ f.A).double().cpu()).norm()) <= 1.01 * optimum
+    extract_lowrank(base, tuned, tmp_path / "gpu", tau=0.5, device="cuda")
+
+
 def test_randomized_needs_a_fixed_rank():
     with pytest.raises(ReadaptError, match="randomized needs a fixed --rank"):
         factorize(torch.randn(4, 4), tau=0.5, svd="randomized")
@@ -305,7 +319,8 @@ def test_spectrum_report(pair):
     root, base, tuned = pair
     out = root / "spec"
     report = spectrum(base, tuned, out, tau=0.5)
-    assert {p.name for p in out.iterdir()} == {"spectrum.json", "spectrum.safetensors", "figure2.png", "figure3.png"}
+    assert {p.name for p in out.iterdir()} == {"spectrum.json", "spectrum.safetensors", "figure2.png", "figure3.png",
+                                              "README.md"}
     sig = load_file(out / "spectrum.safetensors")
     T, B = read_all(tuned), read_all(base)
     name = "model.layers.1.self_attn.o_proj.weight"

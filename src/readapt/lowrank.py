@@ -703,6 +703,13 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
                    metadata={"readapt": "spectrum"})
         (tmp / "spectrum.json").write_text(json.dumps(report, indent=2) + "\n")
         _plot(tmp, entries, spectra, report, tau, layers)
+        (tmp / "README.md").write_text(
+            f"# Spectrum of a RE-Adapter (readapt {__version__})\n\nSource: {json.dumps(provenance)}; SVD: {svd}.\n\n"
+            f"    {summary(report).replace(chr(10), chr(10) + '    ')}\n\n"
+            f"- `spectrum.json`: per tensor k(τ), retained energy v_k, parameters kept k·(m+n); `tau_grid`: the "
+            f"whole model's share of parameters kept at each τ\n- `spectrum.safetensors`: σ of every tensor\n"
+            f"- `figure2.png`: v_k against k (cf. RE-Adapt Figure 2); `figure3.png`: parameters kept against τ "
+            f"(cf. Figure 3)\n")
     return report
 
 
@@ -720,6 +727,7 @@ def _plot(folder: Path, entries: list[Entry], spectra: dict, report: dict, tau: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     # Figure 2: cumulative explained variance v_k against k, one panel per module type, a few depths
     with_layer = [(e, _layer_of(e.name)) for e in entries if e.name in spectra]
@@ -747,6 +755,8 @@ def _plot(folder: Path, entries: list[Entry], spectra: dict, report: dict, tau: 
         ax.set_xlabel("rank k")
         ax.set_ylabel("explained variance v_k")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(types):]:
         ax.axis("off")
