@@ -6,9 +6,10 @@
 
 `speed` builds models from a config (no downloads) and word-level text, then times `readapt.train.train`
 in a fresh subprocess per setting, so that the peak RSS (ru_maxrss) belongs to that run alone:
-  demo    the demo world's model: Llama, 4 layers, hidden 128, MLP 512, vocab 256, tied (~0.8M parameters);
+  demo    the demo world's model: Llama, 4 layers, hidden 128, MLP 512, vocab 256, tied (1.1M parameters);
           batch 64 x 64 tokens, rank 32 (LoRA and DoRA), as the demo trains its knowledge adapter
-  small   Llama, 8 layers, hidden 512, MLP 1408, vocab 8192 (~30M parameters); batch 8 x 256, rank 64 DoRA
+  small   Llama, 8 layers, hidden 512, MLP 1408, vocab 8192 (34M parameters); batch 8 x 256, rank 64 DoRA,
+          whole batch at once / micro-batches of 2 / gradient checkpointing
 
 `step-memory CKPT` measures ONE LoRA/DoRA training step (forward, backward, AdamW step) with batch 1 and
 max length 512 on a checkpoint folder: the memory a fine-tune of that checkpoint needs at the least, to be
@@ -85,7 +86,7 @@ def corpus(path: Path, vocab: int, n_tokens: int, seed: int = 0) -> Path:
 
 
 def _child_speed(size: str, batch: int, micro: int, length: int, rank: int, dora: bool, steps: int,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, checkpointing: bool = False) -> dict:
     import torch
 
     if threads:
@@ -103,13 +104,15 @@ def _child_speed(size: str, batch: int, micro: int, length: int, rank: int, dora
         rss0 = rss_mb()
         t0 = time.perf_counter()
         out = train(base, data, tmp / "out", rank=rank, alpha=2 * rank, dora=dora, lr=2e-3, max_steps=steps,
-                    batch_size=batch, micro_batch_size=micro, max_length=length, save_every=None, quiet=True)
+                    batch_size=batch, micro_batch_size=micro, max_length=length, save_every=None, quiet=True,
+                    gradient_checkpointing=checkpointing)
         wall = time.perf_counter() - t0
         log = [json.loads(l) for l in (out / "training_log.jsonl").read_text().splitlines()]
     steady = [r["tokens_per_s"] for r in log[1:]]  # the first step warms up
     tps = len(steady) / sum(1 / t for t in steady)  # harmonic mean = total tokens / total time
     return {"size": size, "parameters": params, "batch": batch, "micro_batch": micro, "max_length": length,
-            "rank": rank, "dora": dora, "steps": steps, "threads": torch.get_num_threads(),
+            "rank": rank, "dora": dora, "gradient_checkpointing": checkpointing, "steps": steps,
+            "threads": torch.get_num_threads(),
             "tokens_per_s": round(tps), "s_per_step": round(batch * length / tps, 4),
             "wall_s_incl_setup": round(wall, 2), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
             "rss_before_train_mb": round(rss0), "peak_rss_mb": round(peak_rss_mb()),
@@ -171,9 +174,10 @@ def _in_subprocess(args: list[str]) -> dict:
 
 
 def speed(size: str, batch: int, micro: int, length: int, rank: int, dora: bool, steps: int,
-          threads: int | None = None) -> dict:
+          threads: int | None = None, checkpointing: bool = False) -> dict:
     """Train `steps` steps of a `size` model in a fresh process; tokens/s (after the first step), peak RSS."""
-    return _in_subprocess(["speed", json.dumps([size, batch, micro, length, rank, dora, steps, threads])])
+    args = [size, batch, micro, length, rank, dora, steps, threads, checkpointing]
+    return _in_subprocess(["speed", json.dumps(args)])
 
 
 def step_memory(ckpt: str, batch_size: int = 1, max_length: int = 512, rank: int = 64, dora: bool = True,
@@ -206,11 +210,14 @@ def main() -> None:
     if a.cmd == "step-memory":
         print(json.dumps(step_memory(a.checkpoint, a.batch_size, a.max_length, a.rank, a.dora, a.dtype), indent=2))
         return
-    settings = [("demo", 64, 64, 64, 32, False), ("demo", 64, 64, 64, 32, True),
-                ("small", 8, 8, 256, 64, True), ("small", 8, 2, 256, 64, True)]
-    for size, batch, micro, length, rank, dora in settings:
+    # size, batch, micro-batch, block, rank, DoRA, gradient checkpointing
+    settings = [("demo", 64, 64, 64, 32, False, False), ("demo", 64, 64, 64, 32, True, False),
+                ("small", 8, 8, 256, 64, True, False), ("small", 8, 2, 256, 64, True, False),
+                ("small", 8, 8, 256, 64, True, True)]
+    for size, batch, micro, length, rank, dora, ckpt in settings:
         if a.only in (None, size):
-            print(json.dumps(speed(size, batch, micro, length, rank, dora, a.steps, a.threads)), flush=True)
+            r = speed(size, batch, micro, length, rank, dora, a.steps, a.threads, ckpt)
+            print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":
