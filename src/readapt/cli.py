@@ -259,6 +259,8 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
                    help="auto: accelerate's configured mixed precision, else bf16 on GPUs that support it")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, ~1/3 more compute")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
 
     def run(a):
@@ -269,7 +271,8 @@ def _add_train(sub) -> None:
             epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
             max_length=a.max_length, warmup_steps=a.warmup_steps, seed=a.seed, eval_data=a.eval_data,
             save_every=a.save_every or None, checkpoint_dir=a.checkpoint_dir, resume=a.resume,
-            overwrite=a.overwrite, precision=a.precision, quiet=a.quiet,
+            overwrite=a.overwrite, precision=a.precision, gradient_checkpointing=a.gradient_checkpointing,
+            quiet=a.quiet,
         )
 
     p.set_defaults(func=run)
