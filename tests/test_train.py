@@ -93,7 +93,7 @@ def test_loss_falls_log_card_and_peft_reload(world, tmp_path):
     linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert sorted(m.rsplit(".", 1)[-1] for m in cfg["target_modules"]) == sorted(linear * 2)  # not lm_head
     card = (out / "README.md").read_text()
-    assert "data.jsonl" in card and "12 of 4 blocks" in card and f"{12 * 4 * 16:,} tokens seen" in card
+    assert "data.jsonl" in card and "12 optimizer steps of 4 blocks" in card and f"{12 * 4 * 16:,} tokens seen" in card
     assert f"{evals[1]['eval_loss']:.4f}" in card
 
     # the saved adapter, reloaded by PEFT alone, scores the held-out text exactly as the trained model did

@@ -570,8 +570,8 @@ def _model_card(settings: dict, records: list[dict], n_blocks: int, n_tokens: in
         f"{n_tokens:,} tokens in {n_blocks:,} blocks of {s['max_length']} tokens (documents joined with EOS); "
         f"sha256 of the token blocks `{s['data_sha256'][:16]}`.", "",
         "## Training", "",
-        f"- steps: {counters['step']} of {s['batch_size']} blocks ({counters['tokens']:,} tokens seen, "
-        f"{counters['step'] * s['batch_size'] / n_blocks:.2f} epochs)",
+        f"- {counters['step']} optimizer steps of {s['batch_size']} blocks: {counters['tokens']:,} tokens seen, "
+        f"{counters['step'] * s['batch_size'] / n_blocks:.2f} epochs",
         f"- {kind}: r={s['rank']}, lora_alpha={s['alpha']}, dropout={s['dropout']}, target modules "
         f"{s['target_modules']}",
         f"- AdamW lr={s['lr']}, weight decay {s['weight_decay']}, linear schedule with {s['warmup_steps']} warmup "
