@@ -1,6 +1,6 @@
 """LoRE-Adapt benchmarks on the synthetic 168M-parameter float32 Llama pair (benchmarks/make_pair.py).
 
-    python benchmarks/bench_lowrank.py svd       [--work DIR] [--rank 32] [--tau 0.5]
+    python benchmarks/bench_lowrank.py svd       [--work DIR] [--rank 32] [--tau 0.5] [--layers N]
     python benchmarks/bench_lowrank.py mergekit  [--work DIR] [--mergekit /work/mk-venv/bin/mergekit-extract-lora]
 
 svd: per 2-D tensor of Δ = INSTRUCT − BASE, time of each factorization path (exact torch.linalg.svd, gram,
@@ -51,7 +51,7 @@ def matrices(base: Path, inst: Path):
             yield n, difference(t, b, n)
 
 
-def bench_svd(work: Path, rank: int, tau: float) -> dict:
+def bench_svd(work: Path, rank: int, tau: float, layers: int | None = None) -> dict:
     from readapt.lowrank import factorize, rank_at
 
     base, inst = ensure_pair(work)
@@ -62,6 +62,8 @@ def bench_svd(work: Path, rank: int, tau: float) -> dict:
     tau_same, tau_total, tau_t = 0, 0, {"exact": 0.0, "gram": 0.0}
     rows = []
     for name, D in matrices(base, inst):
+        if layers is not None and ".layers." in name and int(name.split(".layers.")[1].split(".")[0]) >= layers:
+            continue
         row = {"tensor": name, "shape": list(D.shape)}
         sigma = None
         for m in methods:
@@ -182,10 +184,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "_work" / "lowrank")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--tau", type=float, default=0.5)
+    ap.add_argument("--layers", type=int, default=None, help="svd: only decoder layers below this (and "
+                    "embeddings, lm_head); default all")
     ap.add_argument("--mergekit", default="/work/mk-venv/bin/mergekit-extract-lora")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    res = bench_svd(a.work, a.rank, a.tau) if a.part == "svd" else bench_mergekit(a.work, a.rank, a.mergekit)
+    res = bench_svd(a.work, a.rank, a.tau, a.layers) if a.part == "svd" else bench_mergekit(a.work, a.rank, a.mergekit)
     (a.work / f"bench_lowrank_{a.part}.json").write_text(json.dumps(res, indent=2) + "\n")
 
 
