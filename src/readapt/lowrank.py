@@ -16,8 +16,9 @@ How each kind of tensor is carried (flags of `extract`/`compress`; defaults firs
     embeddings          lowrank (lora_embedding_A/B) | dense | skip
     lm_head             lowrank (lora_A/B on lm_head) | dense | skip      (tied to the embeddings: the
                         shared matrix is counted and written once, on the embeddings; see TIED below)
-    norms, other 1-D    dense | skip       dense = PEFT `modules_to_save` (the tuned values; PEFT applies
-                        them and merge_and_unload merges them)
+    norms, other        dense | skip       dense = PEFT `modules_to_save` (the tuned values; PEFT applies
+    parameters          them and merge_and_unload merges them). "Other" = any parameter that is not an
+                        nn.Linear / nn.Embedding weight or a Linear bias (told apart on the model class).
     linear biases       dense | skip       dense = PEFT `bias="lora_only"`: the tuned bias of each LoRA
                         module is saved as `<module>.base_layer.bias`, which PEFT loads into the layer
                         (mergekit writes `lora_B.bias` without `lora_bias`, which PEFT silently drops).
@@ -308,7 +309,10 @@ class Policy:
 
 
 def _device(device: str | None) -> torch.device:
-    dev = torch.device(device or "cpu")
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:
+        raise ReadaptError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ReadaptError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
     return dev
