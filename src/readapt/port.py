@@ -27,6 +27,9 @@ Outputs: a retargeted PEFT adapter folder (or a delta folder for a delta patch),
 complete model folder θ′ + P written by `readapt.merge.merge`; every output holds `port_report.json`.
 With an explicit old base the report adds the version drift ‖θ′ − θ‖/‖θ‖ per tensor and per layer, the
 patch's norm relative to the drift and cos(P, θ′ − θ), streamed one tensor at a time.
+
+Memory: no model is ever loaded; one tensor of the new base (with --from also its old counterpart) and
+one patch tensor are in memory at a time, so a port costs a merge, not a fine-tune (benchmarks/bench_port.py).
 """
 
 from __future__ import annotations
