@@ -345,3 +345,24 @@ def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, 
         assert torch.equal(whole[1][n], torch.lerp(b[n].float(), t[n].float(), 0.5).to(dtype))
         two = b[n].float().add_(d[n].mul(0.5).add_(t[n].float() - b[n].float(), alpha=0.25))
         assert torch.equal(whole[2][n], two.to(dtype))
+
+
+def test_untouched_tensors_are_copied_in_blocks(tmp_path, monkeypatch):
+    """A LoRA touching two modules: every other tensor is copied byte for byte, block by block, and a
+    NaN found in a copied base tensor is still refused."""
+    import importlib
+
+    from safetensors.torch import load_file, save_file
+
+    ck = importlib.import_module("readapt.checkpoint")
+    monkeypatch.setattr(ck, "COPY_BLOCK", 24)
+    base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
+    got = read_all(readapt.merge(base, tmp_path / "out", [(adapter, 1.0)]))
+    want = _peft_merged(base, adapter)
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    sd = load_file(base / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ReadaptError, match="'model.layers.1.mlp.up_proj.weight' has NaN/Inf"):
+        readapt.merge(base, tmp_path / "out2", [(adapter, 1.0)])
+    assert not (tmp_path / "out2").exists()

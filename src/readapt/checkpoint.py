@@ -211,6 +211,11 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(i.end - i.start for i in self.infos.values())
 
+    def stored(self, name: str) -> torch.Tensor | TensorInfo:
+        """What `write_tensors` needs to copy `name` unchanged: its location (safetensors, copied in
+        blocks without loading it) or, for pickled checkpoints, the tensor."""
+        return self.read(name) if self.pickled else self.infos[name]
+
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name`, in a fresh buffer the caller owns (safe to modify in place)."""
         info = self.infos[name]
@@ -301,7 +306,24 @@ def shard_plan(plan: Plan, max_shard_bytes: int) -> list[list[tuple[str, torch.d
     return shards
 
 
-def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.Tensor]], *,
+COPY_BLOCK = 1 << 24  # bytes per block when a stored tensor is copied unchanged
+
+
+def _blocks(info: TensorInfo) -> Iterator[torch.Tensor]:
+    """A stored safetensors tensor as 1-D blocks of at most COPY_BLOCK bytes, read into one reused buffer."""
+    buf = torch.empty(min(COPY_BLOCK, info.end - info.start), dtype=torch.uint8)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        left = info.end - info.start
+        while left:
+            view = buf[: min(left, buf.numel())]
+            if f.readinto(view.numpy()) != view.numel():
+                raise ReadaptError(f"{info.file} was truncated while copying a tensor")
+            left -= view.numel()
+            yield view.view(info.dtype)
+
+
+def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.Tensor | TensorInfo]], *,
                   prefix: str = "model", max_shard_size: int | str = "5GB",
                   metadata: dict[str, str] | None = None) -> list[Path]:
     """Stream `tensors` (in `plan` order, matching its dtypes and shapes) into safetensors shards.
@@ -309,7 +331,8 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
     One shard -> `{prefix}.safetensors`; several -> `{prefix}-0000i-of-0000n.safetensors` plus
     `{prefix}.safetensors.index.json` (the layout transformers and peft load). Each shard's header is
     written first from the plan, then each tensor's bytes as it arrives: one tensor in memory at a time.
-    Non-finite values raise ReadaptError naming the tensor.
+    A TensorInfo instead of a tensor (`Checkpoint.stored`) is copied unchanged from its file in 16 MB
+    blocks. Non-finite values raise ReadaptError naming the tensor.
     """
     folder = Path(folder)
     shards = shard_plan(plan, parse_size(max_shard_size))
@@ -334,10 +357,12 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
                 if got_name != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
                     raise RuntimeError(f"writer expected {name} {dtype} {list(shape)}, got {got_name} "
                                        f"{t.dtype} {list(t.shape)}")  # a bug in the job, not user input
-                if not is_finite(t):
-                    raise ReadaptError(f"tensor {name!r} has NaN/Inf values in the output; nothing was written. "
-                                       f"Check the inputs and scales (a NaN in an input tensor propagates).")
-                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+                blocks = _blocks(t) if isinstance(t, TensorInfo) else [t.contiguous().view(-1)]
+                for block in blocks:
+                    if not is_finite(block):
+                        raise ReadaptError(f"tensor {name!r} has NaN/Inf values; nothing was written. Check the "
+                                           f"inputs and scales (a NaN in an input tensor propagates).")
+                    f.write(block.view(torch.uint8).numpy().data)
                 weight_map[name] = fname
         total += offset
     if len(shards) > 1:

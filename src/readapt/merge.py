@@ -27,8 +27,8 @@ import torch
 
 from readapt import __version__
 from readapt.adapters import PeftAdapter, is_peft_folder
-from readapt.checkpoint import (Checkpoint, copy_side_files, is_finite, output_folder, parse_dtype, progress,
-                                resolve_model, write_tensors)
+from readapt.checkpoint import (Checkpoint, TensorInfo, copy_side_files, is_finite, output_folder, parse_dtype,
+                                progress, resolve_model, write_tensors)
 from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, shared_tensors
 from readapt.errors import ReadaptError
 
@@ -92,15 +92,22 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
 
 
 def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
-                dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                dtype: torch.dtype | None = None, copy_untouched: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor | TensorInfo]]:
     """Yield (name, Ω[name]) for every base tensor, Ω = Φ + Σ sᵢ·Ψᵢ in float32, cast to `dtype`
-    (default: each tensor's own dtype). One base tensor and one addend tensor in memory at a time."""
+    (default: each tensor's own dtype). One base tensor and one addend tensor in memory at a time.
+    With copy_untouched, a tensor no addend touches (and no cast changes) is yielded as its location,
+    which write_tensors copies in blocks without loading it."""
     touched = [(a, s, set(a.targets())) for a, s in addends]
     for name in base.names:
-        raw = base.read(name)
         terms = [(a, s) for a, s, names in touched if name in names]
-        if not terms or not raw.is_floating_point():
-            yield name, raw if dtype is None or not raw.is_floating_point() else raw.to(dtype)
+        floating = base.dtype(name).is_floating_point
+        if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
+            yield name, base.stored(name) if copy_untouched else base.read(name)
+            continue
+        raw = base.read(name)
+        if not terms or not floating:
+            yield name, raw if not floating else raw.to(dtype)
             continue
         out_dtype = dtype or raw.dtype
         if all(hasattr(a, "stored") for a, _ in terms):
@@ -196,7 +203,7 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
 
     def tensors():
         with progress(b.nbytes, "merge") as bar:
-            for name, t in iter_merged(b, addends, out_dtype):
+            for name, t in iter_merged(b, addends, out_dtype, copy_untouched=True):
                 bar.update(b.infos[name].end - b.infos[name].start)
                 yield name, t
 
