@@ -325,14 +325,15 @@ def _blocks(info: TensorInfo) -> Iterator[torch.Tensor]:
 
 def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.Tensor | TensorInfo]], *,
                   prefix: str = "model", max_shard_size: int | str = "5GB",
-                  metadata: dict[str, str] | None = None) -> list[Path]:
+                  metadata: dict[str, str] | None = None, check_finite: bool = True) -> list[Path]:
     """Stream `tensors` (in `plan` order, matching its dtypes and shapes) into safetensors shards.
 
     One shard -> `{prefix}.safetensors`; several -> `{prefix}-0000i-of-0000n.safetensors` plus
     `{prefix}.safetensors.index.json` (the layout transformers and peft load). Each shard's header is
     written first from the plan, then each tensor's bytes as it arrives: one tensor in memory at a time.
     A TensorInfo instead of a tensor (`Checkpoint.stored`) is copied unchanged from its file in 16 MB
-    blocks. Non-finite values raise ReadaptError naming the tensor.
+    blocks. Non-finite values raise ReadaptError naming the tensor (check_finite=False: the caller
+    checked the tensors it computed; copied blocks are always checked).
     """
     folder = Path(folder)
     shards = shard_plan(plan, parse_size(max_shard_size))
@@ -357,9 +358,9 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
                 if got_name != name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
                     raise RuntimeError(f"writer expected {name} {dtype} {list(shape)}, got {got_name} "
                                        f"{t.dtype} {list(t.shape)}")  # a bug in the job, not user input
-                blocks = _blocks(t) if isinstance(t, TensorInfo) else [t.contiguous().view(-1)]
-                for block in blocks:
-                    if not is_finite(block):
+                copied = isinstance(t, TensorInfo)
+                for block in _blocks(t) if copied else [t.contiguous().view(-1)]:
+                    if (copied or check_finite) and not is_finite(block):
                         raise ReadaptError(f"tensor {name!r} has NaN/Inf values; nothing was written. Check the "
                                            f"inputs and scales (a NaN in an input tensor propagates).")
                     f.write(block.view(torch.uint8).numpy().data)

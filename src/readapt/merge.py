@@ -106,33 +106,35 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
             yield name, base.stored(name) if copy_untouched else base.read(name)
             continue
         raw = base.read(name)
-        if not terms or not floating:
-            yield name, raw if not floating else raw.to(dtype)
-            continue
-        out_dtype = dtype or raw.dtype
-        if all(hasattr(a, "stored") for a, _ in terms):
-            W = _elementwise(name, raw, terms, out_dtype)
+        if not terms or not floating:  # a cast only
+            W = raw if not floating else raw.to(dtype)
+        elif all(hasattr(a, "stored") for a, _ in terms):
+            W = _elementwise(name, raw, terms, dtype or raw.dtype)  # finite-checked block by block
         else:
-            W = raw.float()  # Φ in float32 (a fresh buffer)
+            out_dtype = dtype or raw.dtype
+            W = raw.float()  # Φ in float32 (a fresh buffer unless it already was float32)
             del raw
             W = _apply(name, W, terms)
-        if not is_finite(W):
+            W = W.to(out_dtype) if is_finite(W) else None
+        if W is None or not terms and not is_finite(W):
             if not is_finite(base.read(name)):
                 raise ReadaptError(f"tensor {name!r} of the base checkpoint {base.path} has NaN/Inf values")
-            raise ReadaptError(f"tensor {name!r} has NaN/Inf after adding {', '.join(a.label for a, _ in terms)} "
-                               f"(check the adapter and its scale); nothing was written")
-        yield name, W.to(out_dtype)
+            cause = f"adding {', '.join(a.label for a, _ in terms)}" if terms else f"casting to {dtype}"
+            raise ReadaptError(f"tensor {name!r} has NaN/Inf after {cause} (check the adapter, scale and dtype); "
+                               f"nothing was written")
+        yield name, W
 
 
-BLOCK = 1 << 22  # elements per float32 work block (16 MB)
+BLOCK = 1 << 20  # elements per float32 work block (4 MB: stays in cache while it is checked)
 
 
 def _elementwise(name: str, raw: torch.Tensor, terms: Sequence[tuple[Addend, float]],
-                 out_dtype: torch.dtype) -> torch.Tensor:
+                 out_dtype: torch.dtype) -> torch.Tensor | None:
     """`_apply` for addends stored elementwise (delta folders: Ψ = D; checkpoints: Ψ = Φ′ − Φ), in
     float32 blocks of BLOCK elements with the same operations in the same order. Memory is the base,
     the addends' tensors and the output in their own dtypes (3× a bf16 tensor for base + instruct),
-    instead of float32 copies of each (5×); a float32 base is updated in place (2×)."""
+    instead of float32 copies of each (5×); a float32 base is updated in place (2×). None if a block
+    is not finite."""
     stored = [(a.stored(name).view(-1), s, a.kind == "checkpoint") for a, s in terms]
     out = raw if raw.dtype == out_dtype == torch.float32 else torch.empty(raw.shape, dtype=out_dtype)
     src, dst = raw.view(-1), out.view(-1)
@@ -151,6 +153,8 @@ def _elementwise(name: str, raw: torch.Tensor, terms: Sequence[tuple[Addend, flo
             W = W.add_(acc)
         if W.data_ptr() != dst[i:i + BLOCK].data_ptr():
             dst[i:i + BLOCK] = W
+        if not is_finite(dst[i:i + BLOCK]):  # checked in the output dtype, while the block is in cache
+            return None
     return out
 
 
@@ -208,7 +212,8 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
                 yield name, t
 
     with output_folder(out, overwrite, inputs=inputs) as tmp:
-        write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size, metadata={"readapt": "merge"})
+        write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size, metadata={"readapt": "merge"},
+                      check_finite=False)  # iter_merged checks what it computes
         copy_side_files(b.path, tmp)
         if out_dtype is not None and (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
