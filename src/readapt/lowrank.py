@@ -107,6 +107,11 @@ def energy_of(d: torch.Tensor, block: int = 1 << 22) -> float:
     return sum(float(c.double().square().sum()) for c in d.reshape(-1).split(block))
 
 
+def all_finite(d: torch.Tensor, block: int = 1 << 22) -> bool:
+    """No NaN/Inf in d (checked in blocks: no full-size boolean mask)."""
+    return all(bool(torch.isfinite(c).all()) for c in d.reshape(-1).split(block))
+
+
 def numerical_rank(sigma: torch.Tensor, shape: Sequence[int]) -> int:
     """Singular values above σ₁·max(m, n)·ε(float32) (LAPACK's rank cutoff): the rest is rounding noise."""
     if sigma.numel() == 0 or float(sigma[0]) == 0.0:
@@ -339,7 +344,7 @@ def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of
         with progress(sum(nbytes(e.name) for e in todo), "lowrank") as bar:
             for e in todo:
                 d = delta_of(e.name)  # float32 Δ, one tensor in memory
-                if not bool(torch.isfinite(d).all()):
+                if not all_finite(d):
                     raise ReadaptError(f"tensor {e.name!r} has NaN/Inf values in the delta (they come from the "
                                        f"inputs); nothing was written")
                 bar.update(nbytes(e.name))
@@ -479,7 +484,7 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
                 verify=verify, config=config)
 
 
-def difference(tuned: Checkpoint, base: Checkpoint, name: str, block_bytes: int = 1 << 26) -> torch.Tensor:
+def difference(tuned: Checkpoint, base: Checkpoint, name: str, block_bytes: int = 1 << 24) -> torch.Tensor:
     """Δ = Θ − Φ in float32, with Φ read in blocks of rows (peak: Δ plus one block, not two full tensors)."""
     D = tuned.read(name).float()
     info = base.infos[name]
@@ -679,7 +684,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
             if e.policy == "skip":
                 continue
             D = delta_of(e.name)
-            if not bool(torch.isfinite(D).all()):
+            if not all_finite(D):
                 raise ReadaptError(f"tensor {e.name!r} has NaN/Inf values in the delta (in the inputs)")
             e.energy = energy_of(D)
             if e.policy == "dense":
