@@ -10,6 +10,8 @@ in a fresh subprocess per setting, so that the peak RSS (ru_maxrss) belongs to t
           batch 64 x 64 tokens, rank 32 (LoRA and DoRA), as the demo trains its knowledge adapter
   small   Llama, 8 layers, hidden 512, MLP 1408, vocab 8192 (34M parameters); batch 8 x 256, rank 64 DoRA,
           whole batch at once / micro-batches of 2 / gradient checkpointing
+  1b      (only with --only 1b, meant for a GPU) TinyLlama-1.1B's shape; batch 20 x 1024 in micro-batches of
+          4, DoRA r=64, gradient checkpointing: the paper's setting
 
 `step-memory CKPT` measures ONE LoRA/DoRA training step (forward, backward, AdamW step) with batch 1 and
 max length 512 on a checkpoint folder: the memory a fine-tune of that checkpoint needs at the least, to be
@@ -35,6 +37,9 @@ SIZES = {
                  num_key_value_heads=4, tie_word_embeddings=True),
     "small": dict(vocab=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, tie_word_embeddings=False),
+    # TinyLlama-1.1B's shape: for a GPU (`--only 1b`); the paper's setting, batch 20 x 1024, DoRA r=64
+    "1b": dict(vocab=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, tie_word_embeddings=False),
 }
 
 
@@ -58,7 +63,7 @@ def build(folder: Path, size: str, max_length: int, seed: int = 0) -> Path:
     cfg = LlamaConfig(vocab_size=len(vocab), max_position_embeddings=max(max_length, 64), bos_token_id=1,
                       eos_token_id=2, pad_token_id=3, **s)
     torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)  # bf16 on disk, as released models are
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -213,9 +218,9 @@ def main() -> None:
     # size, batch, micro-batch, block, rank, DoRA, gradient checkpointing
     settings = [("demo", 64, 64, 64, 32, False, False), ("demo", 64, 64, 64, 32, True, False),
                 ("small", 8, 8, 256, 64, True, False), ("small", 8, 2, 256, 64, True, False),
-                ("small", 8, 8, 256, 64, True, True)]
+                ("small", 8, 8, 256, 64, True, True), ("1b", 20, 4, 1024, 64, True, True)]
     for size, batch, micro, length, rank, dora, ckpt in settings:
-        if a.only in (None, size):
+        if a.only == size or (a.only is None and size != "1b"):
             r = speed(size, batch, micro, length, rank, dora, a.steps, a.threads, ckpt)
             print(json.dumps(r), flush=True)
 
