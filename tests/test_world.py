@@ -9,7 +9,7 @@ from readapt.world import (
     vocabulary,
 )
 
-SIZES = {"A": 40, "B": 20, "C": 20, "R": 20}
+SIZES = {"A": 40, "B": 20, "C": 20}
 
 
 def test_same_seed_same_world_and_text():
@@ -25,10 +25,14 @@ def test_other_seed_other_world():
 
 
 def test_population_sizes_and_no_name_collisions():
-    w = make_world(0, {"A": 200, "B": 100, "C": 100, "R": 100})
-    assert {k: len(v) for k, v in w.populations.items()} == {"A": 200, "B": 100, "C": 100, "R": 100}
+    w = make_world(0, {"A": 200, "B": 100, "C": 100})
+    assert {k: len(v) for k, v in w.populations.items()} == {"A": 200, "B": 100, "C": 100}
     names = [p.name for pop in w.populations.values() for p in pop]
-    assert len(names) == len(set(names)) == 500
+    assert len(names) == len(set(names)) == 400
+    rng = random.Random(0)
+    strangers = [w.stranger(rng) for _ in range(1000)]  # reading practice: never one of the populations
+    assert not {p.name for p in strangers} & set(names)
+    assert len({p.name for p in strangers}) > 500
     for pop in w.populations.values():
         for p in pop:
             assert p.first in LEXICON["first"] and p.last in LEXICON["last"]
@@ -36,7 +40,7 @@ def test_population_sizes_and_no_name_collisions():
 
 def test_too_many_people_refused():
     with pytest.raises(ValueError, match="at most"):
-        make_world(0, {"A": 48 * 48 + 1})
+        make_world(0, {"A": 48 * 48})
 
 
 def test_bio_states_every_fact_once_with_the_full_name():
@@ -85,7 +89,7 @@ def test_tokenizer_round_trips_world_text_without_unknown_tokens(tmp_path):
     assert len(tok) == len(vocabulary())
     w = make_world(0, SIZES)
     rng = random.Random(0)
-    p = w["R"][0]
+    p = w.stranger(rng)
     bio = w.bio(p, rng)
     ids = tok(bio, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids

@@ -6,8 +6,10 @@ A world is a few populations of fictional people (DESIGN.md, "The demo world"):
        ("A_train") and tested on the other half ("A_test": out-of-domain knowledge the model already has)
     B  the new population: unlabeled bios for knowledge adapters, QA in-domain, passages for RAG
     C  more text that only the "version 2" pretrained model reads (PortLLM)
-    R  reading practice: QA with the bio in the prompt, for people no model ever memorises, so that the
-       instruct model learns to read a context (what RAG needs) instead of recalling
+and, for reading practice (QA with the bio in the prompt, so that the instruct model learns to read a
+context as RAG needs), `stranger(rng)`: a new person drawn for every example from the names no population
+uses, with random attributes, so that no model can memorise them (a fixed reading population was
+memorised instead of read: 89-96% with its gold bio, 5% with B's).
 
 Each person has a first and a last name token and 4 attributes. Each attribute is written in 3
 paraphrased templates that repeat the full name; a bio is the 4 sentences, templates and order drawn at
@@ -117,9 +119,15 @@ class World:
 
     seed: int
     populations: dict[str, list[Person]] = field(default_factory=dict)
+    spare_names: list[tuple[str, str]] = field(default_factory=list)  # names no population uses
 
     def __getitem__(self, population: str) -> list[Person]:
         return self.populations[population]
+
+    def stranger(self, rng: random.Random) -> Person:
+        """A person no population holds, with random attributes: new at every call (reading practice)."""
+        first, last = rng.choice(self.spare_names)
+        return Person(first, last, *(rng.choice(LEXICON[a]) for a in ATTRIBUTES))
 
     # --- text ------------------------------------------------------------------------------------------
 
@@ -177,18 +185,18 @@ class World:
 
 
 def make_world(seed: int = 0, sizes: dict[str, int] | None = None) -> World:
-    """Draw the populations (default A=200, B=100, C=100, R=100 people) from `seed`.
+    """Draw the populations (default A=200, B=100, C=100 people) from `seed`.
 
     Full names (first, last) are drawn without replacement from all 48x48 combinations, so no two
     people of the whole world share a name; attribute values are drawn uniformly and independently.
     """
-    sizes = dict(sizes or {"A": 200, "B": 100, "C": 100, "R": 100})
+    sizes = dict(sizes or {"A": 200, "B": 100, "C": 100})
     total = sum(sizes.values())
-    if total > N_FIRST * N_LAST:
+    if total >= N_FIRST * N_LAST:
         raise ValueError(f"a world holds at most {N_FIRST * N_LAST} people, asked for {total}")
     rng = random.Random(f"readapt-world/{seed}")
-    names = rng.sample([(f, l) for f in LEXICON["first"] for l in LEXICON["last"]], total)
-    world, i = World(seed=seed), 0
+    names = rng.sample([(f, l) for f in LEXICON["first"] for l in LEXICON["last"]], N_FIRST * N_LAST)
+    world, i = World(seed=seed, spare_names=names[total:]), 0
     for pop, n in sizes.items():
         world.populations[pop] = [
             Person(f, l, *(rng.choice(LEXICON[a]) for a in ATTRIBUTES)) for f, l in names[i : i + n]
