@@ -5,7 +5,7 @@
 
 1. A synthetic world (readapt.world) and three tiny Llama models trained here with a plain loop:
    Φ  "pretrained": next-token prediction on population A's bios,
-   Θ  "instruct":   Φ fully fine-tuned on chat QA (A_train closed book + reading practice on R),
+   Θ  "instruct":   Φ fully fine-tuned on chat QA (A_train closed book + reading practice on strangers),
    Φ₂ "version 2":  Φ pre-trained further on more text (A's and C's bios).
    They are cached by world and settings (~/.cache/readapt/demo/<key>), as Hugging Face folders.
 2. Every method then runs through the public functions a user calls: readapt.train (knowledge
@@ -23,7 +23,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from readapt.world import ATTRIBUTES, World, build_tokenizer, make_world
 class Settings:
     """Everything that determines the trained models (the cache key hashes it)."""
 
-    sizes: tuple[tuple[str, int], ...] = (("A", 200), ("B", 100), ("C", 100), ("R", 100))
+    sizes: tuple[tuple[str, int], ...] = (("A", 200), ("B", 100), ("C", 100))
     # tiny Llama (DESIGN.md: 4 layers, hidden 128, 4 heads, MLP 512, tied embeddings, ~0.8M parameters)
     layers: int = 4
     hidden: int = 128
@@ -48,9 +48,10 @@ class Settings:
     block: int = 64
     pretrain_steps: int = 300
     pretrain_lr: float = 2e-3
-    instruct_steps: int = 300
+    instruct_steps: int = 200
     instruct_lr: float = 1e-3
-    reading_share: float = 0.5  # share of instruct examples that carry a bio as context (population R)
+    reading_share: float = 0.5  # share of instruct examples that carry a bio as context (a stranger's)
+    rehearsal_share: float = 0.5  # share of instruct steps that are A's bios again (see train_world_model)
     v2_steps: int = 200
     v2_lr: float = 1e-3
     # adapters trained with readapt.train (LoRA on all linear layers)
@@ -69,7 +70,7 @@ class Settings:
 
 
 QUICK = Settings(  # a smaller world and model: the same pipeline in ~2 minutes (numbers are noisier)
-    sizes=(("A", 40), ("B", 20), ("C", 20), ("R", 40)), layers=2, batch=32, pretrain_steps=120, pretrain_lr=3e-3,
+    sizes=(("A", 40), ("B", 20), ("C", 20)), layers=2, batch=32, pretrain_steps=120, pretrain_lr=3e-3,
     instruct_steps=100, v2_steps=50, lora_rank=16, lora_alpha=32, lora_copies=100, task_examples=2000, lora_block=64,
 )
 FULL = Settings()
@@ -109,13 +110,13 @@ def _bio_blocks(world: World, people, tok, rng: random.Random, batch: int, block
 def _chat_batch(world: World, s: Settings, tok, rng: random.Random, batch: int) -> tuple[torch.Tensor, ...]:
     """(input_ids, labels, attention_mask) [batch, T]: chat QA, loss on the assistant turn (and its EOS).
 
-    A share `reading_share` of examples ask about a person of R with that person's bio as context
+    A share `reading_share` of examples ask about a stranger (world.stranger) with its bio as context
     (reading practice); the rest ask about A_train closed book."""
     rows, labels = [], []
     a_train = world["A"][: len(world["A"]) // 2]
     for _ in range(batch):
         if rng.random() < s.reading_share:
-            p = rng.choice(world["R"])
+            p = world.stranger(rng)
             msgs = world.chat(p, rng.choice(ATTRIBUTES), rng, context=world.bio(p, rng))
         else:
             msgs = world.chat(rng.choice(a_train), rng.choice(ATTRIBUTES), rng)
@@ -140,7 +141,10 @@ def train_model(model, batches, steps: int, lr: float, desc: str, log: list | No
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, steps, max(1, steps // 20)))
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
+    import multiprocessing
+
+    worker = multiprocessing.current_process().name != "MainProcess"  # no interleaved bars from workers
+    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=worker)
     for step in bar:
         ids, labels, mask = batches()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -159,7 +163,12 @@ def train_world_model(s: Settings, seed: int, which: str, folder: Path) -> Path:
     """Train one of the world's models with the plain loop above and save it to `folder / which`:
 
     pretrained     Φ  from scratch on A's bios
-    instruct       Θ  Φ fine-tuned on chat QA (loss on the answer), A_train closed book + R with context
+    instruct       Θ  Φ fine-tuned on chat QA (loss on the answer): A_train closed book, and strangers with
+                      their bio as context; a share `rehearsal_share` of steps are A's bios again: without
+                      them the tiny model forgets what it read and learns the A_train answers by rote
+                      (measured on held-out A: 44% after 50 chat-only steps, 30% after 100, 20% after 300;
+                      89% after 100 steps with rehearsal, 94% after 200). A large model keeps its knowledge
+                      through instruction tuning; rehearsal stands in for that here.
     pretrained_v2  Φ₂ Φ pre-trained further on A's and C's bios ("more text")
     Each job has its own seeds, so jobs give the same model in any order or process.
     """
@@ -181,8 +190,12 @@ def train_world_model(s: Settings, seed: int, which: str, folder: Path) -> Path:
         train_model(model, lm(world["A"]), s.pretrain_steps, s.pretrain_lr, which, log)
     elif which == "instruct":
         model = AutoModelForCausalLM.from_pretrained(folder / "pretrained")
-        train_model(model, lambda: _chat_batch(world, s, tok, rng, s.batch), s.instruct_steps, s.instruct_lr,
-                    which, log)
+        def batches():
+            if rng.random() < s.rehearsal_share:
+                return lm(world["A"])()
+            return _chat_batch(world, s, tok, rng, s.batch)
+
+        train_model(model, batches, s.instruct_steps, s.instruct_lr, which, log)
     elif which == "pretrained_v2":
         model = AutoModelForCausalLM.from_pretrained(folder / "pretrained")
         train_model(model, lm(world["A"] + world["C"]), s.v2_steps, s.v2_lr, which, log)
@@ -200,7 +213,10 @@ def train_world_model(s: Settings, seed: int, which: str, folder: Path) -> Path:
 
 
 def _single_thread() -> None:
+    from transformers.utils import logging
+
     torch.set_num_threads(1)
+    logging.disable_progress_bar()  # no "Loading weights" bars from the workers
 
 
 class _Done:
@@ -263,7 +279,8 @@ def write_data(world: World, s: Settings, folder: Path, seed: int) -> dict[str, 
     """The world's files as a user would have them:
 
     knowledge.jsonl  unlabeled paraphrased bios of B ({"text"}) for knowledge adapters
-    task.jsonl       chat-formatted QA (A_train closed book + R with context) as text, for the PortLLM task patch
+    task.jsonl       chat-formatted QA (A_train closed book + strangers with context) as text, and A's bios (rehearsal),
+                     for the PortLLM task patch
     qa.jsonl         closed-book questions on B (ids "B/...", in-domain) and A_test ("A/...", out-of-domain)
     qa_B.jsonl       B's questions alone, with passage ids (RAG); passages_B.jsonl: one bio per person of B
     qa_port.jsonl    A_test questions (the task) and C questions ("C/...", what only version 2 read)
@@ -281,11 +298,15 @@ def write_data(world: World, s: Settings, folder: Path, seed: int) -> dict[str, 
     task = []
     for _ in range(s.task_examples):
         if rng.random() < s.reading_share:
-            p = rng.choice(world["R"])
+            p = world.stranger(rng)
             msgs = world.chat(p, rng.choice(ATTRIBUTES), rng, context=world.bio(p, rng))
         else:
             msgs = world.chat(rng.choice(a_train), rng.choice(ATTRIBUTES), rng)
         task.append({"text": tok.apply_chat_template(msgs, tokenize=False).strip()})
+    # rehearsal, as for the instruct model: A's bios beside the chat examples keep the patch from
+    # learning the A_train answers by rote
+    task += [{"text": t} for t in world.corpus("A", max(1, round(s.task_examples * s.rehearsal_share / len(world["A"]))), seed)]
+    rng.shuffle(task)
     files = {
         "knowledge": write_jsonl(folder / "knowledge.jsonl", [{"text": t} for t in world.corpus("B", s.lora_copies, seed)]),
         "task": write_jsonl(folder / "task.jsonl", task),
@@ -594,7 +615,7 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
     def models_and_checks(tmp: Path):
         _say(f"seed {seed}: training the pretrained model Φ on A's bios ({root})")
         train_world_model(s, seed, "pretrained", tmp)  # this process, all its threads
-        _say(f"seed {seed}: training the instruct model Θ and version 2 Φ₂ from Φ (two processes)")
+        _say(f"seed {seed}: training the instruct model Θ and version 2 Φ₂ from Φ")
         for r in [jobs.submit(train_world_model, s, seed, w, tmp) for w in ("instruct", "pretrained_v2")]:
             r.result()
         checks = {}
@@ -611,7 +632,7 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
     wall["models"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
 
     def adapters_and_checks(tmp: Path):
-        _say(f"seed {seed}: training 4 LoRA adapters with readapt.train (two processes)")
+        _say(f"seed {seed}: training 4 LoRA adapters with readapt.train")
         ad = train_adapters(s, models, files, tmp, seed, jobs)
         net, _ = load_merged(models["pretrained"], [(ad["knowledge"], 1.0)])
         checks = {"pretrained + knowledge adapter on B": bio_completion(net, tok, world["B"])}
@@ -863,7 +884,7 @@ def readme(tables: dict, verdicts: list[dict], per_seed: list[dict], quick: bool
         "The world: fictional people with 4 attributes (birth city, birth year, university, employer). "
         "The *pretrained* model Φ read the bios of population A; the *instruct* model Θ is Φ fine-tuned to "
         "answer chat questions in full sentences about half of A (A_train) and about people whose bio is in "
-        "the prompt (reading practice, population R); *version 2* Φ₂ is Φ pre-trained further on A's and C's "
+        "the prompt (reading practice on strangers drawn fresh for every example); *version 2* Φ₂ is Φ pre-trained further on A's and C's "
         "bios. New knowledge is population B: unlabeled bios only. Closed-book questions on B are in-domain, "
         "questions on the held-out half of A are out-of-domain (knowledge the models already had).", "",
         "## Claims of the papers, as measured here", "",
@@ -919,14 +940,23 @@ def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int = 1, 
     if seeds < 1:
         raise ReadaptError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
-    previous_demo = (out / "results.json").exists() and json.loads((out / "results.json").read_text()).get("demo")
+    try:
+        previous_demo = json.loads((out / "results.json").read_text()).get("demo") == "readapt"
+    except (OSError, ValueError, AttributeError):
+        previous_demo = False
     t0 = time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     s = QUICK if quick else FULL
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(4, len(os.sched_getaffinity(0)))))  # tiny matrices: more threads do not help
-    jobs = Jobs(min(2, len(os.sched_getaffinity(0))))
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    cores = len(os.sched_getaffinity(0))
+    # tiny matrices: past 2 threads nothing is gained; on a busy machine 1 thread is faster (set
+    # READAPT_DEMO_THREADS=1, or torch.set_num_threads(1) before calling demo, as the tests do)
+    torch.set_num_threads(int(os.environ.get("READAPT_DEMO_THREADS", 0)) or min(2, threads, cores))
+    jobs = Jobs(min(2, cores))
     try:
         with output_folder(out, overwrite=overwrite or bool(previous_demo), inputs=[cache]) as tmp:
             per_seed, runs = [], []
@@ -952,6 +982,7 @@ def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int = 1, 
     finally:
         jobs.close()
         torch.set_num_threads(threads)
+        logging.enable_progress_bar()
     print(text)
     print("Claims of the papers in this world (margin {:g} points):\n{}".format(MARGIN, summary))
     print(f"\nWrote {out} in {seconds:.0f} s (README.md, tables.md, results.json, figures); cache: {cache}")
