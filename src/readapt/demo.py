@@ -750,16 +750,19 @@ def claims(tables: dict, per_seed: list[dict]) -> list[dict]:
         t = tables[table]
         return next(r["mean"][col] for r in t["rows"] if r["label"] == label)
 
-    def verdict(diff, two_sided=False):
-        if two_sided:
+    def verdict(diff, kind):
+        if kind == "same":  # |difference| within the margin
             return "reproduced" if abs(diff) <= MARGIN else "not reproduced"
+        if kind == "not worse":  # at most the margin below
+            return "reproduced" if diff >= -MARGIN else "not reproduced"
         return "reproduced" if diff > MARGIN else ("within noise" if diff >= -MARGIN else "not reproduced")
 
     out = []
 
-    def add(claim, paper, diff, evidence, two_sided=False):
+    def add(claim, paper, diff, evidence, two_sided=False, kind="better"):
+        kind = "same" if two_sided else kind
         out.append({"claim": claim, "paper": paper, "difference": round(diff, 1),
-                    "verdict": verdict(diff, two_sided), "evidence": evidence})
+                    "verdict": verdict(diff, kind), "evidence": evidence})
 
     r = "re_adapt"
     inst_b, inst_a = get(r, "instruct", 1), get(r, "instruct", 3)
@@ -773,6 +776,8 @@ def claims(tables: dict, per_seed: list[dict]) -> list[dict]:
         re_b - inst_b, f"B contains-EM: RE-Adapt {re_b:.1f}, instruct {inst_b:.1f}")
     add("RE-Adapt keeps out-of-domain QA better than fine-tuning the instruct model", "RE-Adapt Table 2",
         re_a - ika_a, f"A contains-EM: RE-Adapt {re_a:.1f}, instruct + knowledge adapter {ika_a:.1f}")
+    add("RE-Adapt keeps the instruct model's out-of-domain QA (at most the margin below it)", "RE-Adapt Table 2",
+        re_a - inst_a, f"A contains-EM: RE-Adapt {re_a:.1f}, instruct {inst_a:.1f}", kind="not worse")
     add("LoRE-Adapt performs like RE-Adapt (mean of B and A contains-EM within the margin)", "RE-Adapt Table 2",
         (lo_b + lo_a - re_b - re_a) / 2, f"LoRE-Adapt {(lo_b + lo_a) / 2:.1f}, RE-Adapt {(re_b + re_a) / 2:.1f}, "
         f"with {get('lore_share', 'parameters kept', 0):.1f}% of the delta's parameters", two_sided=True)
@@ -872,13 +877,21 @@ def plots(tables: dict, per_seed: list[dict], runs: list[Path], folder: Path) ->
     return names
 
 
+def _machine() -> str:
+    import os
+
+    load = os.getloadavg()[0]
+    return f"{len(os.sched_getaffinity(0))} CPU cores, load average {load:.1f} when it finished"
+
+
 def readme(tables: dict, verdicts: list[dict], per_seed: list[dict], quick: bool, seconds: float, figs: list[str]) -> str:
     s = QUICK if quick else FULL
     sizes = ", ".join(f"{k}={n}" for k, n in s.sizes)
     lines = [
         "# readapt demo: RE-Adapt, LoRE-Adapt, partial adaptation and PortLLM in a synthetic world", "",
         f"Made by `readapt demo{' --quick' if quick else ''} --seeds {len(per_seed)}` in {seconds:.0f} s "
-        f"(wall time of this run; trained models came from the cache when it was warm). Populations: {sizes} "
+        f"(wall time of this run; trained models came from the cache when it was warm; {_machine()}). "
+        f"Populations: {sizes} "
         f"people; tiny Llama ({s.layers} layers, hidden {s.hidden}); seeds {[r['seed'] for r in per_seed]}. "
         "Numbers are x100, mean ± sample standard deviation over seeds.", "",
         "The world: fictional people with 4 attributes (birth city, birth year, university, employer). "
@@ -908,6 +921,8 @@ def readme(tables: dict, verdicts: list[dict], per_seed: list[dict], quick: bool
         "The memory line compares the peak RSS of `readapt port --merge` with that of 3 LoRA training steps.",
         "- **World checks**: the share of facts a model completes after a bio prefix; the knowledge adapter must "
         "memorise B (≥ 90%) for the experiments to mean anything.", "",
+        "contains-EM credits any response that contains the value: a pretrained model that recites bios after "
+        "the question earns some credit that way (the 'pretrained' and 'version 2 alone' rows).", "",
         *(f"![{f}]({f})" for f in figs), "",
         format_tables(tables, markdown=True),
         "## Memory (PortLLM)", "",
