@@ -583,13 +583,26 @@ def _build_once(folder: Path, build) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        t0 = time.perf_counter()
         build(tmp)
-        (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        (tmp / ".complete").write_text(json.dumps({  # how long the cold build took, and how busy the machine was
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.perf_counter() - t0, 1),
+            "load_average": round(os.getloadavg()[0], 1), "cores": len(os.sched_getaffinity(0))}) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _cold_record(folder: Path) -> dict:
+    """What `_build_once` recorded when it built `folder` (NaN for caches written before it recorded)."""
+    import os
+
+    try:
+        return json.loads((folder / ".complete").read_text())
+    except ValueError:
+        return {"seconds": math.nan, "load_average": math.nan, "cores": len(os.sched_getaffinity(0))}
 
 
 def _say(msg: str) -> None:
@@ -653,6 +666,8 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
     res = json.loads((run / "results.json").read_text())
     wall["experiments"] = round(time.perf_counter() - t0, 1)
     res["wall_seconds"], res["cache"] = wall, str(root)
+    res["cold_build"] = {name: _cold_record(folder)
+                         for name, folder in (("models", mroot), ("adapters", aroot), ("experiments", run))}
     return res, run
 
 
@@ -891,7 +906,10 @@ def readme(tables: dict, verdicts: list[dict], per_seed: list[dict], quick: bool
         "# readapt demo: RE-Adapt, LoRE-Adapt, partial adaptation and PortLLM in a synthetic world", "",
         f"Made by `readapt demo{' --quick' if quick else ''} --seeds {len(per_seed)}` in {seconds:.0f} s "
         f"(wall time of this run; trained models came from the cache when it was warm; {_machine()}). "
-        f"Populations: {sizes} "
+        f"Cold build of seed {per_seed[0]['seed']} (from its cache record): "
+        + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in per_seed[0]["cold_build"].items())
+        + f" (load average up to {max(v['load_average'] for v in per_seed[0]['cold_build'].values()):.1f} on "
+        f"{per_seed[0]['cold_build']['models']['cores']} cores). Populations: {sizes} "
         f"people; tiny Llama ({s.layers} layers, hidden {s.hidden}); seeds {[r['seed'] for r in per_seed]}. "
         "Numbers are x100, mean ± sample standard deviation over seeds.", "",
         "The world: fictional people with 4 attributes (birth city, birth year, university, employer). "
