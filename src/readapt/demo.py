@@ -986,9 +986,9 @@ def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int = 1, 
 
     logging.disable_progress_bar()
     cores = len(os.sched_getaffinity(0))
-    # tiny matrices: past 2 threads nothing is gained; on a busy machine 1 thread is faster (set
-    # READAPT_DEMO_THREADS=1, or torch.set_num_threads(1) before calling demo, as the tests do)
-    torch.set_num_threads(int(os.environ.get("READAPT_DEMO_THREADS", 0)) or min(2, threads, cores))
+    # tiny matrices: one thread per process, the second core runs a second job (measured here, on a
+    # loaded 2-core machine: a quick cold run took 208 CPU-s with 2 threads, ~100 with 1)
+    torch.set_num_threads(int(os.environ.get("READAPT_DEMO_THREADS", 1)))
     jobs = Jobs(min(2, cores))
     try:
         with output_folder(out, overwrite=overwrite or bool(previous_demo), inputs=[cache]) as tmp:
