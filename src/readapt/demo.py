@@ -353,20 +353,33 @@ def _evaluate(work: Path, tag: str, model: Path, questions: Path, adds=(), keep=
     return scores
 
 
+# `readapt ARGS` in a child that reports its own peak RSS (VmHWM belongs to the process's own memory
+# map, unlike ru_maxrss, which on Linux keeps the parent's size from before exec)
+_CHILD = """import os, sys
+from readapt.cli import main
+rc = main(sys.argv[1:])
+hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]
+open(os.environ['READAPT_DEMO_HWM'], 'w').write(hwm)
+sys.exit(rc)
+"""
+
+
 def _peak_rss(args: list[str], log: Path) -> tuple[float, float]:
-    """Run `python -m readapt ARGS` in a child process -> (its peak RSS in MB, wall seconds)."""
+    """Run `readapt ARGS` in a child process -> (its peak RSS in MB, wall seconds)."""
     import os
     import subprocess
     import sys
 
+    hwm = log.with_suffix(".peak_kb")
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "readapt", *args], stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"readapt {' '.join(args)} failed ({proc.returncode}); see {log}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+        rc = subprocess.run([sys.executable, "-c", _CHILD, *args], stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, "READAPT_DEMO_HWM": str(hwm)}).returncode
+    if rc != 0:
+        raise RuntimeError(f"readapt {' '.join(args)} failed ({rc}); see {log}")
+    peak = int(hwm.read_text()) / 1024
+    hwm.unlink()
+    return peak, time.perf_counter() - t0
 
 
 def _train(*args, **kwargs) -> Path:
