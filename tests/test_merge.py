@@ -212,6 +212,34 @@ def test_one_sided_tensors_listed_and_skippable(tmp_path):
     assert json.loads((d / "readapt_delta.json").read_text())["skipped"] == ["only_a", "only_b"]
 
 
+def test_adapter_for_another_architecture_or_version(tmp_path):
+    """Shapes can agree by chance (a Llama LoRA fits a Qwen2 of the same sizes): refused by class; a patch
+    made on another checkpoint of the same architecture only warns, pointing to `readapt port`."""
+    base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
+    qwen = save_tiny(tmp_path / "qwen", "qwen2")
+    with pytest.raises(ReadaptError, match="trained on a LlamaForCausalLM but the base is a Qwen2ForCausalLM"):
+        readapt.merge(qwen, tmp_path / "out", [(adapter, 1.0)])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    v2 = perturb(base, tmp_path / "v2")
+    with pytest.warns(UserWarning, match="readapt port"):
+        readapt.merge(v2, tmp_path / "out", [(adapter, 1.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        readapt.merge(base, tmp_path / "out2", [(adapter, 1.0)])  # its own base: no warning
+    assert (tmp_path / "out").exists()
+
+
+def test_cli_bad_scale(tmp_path, capsys):
+    from readapt.cli import main
+
+    base = save_tiny(tmp_path / "base")
+    with pytest.raises(SystemExit):
+        main(["merge", str(base), "-o", str(tmp_path / "o"), "--add", f"{base}:abc"])
+    assert "the scale 'abc'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_adapter_for_a_different_base(tmp_path):
     base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
     other = save_tiny(tmp_path / "other", "llama", hidden_size=32, num_attention_heads=4)
@@ -226,8 +254,18 @@ def test_adapter_for_a_different_base(tmp_path):
 def test_nan_found_or_produced(tmp_path):
     base = save_tiny(tmp_path / "base")
     tuned = perturb(base, tmp_path / "tuned")
-    with pytest.raises(ReadaptError, match="NaN/Inf"):
+    with pytest.raises(ReadaptError, match="finite real number"):
         readapt.merge(base, tmp_path / "out", [(tuned, float("inf"))])
+    with pytest.raises(ReadaptError, match="finite real number"):  # finite in Python, inf in float32
+        readapt.merge(base, tmp_path / "out", [(tuned, 1e300)])
+    from safetensors.torch import load_file, save_file
+
+    delta = readapt.extract(base, tuned, tmp_path / "d")
+    sd = load_file(delta / "model.safetensors")
+    sd["model.norm.weight"][0] = 3e38
+    save_file(sd, delta / "model.safetensors")
+    with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after adding"):
+        readapt.merge(base, tmp_path / "out", [(delta, 2.0)])
     assert not (tmp_path / "out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 

@@ -18,12 +18,15 @@ from readapt.errors import ReadaptError
 
 def _scale_spec(text: str) -> tuple[str, float]:
     """'PATH[:SCALE]' -> (PATH, SCALE); the scale defaults to 1.0 and may be any real number."""
+    from pathlib import Path
+
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
             return head, float(tail)
         except ValueError:
-            pass
+            if not Path(text).exists() and Path(head).exists():
+                raise argparse.ArgumentTypeError(f"the scale {tail!r} in {text!r} is not a number") from None
     return text, 1.0
 
 
@@ -33,7 +36,8 @@ def _wrote(folder) -> int:
 
     files = [f for f in Path(folder).iterdir() if f.is_file()]
     size = sum(f.stat().st_size for f in files)
-    print(f"wrote {folder} ({len(files)} files, {size / 1e9:.3f} GB)")
+    unit, div = next((u, d) for u, d in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("bytes", 1)) if size >= d or d == 1)
+    print(f"wrote {folder} ({len(files)} files, {size / div:.3g} {unit})")
     return 0
 
 
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"readapt {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"readapt {args.command}: interrupted; no output folder was left behind", file=sys.stderr)
+        print(f"readapt {args.command}: interrupted; the output folder was not written", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
 

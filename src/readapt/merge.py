@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -53,8 +54,45 @@ def _normalise(adds: Sequence[AddSpec]) -> list[tuple[str | Addend, float]]:
     out = []
     for a in adds:
         spec, scale = (a, 1.0) if isinstance(a, (str, os.PathLike)) else a
-        out.append((spec if hasattr(spec, "delta") else str(spec), float(scale)))  # an opened Addend stays as is
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not math.isfinite(scale) or abs(scale) > torch.finfo(torch.float32).max:
+            raise ReadaptError(f"the scale of {spec} is {a[1]!r}: give a finite real number within float32's range "
+                               f"(e.g. 0.5, -1)")
+        out.append((spec if hasattr(spec, "delta") else str(spec), scale))  # an opened Addend stays as is
     return out
+
+
+def _check_origin(addend, base: Checkpoint, spec) -> None:
+    """Refuse an adapter trained on another architecture (shapes can agree by chance: a Llama-3-8B LoRA fits
+    Mistral-7B); warn when it was made on another checkpoint than `base` (another version?)."""
+    if addend.kind.startswith("peft"):
+        recorded_class = (addend.config.get("auto_mapping") or {}).get("base_model_class")
+        base_class = ((base.config or {}).get("architectures") or [None])[0]
+        if recorded_class and base_class and recorded_class != base_class:
+            raise ReadaptError(f"{spec} was trained on a {recorded_class} but the base is a {base_class} "
+                               f"(adapter_config.json auto_mapping): it was made for another architecture")
+        recorded = addend.config.get("base_model_name_or_path")
+    elif addend.kind == "delta":
+        recorded = (addend.manifest.get("base") or {}).get("path")
+    else:
+        return
+    if not recorded:
+        return
+    try:
+        origin = resolve_model(recorded)
+    except ReadaptError:
+        return  # not available here: nothing to compare
+    other = json.loads((origin / "config.json").read_text()) if (origin / "config.json").is_file() else {}
+    if other.get("model_type") and base.config and other["model_type"] != base.config.get("model_type"):
+        raise ReadaptError(f"{spec} was made on {recorded}, a {other['model_type']!r} model, but the base is a "
+                           f"{base.config.get('model_type')!r} model: it was made for another architecture")
+    if origin.resolve() != base.path.resolve():
+        warnings.warn(f"{spec} was made on {recorded}, not on {base.path}; if that is another version of the model, "
+                      f"`readapt port {spec} --to {base.path} --from {recorded}` reports what carries over",
+                      stacklevel=3)
 
 
 def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool = False,
@@ -78,6 +116,7 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
     else:
         raise ReadaptError(f"{spec} is not an adapter: expected a delta folder (readapt_delta.json), a PEFT "
                            f"adapter (adapter_config.json) or a model checkpoint (config.json)")
+    _check_origin(addend, base, spec)
     unknown = [n for n in addend.targets() if n not in base]
     if unknown and addend.kind != "checkpoint":
         raise ReadaptError(f"{spec} was made for a different base: {len(unknown)} of its tensors are not in the "
