@@ -426,3 +426,12 @@ def test_nan_in_a_touched_base_tensor_is_named(tmp_path):
     with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after casting to torch.float16"):
         list(iter_merged(readapt.Checkpoint.open(base), [], torch.float16))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_is_not_a_base(tmp_path):
+    base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
+    with pytest.raises(ReadaptError, match="is a PEFT adapter, not a model"):
+        readapt.load_merged(adapter)
+    delta = readapt.extract(base, perturb(base, tmp_path / "t"), tmp_path / "d")
+    with pytest.raises(ReadaptError, match="is a delta folder, not a model"):
+        readapt.merge(delta, tmp_path / "out", [(adapter, 1.0)])

@@ -447,6 +447,9 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
     grid = parse_grid(grid) if isinstance(grid, str) else parse_grid(",".join(map(str, grid)))
     qs = load_questions(questions, limit)
     val, test = split_validation(len(qs), val_fraction, seed)
+    if not val:
+        warnings.warn("--val-fraction is 0: the scales are chosen and reported on the same questions; hold out a "
+                      "validation split (e.g. --val-fraction 0.3) for an unbiased score", stacklevel=2)
     splits = {"val": val, "test": test} if val else {"all": test}
     contexts, retrieved, stats = retrieve(qs, retrieval, passages, top_k)
     labels = ["alpha", "beta"][: len(adds)]

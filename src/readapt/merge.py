@@ -217,7 +217,12 @@ def _apply(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]]) ->
 
 
 def _open_all(base_spec, adds, skip_missing, allow_pickle):
-    base = Checkpoint.open(base_spec, allow_pickle)
+    path = resolve_model(base_spec)
+    if is_peft_folder(path) or is_delta_folder(path):
+        what = "a PEFT adapter" if is_peft_folder(path) else "a delta folder"
+        raise ReadaptError(f"{base_spec} is {what}, not a model: pass the model it applies to as the base and this "
+                           f"folder with --add")
+    base = Checkpoint.open(path, allow_pickle)
     addends = [(spec if not isinstance(spec, str) else
                 open_addend(spec, base, skip_missing=skip_missing, allow_pickle=allow_pickle), s)
                for spec, s in _normalise(adds)]

@@ -346,7 +346,7 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
 
     # -- refusals ------------------------------------------------------------------------------------------
     def refuse(msg: str):
-        err = ReadaptError(msg + "\n" + summary(report))
+        err = ReadaptError(msg + "\n" + summary({**report, "output": None}))  # nothing is written
         err.report = report
         raise err
 
