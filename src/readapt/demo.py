@@ -628,6 +628,8 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
     """Train (or reuse) the models and adapters of one seed and run (or reuse) its experiments.
 
     Returns (results, folder of its artefacts)."""
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
     from readapt.merge import load_merged
@@ -676,6 +678,9 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
         (tmp / "results.json").write_text(json.dumps(res, indent=2) + "\n")
 
     run = _build_once(root / "runs" / source_hash(), experiments)
+    for old in (root / "runs").iterdir():  # results of other code versions are stale: keep one
+        if old != run and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
     res = json.loads((run / "results.json").read_text())
     wall["experiments"] = round(time.perf_counter() - t0, 1)
     res["wall_seconds"], res["cache"] = wall, str(root)
