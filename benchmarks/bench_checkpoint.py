@@ -13,7 +13,8 @@ clock and peak RSS, memory-mapped pages included):
     mergekit-0.5   mergekit-yaml task_arithmetic, weight 0.5       (if a mergekit venv is given/found)
 
 Throughput = (bytes read + bytes written) / wall time. Runs are interleaved round-robin so that the
-comparison sees the same machine load; the table reports the median of --repeat runs.
+comparison sees the same machine load; each run starts after `sync`; the table reports the median of
+--repeat runs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from make_pair import make_pair  # noqa: E402
 
 
 def timed(cmd: list[str] | str) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one command under /usr/bin/time -v."""
+    """(wall seconds, peak RSS in GB) of one command under /usr/bin/time -v, after `sync`, so that the
+    previous run's dirty pages are not written back (and throttled) during this one."""
+    subprocess.run(["sync"], check=True)
     shell = isinstance(cmd, str)
     full = f"/usr/bin/time -v {cmd}" if shell else ["/usr/bin/time", "-v", *cmd]
     r = subprocess.run(full, shell=shell, capture_output=True, text=True)
