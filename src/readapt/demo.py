@@ -775,6 +775,21 @@ def format_tables(tables: dict, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def world_check_failures(tables: dict) -> list[str]:
+    """The world is good enough to test the claims only if the instruct model answers held-out A far above
+    chance (≥ 3×) and the knowledge adapter has memorised B (bio completion ≥ 90%). Returns what failed."""
+    world = {r["label"]: r["mean"][0] for r in tables["world"]["rows"]}
+    chance = world["chance (uniform guess of one value)"]
+    inst_a = next(r["mean"][3] for r in tables["re_adapt"]["rows"] if r["label"] == "instruct")
+    failed = []
+    if inst_a < 3 * chance:
+        failed.append(f"the instruct model answers {inst_a:.1f}% of held-out A (needs ≥ 3× chance = {3 * chance:.1f})")
+    knowledge = world.get("pretrained + knowledge adapter on B")
+    if knowledge is not None and knowledge < 90:
+        failed.append(f"the knowledge adapter completes {knowledge:.1f}% of B's bio facts (needs ≥ 90)")
+    return failed
+
+
 def claims(tables: dict, per_seed: list[dict]) -> list[dict]:
     """The papers' claims checked against this world's means: reproduced when the difference exceeds
     MARGIN points in the claimed direction, 'within noise' when |difference| <= MARGIN, else not reproduced."""
@@ -1020,6 +1035,9 @@ def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int = 1, 
                                 ignore=shutil.ignore_patterns(".complete"))
             tables = aggregate(per_seed)
             verdicts = claims(tables, per_seed)
+            failed = world_check_failures(tables)
+            for c in verdicts if failed else ():  # a claim cannot be judged in a world that did not learn
+                c["verdict"] = "not meaningful"
             figs = plots(tables, per_seed, runs, tmp)
             seconds = time.perf_counter() - t0
             text = format_tables(tables)
@@ -1035,6 +1053,9 @@ def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int = 1, 
         torch.set_num_threads(threads)
         logging.enable_progress_bar()
     print(text)
+    if failed:
+        print("WORLD CHECKS FAILED, so no claim is judged (more steps, or the full demo, should fix it):\n  "
+              + "\n  ".join(failed))
     print("Claims of the papers in this world (margin {:g} points):\n{}".format(MARGIN, summary))
     print(f"\nWrote {out} in {seconds:.0f} s (README.md, tables.md, results.json, figures); cache: {cache}")
     return out
