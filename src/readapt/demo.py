@@ -71,7 +71,7 @@ class Settings:
 
 QUICK = Settings(  # a smaller world and model: the same pipeline in ~2 minutes (numbers are noisier)
     sizes=(("A", 40), ("B", 20), ("C", 20)), layers=2, batch=32, pretrain_steps=120, pretrain_lr=3e-3,
-    instruct_steps=100, v2_steps=50, lora_rank=16, lora_alpha=32, lora_copies=100, task_examples=2000, lora_block=64,
+    instruct_steps=100, v2_steps=50, lora_rank=16, lora_alpha=32, lora_copies=400, task_examples=2000, lora_block=64,
 )
 FULL = Settings()
 
