@@ -347,3 +347,11 @@ def test_other_shape_changes_are_skipped_and_the_adapter_still_loads(versions, t
     assert all(torch.equal(got[k], new[k]) for k in got if ".mlp." in k)
     with pytest.raises(ReadaptError, match="--strict: 6 tensors"):
         port(ad, v2, tmp_path / "strict", merge=True, strict=True)
+
+
+def test_a_from_of_another_architecture_is_named(versions, tmp_path):
+    v1, v2, ad = versions
+    qwen = save_tiny(tmp_path / "qwen", "qwen2")
+    with pytest.raises(ReadaptError, match="the old base --from .*qwen is a 'qwen2' model"):
+        port(ad, v2, tmp_path / "out", from_=qwen)
+    assert not (tmp_path / "out").exists()

@@ -287,7 +287,8 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     # -- architecture ------------------------------------------------------------------------------------
     old_type, new_type = (old_cfg or {}).get("model_type"), new_cfg.get("model_type")
     if old_type and new_type and old_type != new_type:
-        raise ReadaptError(f"{patch} was made on a {old_type!r} model but {to} is a {new_type!r} model: a patch only "
+        made_on = f"the old base --from {from_} is" if old_source == "--from" else f"{patch} was made on"
+        raise ReadaptError(f"{made_on} a {old_type!r} model but {to} is a {new_type!r} model: a patch only "
                            f"ports between versions of one architecture")
     new_class = (new_cfg.get("architectures") or [None])[0]
     if old_class and new_class and old_class != new_class:
