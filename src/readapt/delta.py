@@ -137,7 +137,20 @@ See `readapt_delta.json` for the full manifest.
 """
 
 
-class DeltaFolder:
+class _StoredTensors:
+    """An addend whose tensors are stored whole in a checkpoint-layout folder (`self.ckpt`)."""
+
+    ckpt: Checkpoint
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        return {n: self.ckpt.shape(n) for n in self.ckpt.names}
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor as stored (merge combines it elementwise, in float32 blocks)."""
+        return self.ckpt.read(name)
+
+
+class DeltaFolder(_StoredTensors):
     """A delta folder as an addend: Ψ[name] = Δ[name]."""
 
     kind = "delta"
@@ -152,19 +165,12 @@ class DeltaFolder:
         self.ckpt = Checkpoint.open(self.path)
         self.config = self.manifest.get("base_config")
 
-    def targets(self) -> dict[str, tuple[int, ...]]:
-        return {n: self.ckpt.shape(n) for n in self.ckpt.names}
-
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.ckpt.read(name).float() if name in self.ckpt else None
-
-    def stored(self, name: str) -> torch.Tensor:
-        """Δ[name] as stored (merge adds it elementwise, in float32 blocks)."""
-        return self.ckpt.read(name)
+        return self.stored(name).float() if name in self.ckpt else None
 
 
-class CheckpointDifference:
-    """A full checkpoint as an addend: Ψ[name] = other[name] − base[name] (no delta written)."""
+class CheckpointDifference(_StoredTensors):
+    """A full checkpoint Θ as an addend: Ψ[name] = Θ[name] − Φ[name] (no delta written)."""
 
     kind = "checkpoint"
 
@@ -174,15 +180,10 @@ class CheckpointDifference:
         self.label = label or str(ckpt.path)
         self.config = ckpt.config
 
-    def targets(self) -> dict[str, tuple[int, ...]]:
-        return {n: self.ckpt.shape(n) for n in self.ckpt.names}
-
     def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.ckpt.read(name).float() if name in self.ckpt else None
-
-    def stored(self, name: str) -> torch.Tensor:
-        """Θ[name] as stored (merge blends it elementwise, in float32 blocks)."""
-        return self.ckpt.read(name)
+        """Θ[name]: merge blends Φ towards it with lerp."""
+        return self.stored(name).float() if name in self.ckpt else None
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.ckpt.read(name).float().sub_(base) if name in self.ckpt else None
+        target = self.target(name, base)
+        return None if target is None else target.sub_(base)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from readapt.evaluate import read_jsonl
 from readapt.world import ATTRIBUTES, World, build_tokenizer, make_world
 
 # --- settings ------------------------------------------------------------------------------------------
@@ -325,10 +326,6 @@ GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 GEN = dict(max_new_tokens=16, batch_size=128, quiet=True)  # answers are sentences of <= 10 words
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-
-
 def _by_domain(predictions: list[dict], keep: set[str] | None = None) -> dict[str, dict[str, float]]:
     """{"B": {metric: mean x100}, "A": ..., "C": ...} over the questions whose id is in `keep` (all if None);
     the domain is the id's prefix (the population)."""
@@ -347,7 +344,7 @@ def _evaluate(work: Path, tag: str, model: Path, questions: Path, adds=(), keep=
 
     out = work / "eval" / tag
     summary = evaluate(str(model), questions, out, adds=[(str(a), x) for a, x in adds], overwrite=True, **GEN, **kw)
-    scores = _by_domain(_read_jsonl(out / "predictions.jsonl"), keep)
+    scores = _by_domain(read_jsonl(out / "predictions.jsonl"), keep)
     if "retrieval_accuracy" in summary:
         scores["retrieval_accuracy"] = summary["retrieval_accuracy"]
     return scores
@@ -421,7 +418,7 @@ def train_adapters(s: Settings, models: dict[str, Path], files: dict[str, Path],
 def _cell(sweep_dir: Path, labels: tuple[str, ...], scales, keep: set[str]) -> dict:
     """Per-domain scores of one sweep cell (from its predictions file) on the questions in `keep`."""
     tag = "_".join(f"{k}={x:g}" for k, x in zip(labels, scales))
-    return _by_domain(_read_jsonl(sweep_dir / "predictions" / f"{tag}.jsonl"), keep)
+    return _by_domain(read_jsonl(sweep_dir / "predictions" / f"{tag}.jsonl"), keep)
 
 
 def run_experiments(s: Settings, seed: int, models: dict[str, Path], adapters: dict[str, Path],
@@ -452,7 +449,7 @@ def run_experiments(s: Settings, seed: int, models: dict[str, Path], adapters: d
     lap("extract + LoRE + spectrum")
 
     # validation / test split of the closed-book questions (B in-domain, A_test out-of-domain)
-    qs = _read_jsonl(files["qa"])
+    qs = read_jsonl(files["qa"])
     val, test = split_validation(len(qs), 0.5, seed)
     val_ids, test_ids = {qs[i]["id"] for i in val}, {qs[i]["id"] for i in test}
 

@@ -174,7 +174,7 @@ def _elementwise(name: str, raw: torch.Tensor, terms: Sequence[tuple[Addend, flo
     the addends' tensors and the output in their own dtypes (3× a bf16 tensor for base + instruct),
     instead of float32 copies of each (5×); a float32 base is updated in place (2×). None if a block
     is not finite."""
-    stored = [(a.stored(name).view(-1), s, a.kind == "checkpoint") for a, s in terms]
+    stored = [(a.stored(name).view(-1), s, hasattr(a, "target")) for a, s in terms]  # target: Φ′, else Ψ
     out = raw if raw.dtype == out_dtype == torch.float32 else torch.empty(raw.shape, dtype=out_dtype)
     src, dst = raw.view(-1), out.view(-1)
     for i in range(0, src.numel(), BLOCK):
