@@ -811,7 +811,7 @@ def claims(tables: dict, per_seed: list[dict]) -> list[dict]:
 
     r = "re_adapt"
     inst_b, inst_a = get(r, "instruct", 1), get(r, "instruct", 3)
-    ika_b, ika_a = get(r, "instruct + knowledge adapter", 1), get(r, "instruct + knowledge adapter", 3)
+    ika_a = get(r, "instruct + knowledge adapter", 3)
     re_b, re_a = get(r, "RE-Adapt (α, β chosen on validation)", 1), get(r, "RE-Adapt (α, β chosen on validation)", 3)
     re5 = (get(r, "RE-Adapt (α=β=0.5)", 1) + get(r, "RE-Adapt (α=β=0.5)", 3)) / 2
     lo_b, lo_a = get(r, "LoRE-Adapt (α, β chosen on validation)", 1), get(r, "LoRE-Adapt (α, β chosen on validation)", 3)
@@ -829,7 +829,7 @@ def claims(tables: dict, per_seed: list[dict]) -> list[dict]:
     add("α=β=0.5 is a robust choice (within the margin of the best scales)", "RE-Adapt §5.2",
         re5 - (re_b + re_a) / 2, f"mean contains-EM: α=β=0.5 {re5:.1f}, scales chosen on validation "
         f"{(re_b + re_a) / 2:.1f}", two_sided=True)
-    picks, diffs, at_pick, at_one = [], [], [], []
+    picks, at_pick, at_one = [], [], []
     for res in per_seed:  # β < 1 chosen on the validation half (A held out), compared with β=1 on the test half
         st = res["strength"]
         b = max((k for k in st if float(k) < 1), key=lambda k: st[k]["val"]["A"][EM])

@@ -428,13 +428,11 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
     `select` on the validation split and is reported on the other (test) questions. Writes OUTPUT/cells.csv
     (every cell, every split), OUTPUT/heatmap_<metric>.png, OUTPUT/predictions/<cell>.jsonl and
     OUTPUT/summary.json (the chosen scales; rouge_l_recall, contains_em and n on the test split).
-    The model is built once; each cell rewrites its parameters with readapt.merge.iter_merged (base and
-    adapters re-read through the memory map, one tensor at a time: exact, and the memory of one model).
+    The model is built once; each cell rewrites its parameters with readapt.merge.copy_merged (base and
+    adapters re-read, only the tensors the adapters touch, one at a time: exact, and the memory of one model).
     """
-    import torch
-
     from readapt.checkpoint import Checkpoint, output_folder, parse_dtype
-    from readapt.merge import iter_merged, open_addend
+    from readapt.merge import copy_merged, open_addend
 
     names = check_metrics(metrics)
     check_metrics([select])
@@ -460,16 +458,11 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
         addends = [open_addend(a, ckpt) for a in adds]  # checked before the (slow) model load
         net, tok = load_model(base, (), dtype, tokenizer, device)
         prompts, fmt = build_prompts(tok, qs, contexts)
-        params = net.state_dict()
         for scales in itertools.product(grid, repeat=len(adds)):
             t0 = time.perf_counter()
             # Omega = Phi + alpha * Psi + beta * Delta, every tensor recomputed from the files (exact, no drift
             # from cell to cell) and copied into the one model: memory of one model, nothing rebuilt
-            with torch.no_grad():
-                for name, t in iter_merged(ckpt, list(zip(addends, scales)), parse_dtype(dtype)):
-                    if name not in params:
-                        raise ReadaptError(f"{ckpt.path}: tensor {name!r} is not a parameter of the loaded model")
-                    params[name].copy_(t)
+            copy_merged(net, ckpt, list(zip(addends, scales)), parse_dtype(dtype))
             t1 = time.perf_counter()
             responses = generate(net, tok, prompts, max_new_tokens, batch_size, fmt == "plain", progress=not quiet)
             t2 = time.perf_counter()

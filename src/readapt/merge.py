@@ -296,6 +296,21 @@ contributes s·B·A (DoRA: W′ − W). Load with `transformers.AutoModelForCaus
 """
 
 
+@torch.no_grad()
+def copy_merged(model, base: Checkpoint, addends: Sequence[tuple[Addend, float]],
+                dtype: torch.dtype | None = None) -> None:
+    """Overwrite the parameters of `model` (loaded from `base`) that the addends touch with Ω = Φ + Σ sᵢ·Ψᵢ,
+    one tensor at a time; the others already hold Φ and are not read again. Calling it again with other
+    scales recomputes from the files: no error accumulates across calls."""
+    params = model.state_dict()
+    for name, t in iter_merged(base, addends, dtype, copy_untouched=True):
+        if isinstance(t, TensorInfo):
+            continue  # untouched: the model holds Φ[name] already
+        if name not in params:
+            raise ReadaptError(f"{base.path}: tensor {name!r} is not a parameter of {type(model).__name__}")
+        params[name].copy_(t)
+
+
 def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: str | torch.dtype | None = None,
                 *, skip_missing: bool = False, allow_pickle: bool = False):
     """Build Ω = Φ + Σᵢ sᵢ·Ψᵢ in memory (no checkpoint written) -> (model in eval mode, tokenizer or None).
@@ -310,11 +325,7 @@ def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: st
     # copied over its parameter, one at a time
     model = AutoModelForCausalLM.from_pretrained(b.path, dtype=out_dtype or "auto")
     if addends:
-        params = model.state_dict()
-        for name, t in iter_merged(b, addends, out_dtype):
-            if name not in params:
-                raise ReadaptError(f"{b.path}: tensor {name!r} is not a parameter of {type(model).__name__}")
-            params[name].copy_(t)
+        copy_merged(model, b, addends, out_dtype)
     model.eval()
     tokenizer = None
     try:
