@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
@@ -111,7 +112,11 @@ def test_merged_port_is_new_base_plus_sBA_exactly_and_equals_peft(versions, tmp_
     assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
 
 
-def test_drift_statistics_match_a_direct_computation(versions):
+@pytest.mark.parametrize("chunk", [1 << 20, 7])
+def test_drift_statistics_match_a_direct_computation(versions, chunk, monkeypatch):
+    """Patched tensors are compared whole, unpatched ones in blocks read from disk: both give the direct
+    float64 computation (chunk=7 runs every tensor through several partial blocks)."""
+    monkeypatch.setattr(importlib.import_module("readapt.port"), "CHUNK", chunk)
     v1, v2, ad = versions
     report = port(ad, v2, None, from_=v1)  # report only
     W1, W2, F = read_all(v1), read_all(v2), factors(ad)
@@ -127,6 +132,9 @@ def test_drift_statistics_match_a_direct_computation(versions):
     d2 = sum(float((W2[n] - W1[n]).double().square().sum()) for n in layer)
     w2 = sum(float(W1[n].double().square().sum()) for n in layer)
     assert report["drift"]["layers"]["layer 0"]["drift"] == pytest.approx(math.sqrt(d2 / w2), rel=1e-6)
+    n = "model.norm.weight"
+    assert report["drift"]["tensors"][n]["drift"] == pytest.approx(float((W2[n] - W1[n]).double().norm()
+                                                                         / W1[n].double().norm()), rel=1e-6)
     assert "layer 1" in summary(report)
 
 

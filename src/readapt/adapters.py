@@ -158,13 +158,13 @@ class PeftAdapter:
             return read("lora_B.bias").mul_(self.scale(mod.name, self.ckpt.shape(a_key)[0]))
         if "lora_A.weight" in p:
             A, B = read("lora_A.weight"), read("lora_B.weight")  # A: r×in, B: out×r
-            d = B @ A
+            d = B @ A  # the one full-size buffer: scaled in place
             if self.config.get("fan_in_fan_out"):
                 d = d.T
-            return d * self.scale(mod.name, A.shape[0])
+            return d.mul_(self.scale(mod.name, A.shape[0]))
         if "lora_embedding_A" in p:
             A, B = read("lora_embedding_A"), read("lora_embedding_B")  # A: r×vocab, B: dim×r
-            return (B @ A).T * self.scale(mod.name, A.shape[0])  # vocab×dim
+            return (B @ A).T.mul_(self.scale(mod.name, A.shape[0]))  # vocab×dim
         return None  # only a base_layer copy: not part of the patch
 
 

@@ -309,16 +309,26 @@ def shard_plan(plan: Plan, max_shard_bytes: int) -> list[list[tuple[str, torch.d
 COPY_BLOCK = 1 << 24  # bytes per block when a stored tensor is copied unchanged
 
 
-def _blocks(info: TensorInfo) -> Iterator[torch.Tensor]:
-    """A stored safetensors tensor as 1-D blocks of at most COPY_BLOCK bytes, read into one reused buffer."""
-    buf = torch.empty(min(COPY_BLOCK, info.end - info.start), dtype=torch.uint8)
+def read_blocks(stored: TensorInfo | torch.Tensor, nbytes: int | None = None) -> Iterator[torch.Tensor]:
+    """A tensor as consecutive 1-D blocks of at most `nbytes` bytes (whole elements), in its stored dtype.
+
+    `stored` is what `Checkpoint.stored` returns: a safetensors location, read block by block into one
+    reused buffer (each block is valid until the next one is read), or a tensor, split into views.
+    Default block: COPY_BLOCK bytes."""
+    nbytes = nbytes or COPY_BLOCK
+    if isinstance(stored, torch.Tensor):
+        yield from stored.reshape(-1).split(max(1, nbytes // stored.element_size()))
+        return
+    info, size = stored, stored.dtype.itemsize
+    step = max(size, nbytes // size * size)
+    buf = torch.empty(min(step, info.end - info.start), dtype=torch.uint8)
     with open(info.file, "rb") as f:
         f.seek(info.start)
         left = info.end - info.start
         while left:
             view = buf[: min(left, buf.numel())]
             if f.readinto(view.numpy()) != view.numel():
-                raise ReadaptError(f"{info.file} was truncated while copying a tensor")
+                raise ReadaptError(f"{info.file} was truncated while reading a tensor")
             left -= view.numel()
             yield view.view(info.dtype)
 
@@ -359,7 +369,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
                     raise RuntimeError(f"writer expected {name} {dtype} {list(shape)}, got {got_name} "
                                        f"{t.dtype} {list(t.shape)}")  # a bug in the job, not user input
                 copied = isinstance(t, TensorInfo)
-                for block in _blocks(t) if copied else [t.contiguous().view(-1)]:
+                for block in read_blocks(t) if copied else [t.contiguous().view(-1)]:
                     if (copied or check_finite) and not is_finite(block):
                         raise ReadaptError(f"tensor {name!r} has NaN/Inf values; nothing was written. Check the "
                                            f"inputs and scales (a NaN in an input tensor propagates).")

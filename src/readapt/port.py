@@ -48,8 +48,8 @@ import torch
 
 from readapt import __version__
 from readapt.adapters import PREFIX, PeftAdapter, is_peft_folder
-from readapt.checkpoint import (Checkpoint, compare_configs, output_folder, progress, resolve_model, write_file,
-                                write_tensors)
+from readapt.checkpoint import (Checkpoint, compare_configs, output_folder, progress, read_blocks, resolve_model,
+                                write_file, write_tensors)
 from readapt.delta import MANIFEST, DeltaFolder, is_delta_folder
 from readapt.errors import ReadaptError
 
@@ -517,10 +517,34 @@ def _layer(name: str) -> str:
     return f"layer {int(m.group(1))}" if m else name.removesuffix(".weight")
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """⟨a, b⟩ summed in float64, 1M elements at a time (no float64 copy of a whole tensor)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    return sum(float(x.double().dot(y.double())) for x, y in zip(a.split(chunk), b.split(chunk)))
+CHUNK = 1 << 20  # elements per float64 work chunk of the drift sums
+
+
+class _Dots:
+    """⟨a, b⟩ summed in float64, CHUNK elements at a time, widened into two reused float64 buffers (no
+    float64 copy of a whole tensor, and no fresh allocation per chunk)."""
+
+    def __init__(self):
+        self.x, self.y = torch.empty(CHUNK, dtype=torch.float64), torch.empty(CHUNK, dtype=torch.float64)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        total, same = 0.0, a.data_ptr() == b.data_ptr() and a.dtype == b.dtype  # ‖a‖²: widen once
+        for u, v in zip(a.reshape(-1).split(CHUNK), b.reshape(-1).split(CHUNK)):
+            x = self.x[: u.numel()].copy_(u)
+            total += float(x.dot(x if same else self.y[: v.numel()].copy_(v)))
+        return total
+
+    def drift(self, new: Checkpoint, n: str, old: Checkpoint, o: str) -> tuple[float, float]:
+        """(‖θ′ − θ‖², ‖θ‖²) of one tensor pair read in CHUNK-element blocks: the same float32 difference
+        and float64 sums as the whole-tensor path, without loading either tensor."""
+        d2 = w2 = 0.0
+        diff = torch.empty(CHUNK)
+        for a, b in zip(read_blocks(new.stored(n), CHUNK * new.dtype(n).itemsize),
+                        read_blocks(old.stored(o), CHUNK * old.dtype(o).itemsize)):
+            d = diff[: a.numel()].copy_(a).sub_(b)  # θ′ − θ in float32
+            d2 += self(d, d)
+            w2 += self(b, b)
+        return d2, w2
 
 
 def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> dict:
@@ -531,11 +555,20 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
     old_of = {v: k for k, v in names.items()}
     per_tensor: dict[str, dict] = {}
     acc: dict[str, list[float]] = {}  # layer -> [‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩]
+    dot = _Dots()
     floats = [n for n in new.names
               if n in old_of and new.dtype(n).is_floating_point and old.dtype(old_of[n]).is_floating_point]
     with progress(sum(new.infos[n].end - new.infos[n].start for n in floats), "drift") as bar:
         for n in floats:
             it = items.get(n)
+            if it is None and new.shape(n) == old.shape(old_of[n]):  # unpatched: in blocks, never loaded whole
+                d2, w2 = dot.drift(new, n, old, old_of[n])
+                per_tensor[n] = {"drift": math.sqrt(d2 / w2) if w2 else None}
+                a = acc.setdefault(_layer(n), [0.0, 0.0, 0.0, 0.0])
+                a[0] += d2
+                a[1] += w2
+                bar.update(new.infos[n].end - new.infos[n].start)
+                continue
             Wn, Wo = new.read(n).float(), old.read(old_of[n]).float()
             keep = None
             if it is not None and it.rows is not None:  # vocabulary rows: compare shared tokens
@@ -548,8 +581,8 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
                 Wn = Wn[keep]
                 P = P[keep] if P is not None else None
             D = Wn.sub_(Wo)  # θ′ − θ, in place of θ′
-            d2, w2 = _dot(D, D), _dot(Wo, Wo)
-            p2, pd = (_dot(P, P), _dot(P, D)) if P is not None else (0.0, 0.0)
+            d2, w2 = dot(D, D), dot(Wo, Wo)
+            p2, pd = (dot(P, P), dot(P, D)) if P is not None else (0.0, 0.0)
             patched = P is not None
             del Wn, Wo, D, P
             row = {"drift": math.sqrt(d2 / w2) if w2 else None}
