@@ -72,3 +72,25 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert main(["demo", "--seeds", "0", "-o", str(tmp_path / "x")]) == 2
+
+
+def test_port_match_claim_needs_a_patch_that_works(quick_demo):
+    """'Ported matches re-trained' says nothing when the re-trained patch fails the task too: two failures
+    match. The claim is judged on the demo's own tables with the port rows set by hand."""
+    from readapt.demo import MARGIN, claims
+
+    out, _ = quick_demo
+    tables = json.loads((out / "tables.json").read_text())
+    per_seed = json.loads((out / "results.json").read_text())["per_seed"]
+    rows = {r["label"]: r for r in tables["port"]["rows"]}
+
+    def verdict(v2, ported, retrained):
+        rows["version 2 alone"]["mean"][1] = v2
+        rows["version 2 + ported patch (no training)"]["mean"][1] = ported
+        rows["version 2 + patch re-trained on v2"]["mean"][1] = retrained
+        c = next(c for c in claims(tables, per_seed) if c["claim"].startswith("A ported patch matches"))
+        return c["verdict"]
+
+    assert verdict(2.0, 2.0, 2.0) == "not meaningful"
+    assert verdict(2.0, 60.0, 60.0) == "reproduced"
+    assert verdict(2.0, 2.0 + 3 * MARGIN, 60.0) == "not reproduced"
