@@ -195,9 +195,10 @@ def test_instruct_warning(world, tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     (None, "does not exist"),
-    ("", "contains no text"),
-    ('{"text": "w1"}\n{"txt": "w2"}\n', r'bad\.jsonl:2: no "text" field'),
-    ('{"text": "w1"}\n\n{"text": "w2"\n', r"bad\.jsonl:3: not valid JSON"),
+    ("", "no JSON lines"),
+    ('{"text": ""}\n', "contains no text"),
+    ('{"text": "w1"}\n{"txt": "w2"}\n', r"bad\.jsonl:2: missing key\(s\) \['text'\]"),
+    ('{"text": "w1"}\n\n{"text": "w2"\n', r"bad\.jsonl:3: malformed JSON"),
     ('{"text": ["w1"]}\n', r'bad\.jsonl:1: "text" is a list'),
     ('{"text": "w1 w2 w3"}\n', "fewer tokens than one block of max_length=16"),
 ])

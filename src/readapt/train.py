@@ -70,23 +70,14 @@ def read_texts(path: PathLike) -> list[str]:
     docs: list[str] = []
     try:
         if suffix in JSONL_SUFFIXES:
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ReadaptError(f"{path}:{n}: not valid JSON ({err.msg}); every line must be an "
-                                           f'object like {{"text": "..."}}') from None
-                    if not isinstance(rec, dict) or "text" not in rec:
-                        keys = list(rec) if isinstance(rec, dict) else type(rec).__name__
-                        raise ReadaptError(f'{path}:{n}: no "text" field (found {keys}); every line must be '
-                                           f'an object like {{"text": "..."}}')
-                    if not isinstance(rec["text"], str):
-                        raise ReadaptError(f'{path}:{n}: "text" is a {type(rec["text"]).__name__}, not a string')
-                    if rec["text"].strip():
-                        docs.append(rec["text"])
+            from readapt.evaluate import read_jsonl
+
+            for rec in read_jsonl(path, required=("text",)):
+                if not isinstance(rec["text"], str):
+                    raise ReadaptError(f'{path}:{rec["_line"]}: "text" is a {type(rec["text"]).__name__}, '
+                                       f'not a string')
+                if rec["text"].strip():
+                    docs.append(rec["text"])
         elif suffix in TEXT_SUFFIXES:
             text = path.read_text(encoding="utf-8")
             if text.strip():
