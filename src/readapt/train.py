@@ -124,7 +124,7 @@ def load_blocks(files: Sequence[PathLike], tokenizer, max_length: int, what: str
 
 def lora_model(base: PathLike, *, rank: int = 64, alpha: float = 128, dropout: float = 0.05, dora: bool = True,
                target_modules: str | list[str] = "all-linear", dtype: torch.dtype = torch.float32,
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, progress_bar: bool = True):
     """BASE (a transformers causal LM folder) wrapped by PEFT with a fresh LoRA/DoRA adapter.
 
     B is zero at initialisation (PEFT's default), so the wrapped model computes exactly what BASE does.
@@ -132,8 +132,16 @@ def lora_model(base: PathLike, *, rank: int = 64, alpha: float = 128, dropout: f
     (Chen et al. 2016): activation memory of one layer instead of all, for ~1/3 more compute."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress_bar:  # transformers' "Loading weights" bar; the global setting is put back after
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.config.use_cache = False  # no KV cache while training
     if gradient_checkpointing:  # transformers 5 renamed it activation_checkpointing_enable
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -447,7 +455,8 @@ def train(
         set_seed(seed)  # same LoRA A initialisation in every process
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         model = lora_model(base_path, rank=rank, alpha=alpha, dropout=dropout, dora=dora,
-                           target_modules=target_modules, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+                           target_modules=target_modules, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                           progress_bar=main and not quiet)
         model.peft_config["default"].base_model_name_or_path = base_name  # what PeftModel.from_pretrained reads
         params = [p for _, p in _trainable(model)]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
