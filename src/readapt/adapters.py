@@ -146,8 +146,9 @@ class PeftAdapter:
             return (m / norm).view(1, -1).mul(combined)
         if self.config.get("fan_in_fan_out"):
             raise ReadaptError(f"{self.path}: DoRA with fan_in_fan_out=True is not supported")
-        norm = torch.linalg.norm(base + d, dim=1)  # out
-        return (m / norm).view(-1, 1).mul(combined)
+        del d
+        norm = torch.linalg.norm(combined, dim=1)  # out; PEFT's get_weight_norm of the same W + d
+        return combined.mul_((m / norm).view(-1, 1))
 
     def _lora(self, name: str) -> torch.Tensor | None:
         """s·B·A for `name` (out×in; vocab×dim for embeddings), as PEFT's get_delta_weight computes it."""

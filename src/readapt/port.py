@@ -35,6 +35,7 @@ one patch tensor are in memory at a time, so a port costs a merge, not a fine-tu
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -534,17 +535,23 @@ class _Dots:
             total += float(x.dot(x if same else self.y[: v.numel()].copy_(v)))
         return total
 
-    def drift(self, new: Checkpoint, n: str, old: Checkpoint, o: str) -> tuple[float, float]:
-        """(‖θ′ − θ‖², ‖θ‖²) of one tensor pair read in CHUNK-element blocks: the same float32 difference
-        and float64 sums as the whole-tensor path, without loading either tensor."""
-        d2 = w2 = 0.0
+    def drift(self, new: Checkpoint, n: str, old: Checkpoint, o: str,
+              P: torch.Tensor | None = None) -> tuple[float, float, float, float]:
+        """(‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩) for D = θ′ − θ of one tensor pair read in CHUNK-element blocks (never
+        loaded whole), P the patch on it (0 if None): the same float32 difference and float64 sums as the
+        whole-tensor path."""
+        d2 = w2 = p2 = pd = 0.0
         diff = torch.empty(CHUNK)
-        for a, b in zip(read_blocks(new.stored(n), CHUNK * new.dtype(n).itemsize),
-                        read_blocks(old.stored(o), CHUNK * old.dtype(o).itemsize)):
+        ps = P.reshape(-1).split(CHUNK) if P is not None else itertools.repeat(None)
+        for a, b, p in zip(read_blocks(new.stored(n), CHUNK * new.dtype(n).itemsize),
+                           read_blocks(old.stored(o), CHUNK * old.dtype(o).itemsize), ps):
             d = diff[: a.numel()].copy_(a).sub_(b)  # θ′ − θ in float32
             d2 += self(d, d)
             w2 += self(b, b)
-        return d2, w2
+            if p is not None:
+                p2 += self(p, p)
+                pd += self(p, d)
+        return d2, w2, p2, pd
 
 
 def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> dict:
@@ -560,31 +567,22 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
               if n in old_of and new.dtype(n).is_floating_point and old.dtype(old_of[n]).is_floating_point]
     with progress(sum(new.infos[n].end - new.infos[n].start for n in floats), "drift") as bar:
         for n in floats:
-            it = items.get(n)
-            if it is None and new.shape(n) == old.shape(old_of[n]):  # unpatched: in blocks, never loaded whole
-                d2, w2 = dot.drift(new, n, old, old_of[n])
-                per_tensor[n] = {"drift": math.sqrt(d2 / w2) if w2 else None}
-                a = acc.setdefault(_layer(n), [0.0, 0.0, 0.0, 0.0])
-                a[0] += d2
-                a[1] += w2
-                bar.update(new.infos[n].end - new.infos[n].start)
-                continue
-            Wn, Wo = new.read(n).float(), old.read(old_of[n]).float()
-            keep = None
-            if it is not None and it.rows is not None:  # vocabulary rows: compare shared tokens
+            it, o = items.get(n), old_of[n]
+            if (it is None or it.rows is None) and new.shape(n) == old.shape(o):
+                # P whole (DoRA's W′ needs θ′ whole while it is computed), θ′ and θ in blocks
+                P = patch.delta(n, new.read(n).float()) if it is not None else None
+                d2, w2, p2, pd = dot.drift(new, n, old, o, P)
+            elif it is not None and it.rows is not None:  # vocabulary rows: compare the shared tokens
                 keep = it.rows >= 0
-                Wo = Wo[it.rows[keep]]  # old rows of the shared tokens
-            elif Wn.shape != Wo.shape:
+                Wn = new.read(n).float()
+                P = patch.delta(n, Wn)[keep]
+                Wo = old.read(o).float()[it.rows[keep]]  # old rows of the shared tokens
+                D = Wn[keep].sub_(Wo)
+                d2, w2, p2, pd = dot(D, D), dot(Wo, Wo), dot(P, P), dot(P, D)
+                del Wn, Wo, D
+            else:  # another shape: no drift to report
                 continue
-            P = patch.delta(n, Wn) if it is not None else None
-            if keep is not None:
-                Wn = Wn[keep]
-                P = P[keep] if P is not None else None
-            D = Wn.sub_(Wo)  # θ′ − θ, in place of θ′
-            d2, w2 = dot(D, D), dot(Wo, Wo)
-            p2, pd = (dot(P, P), dot(P, D)) if P is not None else (0.0, 0.0)
-            patched = P is not None
-            del Wn, Wo, D, P
+            patched, P = it is not None, None
             row = {"drift": math.sqrt(d2 / w2) if w2 else None}
             if patched:
                 row["patch_to_drift"] = math.sqrt(p2 / d2) if d2 else None
