@@ -375,6 +375,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
                                            f"inputs and scales (a NaN in an input tensor propagates).")
                     f.write(block.view(torch.uint8).numpy().data)
                 weight_map[name] = fname
+                t = block = None  # not held while the producer computes the next tensor
         total += offset
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -401,6 +402,7 @@ def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
             header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
             f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
             offset += n
+            del t  # not held while the producer computes the next tensor
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as out, open(spool, "rb") as src:

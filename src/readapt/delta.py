@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from readapt import __version__
-from readapt.checkpoint import (Checkpoint, compare_configs, output_folder, parse_dtype, progress,
+from readapt.checkpoint import (Checkpoint, TensorInfo, compare_configs, output_folder, parse_dtype, progress,
                                 write_tensors)
 from readapt.errors import ReadaptError
 
@@ -105,6 +105,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 d = d.sub_(b.read(n).float())  # Δ = Θ − Φ, one pair in memory
                 bar.update(b.infos[n].end - b.infos[n].start)
                 yield n, d.to(out_dtype)
+                del d  # before the next pair is read: a generator frame keeps what it yielded
 
     with output_folder(out, overwrite, inputs=[b.path, t.path]) as tmp:
         write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size,
@@ -145,9 +146,9 @@ class _StoredTensors:
     def targets(self) -> dict[str, tuple[int, ...]]:
         return {n: self.ckpt.shape(n) for n in self.ckpt.names}
 
-    def stored(self, name: str) -> torch.Tensor:
-        """The tensor as stored (merge combines it elementwise, in float32 blocks)."""
-        return self.ckpt.read(name)
+    def stored(self, name: str) -> torch.Tensor | TensorInfo:
+        """Where the tensor is stored (merge reads it block by block and combines it elementwise)."""
+        return self.ckpt.stored(name)
 
 
 class DeltaFolder(_StoredTensors):
@@ -166,7 +167,7 @@ class DeltaFolder(_StoredTensors):
         self.config = self.manifest.get("base_config")
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.stored(name).float() if name in self.ckpt else None
+        return self.ckpt.read(name).float() if name in self.ckpt else None
 
 
 class CheckpointDifference(_StoredTensors):
@@ -182,7 +183,7 @@ class CheckpointDifference(_StoredTensors):
 
     def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """Θ[name]: merge blends Φ towards it with lerp."""
-        return self.stored(name).float() if name in self.ckpt else None
+        return self.ckpt.read(name).float() if name in self.ckpt else None
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         target = self.target(name, base)

@@ -29,7 +29,7 @@ import torch
 from readapt import __version__
 from readapt.adapters import PeftAdapter, is_peft_folder
 from readapt.checkpoint import (Checkpoint, TensorInfo, copy_side_files, is_finite, output_folder, parse_dtype,
-                                progress, resolve_model, write_tensors)
+                                progress, read_blocks, resolve_model, write_tensors)
 from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, shared_tensors
 from readapt.errors import ReadaptError
 
@@ -162,6 +162,7 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
             raise ReadaptError(f"tensor {name!r} has NaN/Inf after {cause} (check the adapter, scale and dtype); "
                                f"nothing was written")
         yield name, W
+        W = raw = None  # before the next tensor is read: a generator frame keeps what it yielded
 
 
 BLOCK = 1 << 20  # elements per float32 work block (4 MB: stays in cache while it is checked)
@@ -170,23 +171,23 @@ BLOCK = 1 << 20  # elements per float32 work block (4 MB: stays in cache while i
 def _elementwise(name: str, raw: torch.Tensor, terms: Sequence[tuple[Addend, float]],
                  out_dtype: torch.dtype) -> torch.Tensor | None:
     """`_apply` for addends stored elementwise (delta folders: Ψ = D; checkpoints: Ψ = Φ′ − Φ), in
-    float32 blocks of BLOCK elements with the same operations in the same order. Memory is the base,
-    the addends' tensors and the output in their own dtypes (3× a bf16 tensor for base + instruct),
-    instead of float32 copies of each (5×); a float32 base is updated in place (2×). None if a block
-    is not finite."""
-    stored = [(a.stored(name).view(-1), s, hasattr(a, "target")) for a, s in terms]  # target: Φ′, else Ψ
+    float32 blocks of BLOCK elements with the same operations in the same order. The addends are read
+    from their files block by block, so memory is the base and the output in their own dtypes (2× a
+    bf16 tensor), a float32 base being updated in place (1×). None if a block is not finite."""
+    stored = [(read_blocks(st, BLOCK * st.dtype.itemsize), s, hasattr(a, "target"))  # target: Φ′, else Ψ
+              for a, s in terms for st in [a.stored(name)]]
     out = raw if raw.dtype == out_dtype == torch.float32 else torch.empty(raw.shape, dtype=out_dtype)
     src, dst = raw.view(-1), out.view(-1)
     for i in range(0, src.numel(), BLOCK):
         W = src[i:i + BLOCK].float()  # a view of `out` when both are float32: updated in place
         if len(stored) == 1:
-            x, s, is_target = stored[0]
-            x = x[i:i + BLOCK].float()
+            blocks, s, is_target = stored[0]
+            x = next(blocks).float()
             W = W.lerp_(x, s) if is_target else W.add_(x, alpha=s)
         else:
             acc = None
-            for x, s, is_target in stored:
-                d = x[i:i + BLOCK].float()
+            for blocks, s, is_target in stored:
+                d = next(blocks).float()
                 d = d.sub_(W) if is_target else d
                 acc = d.mul_(s) if acc is None else acc.add_(d, alpha=s)
             W = W.add_(acc)
@@ -254,6 +255,7 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
             for name, t in iter_merged(b, addends, out_dtype, copy_untouched=True):
                 bar.update(b.infos[name].end - b.infos[name].start)
                 yield name, t
+                del t
 
     with output_folder(out, overwrite, inputs=inputs) as tmp:
         write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size, metadata={"readapt": "merge"},

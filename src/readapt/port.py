@@ -432,6 +432,7 @@ def _write_peft(folder: Path, src: PeftAdapter, items: list[Item], new: Checkpoi
                     modules[mod.name] = new_mod
                 head = PREFIX if key.startswith(PREFIX) else ""
                 yield head + new_mod + key[len(head) + len(mod.name):], t
+                del t
 
     write_file(folder / "adapter_model.safetensors", tensors(), metadata={"readapt": "port"})
     cfg["base_model_name_or_path"] = str(Path(to).absolute()) if Path(to).expanduser().is_dir() else str(to)
