@@ -148,7 +148,9 @@ def lora_model(base: PathLike, *, rank: int = 64, alpha: float = 128, dropout: f
         enable({"use_reentrant": False})
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=dora,
                         target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers 5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def looks_instruct(spec: str, tokenizer) -> str | None:
