@@ -363,3 +363,77 @@ def test_a_from_of_another_architecture_is_named(versions, tmp_path):
     with pytest.raises(ReadaptError, match="the old base --from .*qwen is a 'qwen2' model"):
         port(ad, v2, tmp_path / "out", from_=qwen)
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_arguments_are_named(versions, tmp_path, capsys):
+    """Each path error names its argument; adapters/deltas as --to or --from, --dtype without --merge, an
+    output under a file and a NaN in the patch are refused; nothing is written."""
+    v1, v2, ad = versions
+    delta = extract(v1, v2, tmp_path / "delta")
+    for kw, match in (({"to": tmp_path / "nope"}, "--to .*nope"), ({"from_": tmp_path / "nope"}, "--from .*nope"),
+                      ({"patch": tmp_path / "nope"}, "PATCH .*nope"), ({"to": delta}, "--to .* is a delta folder"),
+                      ({"from_": ad}, "--from .* is a PEFT adapter"), ({"dtype": "bfloat16"}, "only with --merge")):
+        args = {"patch": ad, "to": v2, **kw}
+        with pytest.raises(ReadaptError, match=match):
+            port(args.pop("patch"), args.pop("to"), tmp_path / "o", **args)
+    (tmp_path / "file").write_text("x")
+    assert main(["port", str(ad), "--to", str(v2), "-o", str(tmp_path / "file" / "o")]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    nan = tmp_path / "nan"
+    shutil.copytree(ad, nan)
+    t = read_all(ad)
+    t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(t, nan / "adapter_model.safetensors")
+    with pytest.raises(ReadaptError, match="the patch .*nan has NaN/Inf values in .*q_proj.lora_B.*adapter_model"):
+        port(nan, v2, tmp_path / "o")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta", "file", "nan"]
+
+
+def test_pickled_new_base_needs_allow_pickle(versions, tmp_path):
+    v1, v2, ad = versions
+    binary = tmp_path / "v2bin"
+    binary.mkdir()
+    shutil.copy(v2 / "config.json", binary)
+    torch.save(read_all(v2), binary / "pytorch_model.bin")
+    with pytest.raises(ReadaptError, match="--allow-pickle"):
+        port(ad, binary, tmp_path / "o", merge=True)
+    port(ad, binary, tmp_path / "o", merge=True, allow_pickle=True)
+    port(ad, v2, tmp_path / "ref", merge=True)
+    got, ref = read_all(tmp_path / "o"), read_all(tmp_path / "ref")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_warnings_a_user_needs(versions, tmp_path):
+    """Rows carried by id without tokenizers, a --from that is not the recorded base, the same checkpoint on
+    both sides, untied -> tied embeddings; and re-keyed tensors are counted in the summary."""
+    v1, v2, ad = versions
+    head = lora(v1, tmp_path / "head", ["q_proj", "lm_head"])
+    bare = tmp_path / "bare"  # v2 without its tokenizer: same vocabulary size, ids cannot be checked
+    shutil.copytree(v2, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    report = port(head, bare, None)
+    assert any(w.startswith("lm_head.weight carried row for row by token id") for w in report["warnings"])
+    assert not any("by token id" in w for w in port(head, v2, None)["warnings"])
+    report = port(ad, v2, None, from_=v2)
+    assert any("is not the base recorded in the patch" in w for w in report["warnings"])
+    assert any("the same checkpoint" in w for w in report["warnings"])
+    assert not any("recorded" in w for w in port(ad, v2, None, from_=v1)["warnings"])
+    tied = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    emb = lora(v1, tmp_path / "emb", ["embed_tokens"])
+    assert any("now also changes the output layer" in w for w in port(emb, tied, None, from_=v1)["warnings"])
+    renamed = tmp_path / "renamed"
+    shutil.copytree(v2, renamed)
+    from safetensors.torch import save_file
+
+    save_file({k.replace("model.", "model.language_model.", 1): v for k, v in read_all(v2).items()},
+              renamed / "model.safetensors", metadata={"format": "pt"})
+    assert "re-keyed: 14 tensors" in summary(port(ad, renamed, None))
+
+
+def test_drift_layers_in_numeric_order(tmp_path):
+    v1 = save_tiny(tmp_path / "v1", "llama", num_hidden_layers=12)
+    v2 = perturb(v1, tmp_path / "v2", scale=0.05, seed=2)
+    ad = lora(v1, tmp_path / "ad", ["q_proj"])
+    layers = [k for k in port(ad, v2, None, from_=v1)["drift"]["layers"] if k.startswith("layer ")]
+    assert layers == [f"layer {i}" for i in range(12)]

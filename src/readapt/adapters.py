@@ -58,7 +58,7 @@ class PeftAdapter:
 
     kind = "peft-lora"
 
-    def __init__(self, folder: str | Path, label: str | None = None):
+    def __init__(self, folder: str | Path, label: str | None = None, allow_pickle: bool = False):
         self.path = Path(folder)
         self.label = label or str(folder)
         cfg_file = self.path / "adapter_config.json"
@@ -70,7 +70,7 @@ class PeftAdapter:
             raise ReadaptError(f"{cfg_file}: peft_type {self.config.get('peft_type')!r} is not supported "
                                f"(readapt reads LoRA and DoRA adapters)")
         self.dora = bool(self.config.get("use_dora"))
-        self.ckpt = Checkpoint.open(self.path)
+        self.ckpt = Checkpoint.open(self.path, allow_pickle)  # adapter_model.safetensors (or .bin, if allowed)
         self.modules: dict[str, _Module] = {}  # base tensor name -> pieces
         for key in self.ckpt.names:
             rest = key[len(PREFIX):] if key.startswith(PREFIX) else key

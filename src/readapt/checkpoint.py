@@ -430,10 +430,14 @@ def output_folder(path: str | os.PathLike, overwrite: bool = False,
         raise ReadaptError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
     if out.exists() and not out.is_dir():
         raise ReadaptError(f"output path {out} is a file, not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.readapt-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise ReadaptError(f"cannot create the output folder {out}: {err.strerror or err} "
+                           f"({err.filename or out.parent}); choose another -o") from None
     try:
         yield tmp
     except BaseException:
@@ -486,7 +490,7 @@ def compare_configs(a: dict | None, b: dict | None, a_name: str, b_name: str) ->
 
     Errors: fields that change the tensors (hidden size, layers, vocab, tying...). Warnings: every other
     differing field (rope_theta, rope_scaling, sliding_window, max_position_embeddings, softcapping...),
-    which a weight difference cannot carry: the output keeps the base's value.
+    which a weight difference cannot carry: the output keeps `a`'s value (a is the base written to).
     """
     if not a or not b:
         return [], []
@@ -498,5 +502,5 @@ def compare_configs(a: dict | None, b: dict | None, a_name: str, b_name: str) ->
         if key in SHAPE_FIELDS:
             errors.append(text)
         else:
-            warnings.append(text + " (a weight difference cannot carry it; the output keeps the base's value)")
+            warnings.append(text + f" (a weight difference cannot carry it; the output keeps {a_name}'s value)")
     return errors, warnings

@@ -202,8 +202,9 @@ def _add_port(sub) -> None:
     p.add_argument("patch", help="PEFT LoRA/DoRA adapter folder or delta folder (readapt extract) made on the old version")
     p.add_argument("--to", required=True, metavar="NEW_BASE", help="the new version: folder or model id in the local HF cache")
     p.add_argument("--from", dest="from_", default=None, metavar="OLD_BASE",
-                   help="the old version the patch was made on: adds version drift statistics to the report and "
-                   "rescales DoRA magnitudes (default: the base recorded in the patch, when found locally)")
+                   help="the old version the patch was made on: adds the version drift statistics to the report. "
+                   "Without it, the base recorded in the patch (when found locally) is used for DoRA magnitude "
+                   "rescaling, modules_to_save patches and the old tokenizer, but no drift is computed")
     p.add_argument("-o", "--output", default=None, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--merge", action="store_true", help="write NEW_BASE + PATCH as a complete model folder")
@@ -211,6 +212,7 @@ def _add_port(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the report only; write nothing (no -o needed)")
     p.add_argument("--dtype", default=None, help="with --merge: output dtype (default: NEW_BASE's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+    _common_inputs(p)
 
     def run(a):
         from readapt.port import port, summary
@@ -219,9 +221,11 @@ def _add_port(sub) -> None:
             raise ReadaptError("port needs -o OUTPUT (or --dry-run to print the report only)")
         report = port(
             a.patch, a.to, None if a.dry_run else a.output, from_=a.from_, merge=a.merge, strict=a.strict,
-            overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size,
+            overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size, allow_pickle=a.allow_pickle,
         )
         print(summary(report))
+        if a.dry_run:
+            print("  dry run: nothing written" + (f" (-o {a.output} ignored)" if a.output else ""))
 
     p.set_defaults(func=run)
 

@@ -107,7 +107,7 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
         addend: Addend = DeltaFolder(path, label=str(spec))
         check_configs(base, addend.config, f"the base the delta {spec} was made from")
     elif is_peft_folder(path):
-        addend = PeftAdapter(path, label=str(spec))
+        addend = PeftAdapter(path, label=str(spec), allow_pickle=allow_pickle)
     elif (path / "config.json").is_file():
         other = Checkpoint.open(path, allow_pickle)
         check_configs(base, other.config, str(spec))

@@ -49,8 +49,8 @@ import torch
 
 from readapt import __version__
 from readapt.adapters import PREFIX, PeftAdapter, is_peft_folder
-from readapt.checkpoint import (Checkpoint, compare_configs, output_folder, progress, read_blocks, resolve_model,
-                                write_file, write_tensors)
+from readapt.checkpoint import (Checkpoint, compare_configs, is_finite, output_folder, progress, read_blocks,
+                                resolve_model, write_file, write_tensors)
 from readapt.delta import MANIFEST, DeltaFolder, is_delta_folder
 from readapt.errors import ReadaptError
 
@@ -202,7 +202,7 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
         rows = vocab.rows(shape[0], new_shape[0])
         st = vocab.stats
         return Item(name, new_name, "adjusted", f"vocabulary rows matched by token string: {st['shared_tokens']} "
-                    f"shared tokens carried, {st['new_tokens']} new tokens and {st['rows_without_token']} untokenised "
+                    f"shared tokens carried, {st['new_tokens']} new token(s) and {st['rows_without_token']} untokenised "
                     f"rows get no patch, {st['old_rows_dropped']} old rows dropped" + renamed, shape, new_shape, rows)
     if shape == new_shape:
         note = " (tokenizers not compared: one is missing)" if is_vocab else ""
@@ -217,17 +217,44 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
 
 
 def _config_warnings(old_cfg: dict | None, new_cfg: dict | None) -> list[str]:
-    if not old_cfg or not new_cfg:
+    if not new_cfg:
+        return ["the new base (--to) has no config.json: its architecture and config were not checked"]
+    if not old_cfg:
         return ["the old base's config is unknown (pass --from OLD_BASE): config differences were not checked"]
-    errors, warns = compare_configs(old_cfg, new_cfg, "the old base", "the new base")
-    return [e + " (tensors whose shape it changes are handled one by one below)" for e in errors] + warns
+    errors, warns = compare_configs(new_cfg, old_cfg, "the new base", "the old base")
+    return [e + " (each tensor it affects is carried, adjusted or skipped on its own: see the list)"
+            for e in errors] + warns
 
 
-def _open_old(spec, source: str) -> tuple[Checkpoint | None, str]:
+def _open_old(spec, source: str, allow_pickle: bool) -> tuple[Checkpoint | None, str]:
     try:
-        return Checkpoint.open(spec), source
+        return Checkpoint.open(spec, allow_pickle), source
     except ReadaptError as err:
         return None, f"{spec} recorded in the patch could not be opened ({err})"
+
+
+def _open_model(spec, flag: str, allow_pickle: bool) -> Checkpoint:
+    """The checkpoint `spec` given with `flag`: errors name the flag; adapters and deltas are refused."""
+    try:
+        path = resolve_model(spec)
+        if is_peft_folder(path) or is_delta_folder(path):
+            what = "a PEFT adapter" if is_peft_folder(path) else "a delta folder"
+            raise ReadaptError(f"{spec} is {what}, not a model: pass the model folder (or model id) of that version")
+        return Checkpoint.open(path, allow_pickle)
+    except ReadaptError as err:
+        raise ReadaptError(f"{flag} {spec}: {err}") from None
+
+
+def _recorded_base(src) -> str | None:
+    """The old base a patch says it was made on: PEFT's base_model_name_or_path, or a delta's manifest."""
+    if isinstance(src, DeltaFolder):
+        rec = src.manifest.get("base") or {}
+        return next((s for s in (rec.get("path"), rec.get("spec")) if s and Path(s).is_dir()), None)
+    return src.config.get("base_model_name_or_path") or None
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,7 +263,8 @@ def _open_old(spec, source: str) -> tuple[Checkpoint | None, str]:
 
 def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike | None, *,
          from_: str | os.PathLike | None = None, merge: bool = False, strict: bool = False,
-         overwrite: bool = False, dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB") -> dict:
+         overwrite: bool = False, dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
+         allow_pickle: bool = False) -> dict:
     """Carry `patch` (a PEFT LoRA/DoRA adapter or a delta folder made on an old version) to the new base `to`.
 
     Writes at `out`: θ′ + P as a complete model folder (merge=True, the folder `readapt merge` writes), or
@@ -245,29 +273,32 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     nothing written). `from_` is the old base: it enables the drift statistics and DoRA magnitude
     rescaling (without it the base recorded in the patch is used for the latter when it is found locally).
     Refuses: a different architecture, PEFT keys that match nothing in `to`, nothing carried, and with
-    strict=True any skipped tensor.
+    strict=True any skipped tensor. Pickled .bin weights are read only with allow_pickle=True.
     """
-    new = Checkpoint.open(to)
+    if dtype is not None and not merge:
+        raise ReadaptError("--dtype (dtype=) applies only with --merge: a retargeted patch keeps its own dtype")
+    new = _open_model(to, "--to", allow_pickle)
     new_cfg = new.config or {}
-    patch_path = resolve_model(patch)
-    old, old_source = (Checkpoint.open(from_), "--from") if from_ is not None else (None, "")
+    try:
+        patch_path = resolve_model(patch)
+    except ReadaptError as err:
+        raise ReadaptError(f"PATCH {patch}: {err}") from None
+    old, old_source = (_open_model(from_, "--from", allow_pickle), "--from") if from_ is not None else (None, "")
     if is_peft_folder(patch_path):
-        src = PeftAdapter(patch_path, label=str(patch))
-        if old is None and src.config.get("base_model_name_or_path"):
-            recorded = src.config["base_model_name_or_path"]
-            old, old_source = _open_old(recorded, f"base_model_name_or_path in {patch_path / 'adapter_config.json'}")
+        src = PeftAdapter(patch_path, label=str(patch), allow_pickle=allow_pickle)
+        recorded = _recorded_base(src)
+        if old is None and recorded:
+            old, old_source = _open_old(recorded, f"base_model_name_or_path in {patch_path / 'adapter_config.json'}",
+                                        allow_pickle)
         targets = src.targets()
         old_cfg = old.config if old is not None else None
         old_class = (src.config.get("auto_mapping") or {}).get("base_model_class")
         kind = "peft-dora" if src.dora else "peft-lora"
     elif is_delta_folder(patch_path):
         src = DeltaFolder(patch_path, label=str(patch))
-        if old is None:
-            rec = src.manifest.get("base") or {}
-            for spec in (rec.get("path"), rec.get("spec")):
-                if spec and Path(spec).is_dir():
-                    old, old_source = _open_old(spec, f"the base recorded in {patch_path / MANIFEST}")
-                    break
+        recorded = _recorded_base(src)
+        if old is None and recorded:
+            old, old_source = _open_old(recorded, f"the base recorded in {patch_path / MANIFEST}", allow_pickle)
         targets = src.targets()
         old_cfg = old.config if old is not None else src.config
         old_class, kind = None, "delta"
@@ -326,6 +357,26 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
             and any(it.name.endswith("embed_tokens.weight") and it.status != "skipped" for it in items):
         warnings.append("the old base tied lm_head to embed_tokens, the new one has its own lm_head: the embed_tokens "
                         "patch is carried to embed_tokens only; the new lm_head gets no patch")
+    if old_cfg and not old_cfg.get("tie_word_embeddings") and new_cfg.get("tie_word_embeddings") \
+            and any(it.name.endswith("embed_tokens.weight") and it.status != "skipped" for it in items):
+        warnings.append("the new base ties lm_head to embed_tokens, the old one did not: the embed_tokens patch now "
+                        "also changes the output layer")
+    by_id = [it.new_name for it in items if it.status == "carried" and "tokenizers not compared" in it.why]
+    if by_id:
+        warnings.append(f"{', '.join(by_id)} carried row for row by token id, because the tokenizers were not compared "
+                        f"(old: {vocab.old_from}; new: {vocab.new_from}); if the new version moved tokens to other "
+                        f"ids these rows are patched wrongly: make both tokenizers available (the old one with --from "
+                        f"OLD_BASE or in the patch folder, the new one in NEW_BASE)")
+    if from_ is not None and recorded:
+        try:
+            rec_path = resolve_model(recorded)
+        except ReadaptError:
+            rec_path = None
+        if rec_path is not None and not _same_folder(rec_path, old.path):
+            warnings.append(f"--from {from_} is not the base recorded in the patch ({recorded}): the drift, DoRA "
+                            f"rescaling, modules_to_save patches and old vocabulary all come from --from")
+    if old is not None and _same_folder(old.path, new.path):
+        warnings.append("the old base and --to are the same checkpoint: nothing changed between the versions")
     if kind == "peft-dora" and old is None:
         warnings.append("DoRA magnitudes carried verbatim: they are the old model's fine-tuned row norms and override "
                         "the new base's; pass --from OLD_BASE to rescale them (m′ = m·‖W_new‖/‖W_old‖)")
@@ -337,7 +388,8 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "patch": {"spec": str(patch), "path": str(patch_path.resolve()), "kind": kind},
         "new_base": {"spec": str(to), "path": str(new.path.resolve()), "model_type": new_type},
-        "old_base": {"spec": str(old.path) if old else None, "source": old_source or "unknown"},
+        "old_base": {"spec": str(old.path) if old else None, "path": str(old.path.resolve()) if old else None,
+                     "source": old_source or "unknown"},
         "output": None if out is None else {"path": str(Path(out).absolute()), "merged": merge},
         "counts": {s: sum(it.status == s for it in items) for s in ("carried", "adjusted", "skipped")},
         "vocabulary": vocab.stats or None,
@@ -379,8 +431,8 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
         if merge:
             from readapt.merge import merge as merge_fn
 
-            merge_fn(to, out, [(ported, 1.0)], dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size,
-                     extra_files={REPORT: text})
+            merge_fn(to, out, [(ported, 1.0)], dtype=dtype, overwrite=overwrite,
+                     max_shard_size=max_shard_size, allow_pickle=allow_pickle, extra_files={REPORT: text})
             return report
         with output_folder(out, overwrite, inputs=[patch_path, new.path] + ([old.path] if old else [])) as dst:
             if kind == "delta":
@@ -412,6 +464,9 @@ def _write_peft(folder: Path, src: PeftAdapter, items: list[Item], new: Checkpoi
                 if part.startswith("base_layer"):
                     continue
                 t = src.ckpt.read(key)
+                if not is_finite(t):
+                    raise ReadaptError(f"the patch {src.path} has NaN/Inf values in {key!r} "
+                                       f"({src.ckpt.infos[key].file.name}): it cannot be ported")
                 if part in ("weight", "bias") or part.startswith("modules_to_save"):
                     P = t.float().sub_(old.read(it.name).float())  # the patch, on the old tensor's rows
                     if it.rows is not None:
@@ -504,9 +559,11 @@ def _write_delta(folder: Path, ported: PortedDelta, report: dict, max_shard_size
                 "formula": "delta ported to a new base by readapt port (PortLLM): see port_report.json",
                 "base": {"spec": report["new_base"]["spec"], "path": report["new_base"]["path"],
                          "model_type": report["new_base"]["model_type"]},
+                "tuned": None,  # the old tuned model is no base + Δ here: see ported_from
                 "base_config": ported.config, "tensor_count": len(plan),
                 "skipped": [m["name"] for m in report["modules"] if m["status"] == "skipped"],
-                "ported_from": {"delta": report["patch"]["path"], "base": ported.src.manifest.get("base")}}
+                "ported_from": {"delta": report["patch"]["path"], "base": ported.src.manifest.get("base"),
+                                "tuned": ported.src.manifest.get("tuned")}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -582,6 +639,7 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
                 d2, w2, p2, pd = dot(D, D), dot(Wo, Wo), dot(P, P), dot(P, D)
                 del Wn, Wo, D
             else:  # another shape: no drift to report
+                per_tensor[n] = {"drift": None, "note": f"shape {list(old.shape(o))} -> {list(new.shape(n))}: not compared"}
                 continue
             patched, P = it is not None, None
             row = {"drift": math.sqrt(d2 / w2) if w2 else None}
@@ -593,6 +651,7 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
             for k, v in enumerate((d2, w2, p2, pd)):
                 a[k] += v
             bar.update(new.infos[n].end - new.infos[n].start)
+    acc = dict(sorted(acc.items(), key=lambda kv: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", kv[0])]))
     layers = {k: {"drift": math.sqrt(d2 / w2) if w2 else None,
                   "patch_to_drift": math.sqrt(p2 / d2) if d2 and p2 else None,
                   "cos_patch_drift": pd / math.sqrt(p2 * d2) if p2 and d2 else None}
@@ -624,16 +683,24 @@ def summary(report: dict) -> str:
         lines.append(f"  {m['status']:9s} {m['name']}: {m['why']}")
     if len(rest) > 40:
         lines.append(f"  ... {len(rest) - 40} more adjusted/skipped tensors in {REPORT}")
+    renamed = [m for m in report["modules"] if m["new_name"] and m["new_name"] != m["name"]]
+    if renamed:
+        m = renamed[0]
+        lines.append(f"  re-keyed: {len(renamed)} tensor{'s' * (len(renamed) != 1)} matched to a new name by their "
+                     f"common suffix, e.g. {m['name']} -> {m['new_name']} (all in {REPORT})")
     v = report.get("vocabulary")
     if v:
         lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens "
-                     f"carried, {v['new_tokens']} new tokens without patch")
+                     f"carried (matched by token string), {v['new_tokens']} new token{'s' * (v['new_tokens'] != 1)} "
+                     f"without patch")
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
     d = report.get("drift")
     if d:
         lines.append(f"  drift vs the old base (total): drift {_fmt(d['total']['drift'])}, patch/drift "
                      f"{_fmt(d['total']['patch_to_drift'])}, cos {_fmt(d['total']['cos_patch_drift'])}")
+        lines.append("    drift = ‖θ′−θ‖/‖θ‖ (how far the new version moved); patch/drift = ‖P‖/‖θ′−θ‖ (the patch "
+                     "is small next to the move when ≪ 1); cos = cos(P, θ′−θ) (≈ 0: unrelated directions)")
         lines.append(f"    {'layer':28s} {'drift':>9s} {'patch/drift':>12s} {'cos':>9s}")
         for k, r in d["layers"].items():
             lines.append(f"    {k:28s} {_fmt(r['drift']):>9s} {_fmt(r['patch_to_drift']):>12s} "
