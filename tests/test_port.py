@@ -403,6 +403,16 @@ def test_pickled_new_base_needs_allow_pickle(versions, tmp_path):
     port(ad, v2, tmp_path / "ref", merge=True)
     got, ref = read_all(tmp_path / "o"), read_all(tmp_path / "ref")
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    pickled = tmp_path / "adbin"  # a PEFT adapter saved with safe_serialization=False
+    shutil.copytree(ad, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(read_all(ad), pickled / "adapter_model.bin")
+    with pytest.raises(ReadaptError, match="--allow-pickle"):
+        port(pickled, v2, tmp_path / "o2", merge=True)
+    port(pickled, v2, tmp_path / "o2", merge=True, allow_pickle=True)
+    merge(v2, tmp_path / "o3", [(pickled, 1.0)], allow_pickle=True)
+    for out in ("o2", "o3"):
+        got = read_all(tmp_path / out)
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_warnings_a_user_needs(versions, tmp_path):
