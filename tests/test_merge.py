@@ -363,18 +363,22 @@ def test_tiny_model_logits_after_merge(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, dtype):
-    """Delta/checkpoint addends are merged in float32 blocks; block size must not change a single bit."""
+    """Extract and delta/checkpoint merges run in float32 blocks; block size must not change a single bit."""
     import importlib
 
-    rm = importlib.import_module("readapt.merge")  # the module (readapt.merge is the function)
+    ck = importlib.import_module("readapt.checkpoint")
 
     base = save_tiny(tmp_path / "base", "qwen2", dtype=dtype)
     inst = perturb(base, tmp_path / "inst", scale=0.05)
     delta = readapt.extract(base, inst, tmp_path / "d")
     adds = [[(delta, 1.0)], [(inst, 0.5)], [(delta, 0.5), (inst, 0.25)]]
     whole = [read_all(readapt.merge(base, tmp_path / f"w{i}", a)) for i, a in enumerate(adds)]
-    monkeypatch.setattr(rm, "BLOCK", 7)
+    half = read_all(readapt.extract(base, inst, tmp_path / "dh", dtype="bfloat16"))
+    monkeypatch.setattr(ck, "BLOCK", 7)
     blocks = [read_all(readapt.merge(base, tmp_path / f"b{i}", a)) for i, a in enumerate(adds)]
+    for d_whole, d_blocks in ((read_all(delta), read_all(readapt.extract(base, inst, tmp_path / "d7"))),
+                              (half, read_all(readapt.extract(base, inst, tmp_path / "dh7", dtype="bfloat16")))):
+        assert d_whole.keys() == d_blocks.keys() and all(torch.equal(d_whole[n], d_blocks[n]) for n in d_whole)
     b, d, t = read_all(base), read_all(delta), read_all(inst)
     for w, k in zip(whole, blocks):
         assert all(torch.equal(w[n], k[n]) for n in w)

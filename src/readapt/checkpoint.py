@@ -307,6 +307,28 @@ def shard_plan(plan: Plan, max_shard_bytes: int) -> list[list[tuple[str, torch.d
 
 
 COPY_BLOCK = 1 << 24  # bytes per block when a stored tensor is copied unchanged
+BLOCK = 1 << 20  # elements per float32 work block of an elementwise job (4 MB: stays in cache while checked)
+
+
+@dataclass
+class Blocks:
+    """A tensor computed block by block: its dtype and shape, and its elements as consecutive 1-D blocks.
+    `write_tensors` writes each block as it comes, so the whole tensor never exists in memory."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    blocks: Iterable[torch.Tensor]
+
+
+def aligned_blocks(*stored: TensorInfo | torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The same BLOCK-element slice of each of `stored` (`Checkpoint.stored` values of one shape), read
+    side by side, in their stored dtypes."""
+    return zip(*(read_blocks(s, BLOCK * s.dtype.itemsize) for s in stored))
+
+
+def float32_view(block: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """`block` as float32: itself if it is float32, else converted into the reused buffer `buf`."""
+    return block if block.dtype == torch.float32 else buf[: block.numel()].copy_(block)
 
 
 def read_blocks(stored: TensorInfo | torch.Tensor, nbytes: int | None = None) -> Iterator[torch.Tensor]:
@@ -333,7 +355,7 @@ def read_blocks(stored: TensorInfo | torch.Tensor, nbytes: int | None = None) ->
             yield view.view(info.dtype)
 
 
-def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.Tensor | TensorInfo]], *,
+def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.Tensor | TensorInfo | Blocks]], *,
                   prefix: str = "model", max_shard_size: int | str = "5GB",
                   metadata: dict[str, str] | None = None, check_finite: bool = True) -> list[Path]:
     """Stream `tensors` (in `plan` order, matching its dtypes and shapes) into safetensors shards.
@@ -342,7 +364,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
     `{prefix}.safetensors.index.json` (the layout transformers and peft load). Each shard's header is
     written first from the plan, then each tensor's bytes as it arrives: one tensor in memory at a time.
     A TensorInfo instead of a tensor (`Checkpoint.stored`) is copied unchanged from its file in 16 MB
-    blocks. Non-finite values raise ReadaptError naming the tensor (check_finite=False: the caller
+    blocks; a `Blocks` is written block by block as it is computed. Non-finite values raise ReadaptError naming the tensor (check_finite=False: the caller
     checked the tensors it computed; copied blocks are always checked).
     """
     folder = Path(folder)
@@ -369,13 +391,18 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
                     raise RuntimeError(f"writer expected {name} {dtype} {list(shape)}, got {got_name} "
                                        f"{t.dtype} {list(t.shape)}")  # a bug in the job, not user input
                 copied = isinstance(t, TensorInfo)
-                for block in read_blocks(t) if copied else [t.contiguous().view(-1)]:
+                blocks = read_blocks(t) if copied else t.blocks if isinstance(t, Blocks) else [t.contiguous().view(-1)]
+                written = 0
+                for block in blocks:
                     if (copied or check_finite) and not is_finite(block):
                         raise ReadaptError(f"tensor {name!r} has NaN/Inf values; nothing was written. Check the "
                                            f"inputs and scales (a NaN in an input tensor propagates).")
                     f.write(block.view(torch.uint8).numpy().data)
+                    written += block.numel() * block.element_size()
+                if written != _nbytes(dtype, shape):
+                    raise RuntimeError(f"writer got {written} bytes for {name}, expected {_nbytes(dtype, shape)}")
                 weight_map[name] = fname
-                t = block = None  # not held while the producer computes the next tensor
+                t = block = blocks = None  # not held while the producer computes the next tensor
         total += offset
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

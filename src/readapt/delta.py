@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -25,8 +26,9 @@ from pathlib import Path
 import torch
 
 from readapt import __version__
-from readapt.checkpoint import (Checkpoint, TensorInfo, compare_configs, output_folder, parse_dtype, progress,
-                                write_tensors)
+from readapt import checkpoint
+from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, compare_configs, float32_view,
+                                output_folder, parse_dtype, progress, write_tensors)
 from readapt.errors import ReadaptError
 
 MANIFEST = "readapt_delta.json"
@@ -80,7 +82,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             max_shard_size: int | str = "5GB", allow_pickle: bool = False) -> Path:
     """Write the RE-Adapter Δ = tuned − base (float32 arithmetic) as a delta folder at `out`.
 
-    Streams one tensor pair at a time. `dtype` is the stored dtype of Δ (default float32, which makes
+    Streams block by block: one BLOCK-element slice of each input at a time, whatever the tensor size. `dtype` is the stored dtype of Δ (default float32, which makes
     base + 1.0·Δ reproduce `tuned` exactly). Returns the output folder.
     """
     b, t = Checkpoint.open(base, allow_pickle), Checkpoint.open(tuned, allow_pickle)
@@ -98,14 +100,20 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
         "base_config": b.config,
     }
 
+    def difference(n: str):
+        """Δ[n] = Θ[n] − Φ[n] in float32, block by block from both files (reused buffers)."""
+        size = min(math.prod(b.shape(n)), checkpoint.BLOCK)
+        buf = torch.empty(size) if t.dtype(n) != torch.float32 else None
+        out = torch.empty(size, dtype=out_dtype) if out_dtype != torch.float32 else None
+        for theta, phi in aligned_blocks(t.stored(n), b.stored(n)):
+            d = float32_view(theta, buf).sub_(phi)  # Φ's block is widened to float32 by the subtraction
+            yield d if out is None else out[: d.numel()].copy_(d)
+
     def tensors():
         with progress(sum(b.infos[n].end - b.infos[n].start for n in floats), "extract") as bar:
             for n in floats:
-                d = t.read(n).float()
-                d = d.sub_(b.read(n).float())  # Δ = Θ − Φ, one pair in memory
                 bar.update(b.infos[n].end - b.infos[n].start)
-                yield n, d.to(out_dtype)
-                del d  # before the next pair is read: a generator frame keeps what it yielded
+                yield n, Blocks(out_dtype, b.shape(n), difference(n))
 
     with output_folder(out, overwrite, inputs=[b.path, t.path]) as tmp:
         write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size,

@@ -28,8 +28,9 @@ import torch
 
 from readapt import __version__
 from readapt.adapters import PeftAdapter, is_peft_folder
-from readapt.checkpoint import (Checkpoint, TensorInfo, copy_side_files, is_finite, output_folder, parse_dtype,
-                                progress, read_blocks, resolve_model, write_tensors)
+from readapt import checkpoint
+from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, copy_side_files, float32_view,
+                                is_finite, output_folder, parse_dtype, progress, resolve_model, write_tensors)
 from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, shared_tensors
 from readapt.errors import ReadaptError
 
@@ -132,11 +133,12 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
 
 def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
                 dtype: torch.dtype | None = None, copy_untouched: bool = False
-                ) -> Iterator[tuple[str, torch.Tensor | TensorInfo]]:
+                ) -> Iterator[tuple[str, torch.Tensor | TensorInfo | Blocks]]:
     """Yield (name, Ω[name]) for every base tensor, Ω = Φ + Σ sᵢ·Ψᵢ in float32, cast to `dtype`
-    (default: each tensor's own dtype). One base tensor and one addend tensor in memory at a time.
-    With copy_untouched, a tensor no addend touches (and no cast changes) is yielded as its location,
-    which write_tensors copies in blocks without loading it."""
+    (default: each tensor's own dtype). With copy_untouched, a tensor no addend touches (and no cast
+    changes) is yielded as its location, which write_tensors copies in blocks without loading it.
+    Tensors that only delta/checkpoint addends touch are yielded as `Blocks` computed from the files
+    block by block; the others (LoRA terms, DoRA, casts) as one tensor, the only one in memory."""
     touched = [(a, s, set(a.targets())) for a, s in addends]
     for name in base.names:
         terms = [(a, s) for a, s, names in touched if name in names]
@@ -144,58 +146,57 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
         if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
             yield name, base.stored(name) if copy_untouched else base.read(name)
             continue
-        raw = base.read(name)
-        if not terms or not floating:  # a cast only
-            W = raw if not floating else raw.to(dtype)
-        elif all(hasattr(a, "stored") for a, _ in terms):
-            W = _elementwise(name, raw, terms, dtype or raw.dtype)  # finite-checked block by block
-        else:
-            out_dtype = dtype or raw.dtype
-            W = raw.float()  # Φ in float32 (a fresh buffer unless it already was float32)
-            del raw
+        out_dtype = (dtype or base.dtype(name)) if floating else base.dtype(name)
+        if terms and floating and all(hasattr(a, "stored") for a, _ in terms):
+            yield name, Blocks(out_dtype, base.shape(name), _elementwise(name, base, terms, dtype))
+            continue
+        W = base.read(name)
+        if terms and floating:
+            W = W.float()  # Φ in float32 (a fresh buffer unless it already was float32; the raw one is freed)
             W = _apply(name, W, terms)
-            W = W.to(out_dtype) if is_finite(W) else None
-        if W is None or not terms and not is_finite(W):
-            if not is_finite(base.read(name)):
-                raise ReadaptError(f"tensor {name!r} of the base checkpoint {base.path} has NaN/Inf values")
-            cause = f"adding {', '.join(a.label for a, _ in terms)}" if terms else f"casting to {dtype}"
-            raise ReadaptError(f"tensor {name!r} has NaN/Inf after {cause} (check the adapter, scale and dtype); "
-                               f"nothing was written")
+        W = W.to(out_dtype)
+        if not is_finite(W):
+            raise _not_finite(name, base, terms, dtype)
         yield name, W
-        W = raw = None  # before the next tensor is read: a generator frame keeps what it yielded
+        W = None  # before the next tensor is read: a generator frame keeps what it yielded
 
 
-BLOCK = 1 << 20  # elements per float32 work block (4 MB: stays in cache while it is checked)
+def _not_finite(name: str, base: Checkpoint, terms, dtype) -> ReadaptError:
+    """The error for a non-finite Ω[name]: the base's own NaN/Inf, or what the merge added."""
+    if not is_finite(base.read(name)):
+        return ReadaptError(f"tensor {name!r} of the base checkpoint {base.path} has NaN/Inf values")
+    cause = f"adding {', '.join(a.label for a, _ in terms)}" if terms else f"casting to {dtype}"
+    return ReadaptError(f"tensor {name!r} has NaN/Inf after {cause} (check the adapter, scale and dtype); "
+                        f"nothing was written")
 
 
-def _elementwise(name: str, raw: torch.Tensor, terms: Sequence[tuple[Addend, float]],
-                 out_dtype: torch.dtype) -> torch.Tensor | None:
-    """`_apply` for addends stored elementwise (delta folders: Ψ = D; checkpoints: Ψ = Φ′ − Φ), in
-    float32 blocks of BLOCK elements with the same operations in the same order. The addends are read
-    from their files block by block, so memory is the base and the output in their own dtypes (2× a
-    bf16 tensor), a float32 base being updated in place (1×). None if a block is not finite."""
-    stored = [(read_blocks(st, BLOCK * st.dtype.itemsize), s, hasattr(a, "target"))  # target: Φ′, else Ψ
-              for a, s in terms for st in [a.stored(name)]]
-    out = raw if raw.dtype == out_dtype == torch.float32 else torch.empty(raw.shape, dtype=out_dtype)
-    src, dst = raw.view(-1), out.view(-1)
-    for i in range(0, src.numel(), BLOCK):
-        W = src[i:i + BLOCK].float()  # a view of `out` when both are float32: updated in place
-        if len(stored) == 1:
-            blocks, s, is_target = stored[0]
-            x = next(blocks).float()
+def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, float]],
+                 dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+    """Ω[name] block by block for addends stored elementwise (delta folders: Ψ = D; checkpoints:
+    Ψ = Φ′ − Φ): `_apply`'s operations in the same order on BLOCK-element float32 blocks read side by
+    side from the base's and the addends' files. Memory: one block of each input, reused, whatever
+    the tensor's size. Each output block is finite-checked while it is in cache."""
+    out_dtype = dtype or base.dtype(name)
+    sources = [base.stored(name)] + [a.stored(name) for a, _ in terms]
+    n = min(math.prod(base.shape(name)), checkpoint.BLOCK)
+    bufs = [torch.empty(n) if s.dtype != torch.float32 else None for s in sources]  # float32 work buffers
+    out = torch.empty(n, dtype=out_dtype) if out_dtype != torch.float32 else None
+    scales = [(s, hasattr(a, "target")) for a, s in terms]  # target: the addend stores Φ′, else Ψ
+    for blocks in aligned_blocks(*sources):
+        W, *xs = [float32_view(b, buf) for b, buf in zip(blocks, bufs)]
+        if len(xs) == 1:
+            (s, is_target), x = scales[0], xs[0]
             W = W.lerp_(x, s) if is_target else W.add_(x, alpha=s)
         else:
             acc = None
-            for blocks, s, is_target in stored:
-                d = next(blocks).float()
+            for (s, is_target), d in zip(scales, xs):
                 d = d.sub_(W) if is_target else d
                 acc = d.mul_(s) if acc is None else acc.add_(d, alpha=s)
             W = W.add_(acc)
-        if W.data_ptr() != dst[i:i + BLOCK].data_ptr():
-            dst[i:i + BLOCK] = W
-        if not is_finite(dst[i:i + BLOCK]):  # checked in the output dtype, while the block is in cache
-            return None
-    return out
+        W = W if out is None else out[: W.numel()].copy_(W)
+        if not is_finite(W):
+            raise _not_finite(name, base, terms, dtype)
+        yield W
 
 
 def _apply(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]]) -> torch.Tensor:
@@ -310,7 +311,13 @@ def copy_merged(model, base: Checkpoint, addends: Sequence[tuple[Addend, float]]
             continue  # untouched: the model holds Φ[name] already
         if name not in params:
             raise ReadaptError(f"{base.path}: tensor {name!r} is not a parameter of {type(model).__name__}")
-        params[name].copy_(t)
+        if isinstance(t, Blocks):
+            dst, i = params[name].view(-1), 0
+            for block in t.blocks:
+                dst[i:i + block.numel()].copy_(block)
+                i += block.numel()
+        else:
+            params[name].copy_(t)
 
 
 def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: str | torch.dtype | None = None,
