@@ -10,8 +10,10 @@ Why not `safetensors.safe_open` / `save_file`? `safe_open` memory-maps the whole
 job touches stays in its resident set until the file is closed, so peak RSS (as `/usr/bin/time -v`
 counts it) grows with the shard size; `save_file` needs the whole shard in memory. Here a tensor is read
 with one `readinto` into a buffer we own and written with one `write`, so memory is bounded by the
-largest tensor. The format is plain safetensors (8-byte header length, JSON header, raw little-endian
-data) and the tests check that safetensors itself loads what we write.
+largest tensor; elementwise jobs (extract, delta/checkpoint merges) go further and read, combine and
+write aligned blocks of 1M elements (`aligned_blocks`, `Blocks`), so no tensor is ever held whole. The
+format is plain safetensors (8-byte header length, JSON header, raw little-endian data) and the tests
+check that safetensors itself loads what we write.
 """
 
 from __future__ import annotations
