@@ -49,7 +49,8 @@ import torch
 
 from readapt import __version__
 from readapt.adapters import PREFIX, PeftAdapter, is_peft_folder
-from readapt.checkpoint import (Checkpoint, compare_configs, is_finite, output_folder, progress, read_blocks,
+from readapt import checkpoint
+from readapt.checkpoint import (Checkpoint, aligned_blocks, compare_configs, is_finite, output_folder, progress,
                                 resolve_model, write_file, write_tensors)
 from readapt.delta import MANIFEST, DeltaFolder, is_delta_folder
 from readapt.errors import ReadaptError
@@ -576,33 +577,30 @@ def _layer(name: str) -> str:
     return f"layer {int(m.group(1))}" if m else name.removesuffix(".weight")
 
 
-CHUNK = 1 << 20  # elements per float64 work chunk of the drift sums
-
-
 class _Dots:
-    """⟨a, b⟩ summed in float64, CHUNK elements at a time, widened into two reused float64 buffers (no
+    """⟨a, b⟩ summed in float64, BLOCK elements at a time, widened into two reused float64 buffers (no
     float64 copy of a whole tensor, and no fresh allocation per chunk)."""
 
     def __init__(self):
-        self.x, self.y = torch.empty(CHUNK, dtype=torch.float64), torch.empty(CHUNK, dtype=torch.float64)
+        n = checkpoint.BLOCK
+        self.x, self.y = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> float:
         total, same = 0.0, a.data_ptr() == b.data_ptr() and a.dtype == b.dtype  # ‖a‖²: widen once
-        for u, v in zip(a.reshape(-1).split(CHUNK), b.reshape(-1).split(CHUNK)):
+        for u, v in zip(a.reshape(-1).split(checkpoint.BLOCK), b.reshape(-1).split(checkpoint.BLOCK)):
             x = self.x[: u.numel()].copy_(u)
             total += float(x.dot(x if same else self.y[: v.numel()].copy_(v)))
         return total
 
     def drift(self, new: Checkpoint, n: str, old: Checkpoint, o: str,
               P: torch.Tensor | None = None) -> tuple[float, float, float, float]:
-        """(‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩) for D = θ′ − θ of one tensor pair read in CHUNK-element blocks (never
+        """(‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩) for D = θ′ − θ of one tensor pair read in BLOCK-element blocks (never
         loaded whole), P the patch on it (0 if None): the same float32 difference and float64 sums as the
         whole-tensor path."""
         d2 = w2 = p2 = pd = 0.0
-        diff = torch.empty(CHUNK)
-        ps = P.reshape(-1).split(CHUNK) if P is not None else itertools.repeat(None)
-        for a, b, p in zip(read_blocks(new.stored(n), CHUNK * new.dtype(n).itemsize),
-                           read_blocks(old.stored(o), CHUNK * old.dtype(o).itemsize), ps):
+        diff = torch.empty(checkpoint.BLOCK)
+        ps = P.reshape(-1).split(checkpoint.BLOCK) if P is not None else itertools.repeat(None)
+        for (a, b), p in zip(aligned_blocks(new.stored(n), old.stored(o)), ps):
             d = diff[: a.numel()].copy_(a).sub_(b)  # θ′ − θ in float32
             d2 += self(d, d)
             w2 += self(b, b)
