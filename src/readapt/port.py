@@ -50,8 +50,8 @@ import torch
 from readapt import __version__
 from readapt.adapters import PREFIX, PeftAdapter, is_peft_folder
 from readapt import checkpoint
-from readapt.checkpoint import (Checkpoint, aligned_blocks, compare_configs, is_finite, output_folder, progress,
-                                resolve_model, write_file, write_tensors)
+from readapt.checkpoint import (Checkpoint, TensorInfo, aligned_blocks, compare_configs, is_finite, output_folder,
+                                progress, resolve_model, write_file, write_tensors)
 from readapt.delta import MANIFEST, DeltaFolder, is_delta_folder
 from readapt.errors import ReadaptError
 
@@ -540,14 +540,19 @@ class PortedDelta:
     def targets(self) -> dict[str, tuple[int, ...]]:
         return {n: it.new_shape for n, it in self.items.items()}
 
-    def stored(self, name: str) -> torch.Tensor:
-        """Δ[name] in its stored dtype, rows remapped (merge adds it elementwise, in float32 blocks)."""
+    def stored(self, name: str) -> torch.Tensor | TensorInfo:
+        """Δ[name] as merge and the writer read it block by block: where it is stored, or, when its
+        vocabulary rows move, the remapped tensor."""
+        it = self.items[name]
+        return self.src.ckpt.stored(it.name) if it.rows is None else self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         it = self.items[name]
         d = self.src.ckpt.read(it.name)
         return remap_rows(d, it.rows) if it.rows is not None else d
 
     def delta(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor | None:
-        return self.stored(name).float() if name in self.items else None
+        return self._read(name).float() if name in self.items else None
 
 
 def _write_delta(folder: Path, ported: PortedDelta, report: dict, max_shard_size) -> None:
