@@ -147,6 +147,8 @@ def test_grown_vocabulary_rows_follow_token_strings(tmp_path):
     st = statuses(report)
     assert st["model.embed_tokens.weight"] == st["lm_head.weight"] == "adjusted"
     assert report["vocabulary"]["shared_tokens"] == 64 and report["vocabulary"]["new_tokens"] == 6
+    assert report["vocabulary"]["moved_tokens"] == 60  # every word moved up by 6; the 4 special tokens stayed
+    assert "60 of them moved to another id" in summary(report)
     got, new, F = read_all(tmp_path / "merged"), read_all(v2), factors(ad)
     head = (F["lm_head"][0] @ F["lm_head"][1]) * 2.0  # 64×16 on v1's ids
     emb = (F["model.embed_tokens"][0] @ F["model.embed_tokens"][1]).T * 2.0

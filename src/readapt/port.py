@@ -169,8 +169,10 @@ class Vocab:
             if j < n_new and i is not None and i < n_old:
                 rows[j] = i
         shared = int((rows >= 0).sum())
+        moved = int(((rows >= 0) & (rows != torch.arange(n_new))).sum())  # shared tokens now at another id
         new_tokens = sum(1 for t, j in self.new.items() if j < n_new and (t not in self.old or self.old[t] >= n_old))
-        self.stats = {"old_rows": n_old, "new_rows": n_new, "shared_tokens": shared, "new_tokens": new_tokens,
+        self.stats = {"old_rows": n_old, "new_rows": n_new, "shared_tokens": shared, "moved_tokens": moved,
+                      "new_tokens": new_tokens,
                       "rows_without_token": n_new - shared - new_tokens,
                       "old_rows_dropped": n_old - len(set(rows[rows >= 0].tolist())),
                       "old_tokenizer": self.old_from, "new_tokenizer": self.new_from}
@@ -203,7 +205,8 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
         rows = vocab.rows(shape[0], new_shape[0])
         st = vocab.stats
         return Item(name, new_name, "adjusted", f"vocabulary rows matched by token string: {st['shared_tokens']} "
-                    f"shared tokens carried, {st['new_tokens']} new token(s) and {st['rows_without_token']} untokenised "
+                    f"shared tokens carried ({st['moved_tokens']} of them to another id), {st['new_tokens']} new "
+                    f"token(s) and {st['rows_without_token']} untokenised "
                     f"rows get no patch, {st['old_rows_dropped']} old rows dropped" + renamed, shape, new_shape, rows)
     if shape == new_shape:
         note = " (tokenizers not compared: one is missing)" if is_vocab else ""
@@ -694,8 +697,8 @@ def summary(report: dict) -> str:
     v = report.get("vocabulary")
     if v:
         lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens "
-                     f"carried (matched by token string), {v['new_tokens']} new token{'s' * (v['new_tokens'] != 1)} "
-                     f"without patch")
+                     f"carried (matched by token string; {v['moved_tokens']} of them moved to another id), "
+                     f"{v['new_tokens']} new token{'s' * (v['new_tokens'] != 1)} without patch")
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
     d = report.get("drift")
