@@ -41,8 +41,8 @@ def _wrote(folder) -> int:
     return 0
 
 
-def _common_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", required=True, help="output folder (must not exist unless --overwrite)")
+def _common_output(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-o", "--output", required=required, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
@@ -205,8 +205,7 @@ def _add_port(sub) -> None:
                    help="the old version the patch was made on: adds the version drift statistics to the report. "
                    "Without it, the base recorded in the patch (when found locally) is used for DoRA magnitude "
                    "rescaling, modules_to_save patches and the old tokenizer, but no drift is computed")
-    p.add_argument("-o", "--output", default=None, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _common_output(p, required=False)  # not with --dry-run
     p.add_argument("--merge", action="store_true", help="write NEW_BASE + PATCH as a complete model folder")
     p.add_argument("--strict", action="store_true", help="refuse if any tensor of the patch cannot be carried")
     p.add_argument("--dry-run", action="store_true", help="print the report only; write nothing (no -o needed)")

@@ -600,15 +600,15 @@ class _Dots:
             total += float(x.dot(x if same else self.y[: v.numel()].copy_(v)))
         return total
 
-    def drift(self, new: Checkpoint, n: str, old: Checkpoint, o: str,
+    def drift(self, new: torch.Tensor | TensorInfo, old: torch.Tensor | TensorInfo,
               P: torch.Tensor | None = None) -> tuple[float, float, float, float]:
-        """(‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩) for D = θ′ − θ of one tensor pair read in BLOCK-element blocks (never
-        loaded whole), P the patch on it (0 if None): the same float32 difference and float64 sums as the
-        whole-tensor path."""
+        """(‖D‖², ‖θ‖², ‖P‖², ⟨P, D⟩) for D = θ′ − θ, θ′ and θ given as `Checkpoint.stored` values (read
+        in BLOCK-element blocks, never loaded whole) or tensors, P the patch on it (0 if None): the same
+        float32 difference and float64 sums as the whole-tensor path."""
         d2 = w2 = p2 = pd = 0.0
         diff = torch.empty(checkpoint.BLOCK)
         ps = P.reshape(-1).split(checkpoint.BLOCK) if P is not None else itertools.repeat(None)
-        for (a, b), p in zip(aligned_blocks(new.stored(n), old.stored(o)), ps):
+        for (a, b), p in zip(aligned_blocks(new, old), ps):
             d = diff[: a.numel()].copy_(a).sub_(b)  # θ′ − θ in float32
             d2 += self(d, d)
             w2 += self(b, b)
@@ -632,10 +632,12 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
     with progress(sum(new.infos[n].end - new.infos[n].start for n in floats), "drift") as bar:
         for n in floats:
             it, o = items.get(n), old_of[n]
-            if (it is None or it.rows is None) and new.shape(n) == old.shape(o):
-                # P whole (DoRA's W′ needs θ′ whole while it is computed), θ′ and θ in blocks
-                P = patch.delta(n, new.read(n).float()) if it is not None else None
-                d2, w2, p2, pd = dot.drift(new, n, old, o, P)
+            if it is None and new.shape(n) == old.shape(o):  # unpatched: θ′ and θ in blocks
+                d2, w2, p2, pd = dot.drift(new.stored(n), old.stored(o))
+            elif it is not None and it.rows is None and new.shape(n) == old.shape(o):
+                Wn = new.read(n).float()  # whole: DoRA's W′ needs it; read once, θ in blocks beside it
+                d2, w2, p2, pd = dot.drift(Wn, old.stored(o), patch.delta(n, Wn))
+                del Wn
             elif it is not None and it.rows is not None:  # vocabulary rows: compare the shared tokens
                 keep = it.rows >= 0
                 Wn = new.read(n).float()
