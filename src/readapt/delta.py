@@ -82,8 +82,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             max_shard_size: int | str = "5GB", allow_pickle: bool = False) -> Path:
     """Write the RE-Adapter Δ = tuned − base (float32 arithmetic) as a delta folder at `out`.
 
-    Streams block by block: one BLOCK-element slice of each input at a time, whatever the tensor size. `dtype` is the stored dtype of Δ (default float32, which makes
-    base + 1.0·Δ reproduce `tuned` exactly). Returns the output folder.
+    Streams block by block: one BLOCK-element slice of each input at a time, whatever the tensor size.
+    `dtype` is the stored dtype of Δ (default float32, which makes base + 1.0·Δ reproduce `tuned`
+    exactly). Returns the output folder.
     """
     b, t = Checkpoint.open(base, allow_pickle), Checkpoint.open(tuned, allow_pickle)
     check_configs(b, t.config, "the tuned model")
