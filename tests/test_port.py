@@ -336,6 +336,7 @@ def test_cli(versions, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "14 carried" in out and "drift" in out and (tmp_path / "m" / "port_report.json").is_file()
     assert main(["port", str(ad), "--to", str(v2), "--dry-run"]) == 0
+    assert "dry run: nothing written" in capsys.readouterr().out
     assert main(["port", str(ad), "--to", str(v2), "-o", str(tmp_path / "m")]) == 2  # exists
     assert main(["port", str(ad), "--to", str(v2)]) == 2  # no -o
     assert "-o OUTPUT" in capsys.readouterr().err

@@ -234,18 +234,21 @@ def test_bad_arguments(world, tmp_path):
     assert (tmp_path / "exists").is_dir() and not any((tmp_path / "exists").iterdir())
 
 
-def test_cli(world, tmp_path, capsys):
+def test_cli(world, tmp_path, capfd):
+    """--quiet: no transformers 'Loading weights' bar."""
     from readapt.cli import main
 
     args = ["train", str(world / "base"), "--data", str(world / "data.jsonl"), "--data", str(world / "heldout.txt"),
             "-o", str(tmp_path / "k"), "--rank", "2", "--alpha", "4", "--no-dora", "--max-steps", "2",
             "--batch-size", "4", "--micro-batch-size", "2", "--max-length", "16", "--lr", "1e-3", "--quiet"]
+    capfd.readouterr()
     assert main(args) == 0
+    assert "Loading weights" not in capfd.readouterr().err
     cfg = json.loads((tmp_path / "k" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["lora_alpha"] == 4 and cfg["use_dora"] is False
     assert "heldout.txt" in (tmp_path / "k" / "README.md").read_text()
     assert main(args) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists" in capfd.readouterr().err
 
 
 def test_two_processes_train_what_one_does(world, tmp_path):
@@ -270,3 +273,14 @@ def test_two_processes_train_what_one_does(world, tmp_path):
     two = adapter(tmp_path / "two")
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_model_has_no_deprecation_chatter(world):
+    """peft 0.21 reads transformers 5's deprecated model.is_gradient_checkpointing; lora_model hides that
+    one FutureWarning (it showed once per adapter in the demo's output)."""
+    from readapt.train import lora_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora_model(world / "base", rank=2, alpha=4, dora=False, progress_bar=False)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
