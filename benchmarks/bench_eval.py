@@ -1,6 +1,8 @@
-"""Evaluation speed: BM25 over 100k synthetic passages, and batched greedy QA generation with tiny models.
+"""Evaluation speed: BM25 over 100k synthetic passages, batched greedy QA generation with tiny models, and
+the time and peak memory of `readapt score` on huge responses.
 
-    python benchmarks/bench_eval.py                      # both parts, CPU
+    python benchmarks/bench_eval.py                      # BM25 and generation, CPU
+    python benchmarks/bench_eval.py --part score --score-sizes 402KB,10MB --share 0.05,0.0005
     python benchmarks/bench_eval.py --part generate --device cuda --sizes 1024x8 --batch-sizes 1,64,256
     python benchmarks/bench_eval.py --part bm25 --passages 1000000
 
@@ -8,12 +10,21 @@ BM25: passages of 40-120 words drawn from a Zipf-distributed 50k-word vocabulary
 sampled from one passage, whose id is the gold id (reported: top-1 accuracy, as a sanity check).
 Generation: readapt.evaluate.generate on chat prompts of the tests' word-level tokenizer, with a random
 Llama of the demo world's size (4 layers, hidden 128) and of the tests' size (2 layers, hidden 16).
+Score: a predictions file of one question whose response and reference are random words (1000-word
+vocabulary), the reference taking `share` of the file; each run is a fresh process (peak RSS from
+wait4), readapt's Rouge-L against rouge-score's own scorer (the implementation before issue 12), the
+latter under an address-space cap so that its quadratic table fails instead of swapping.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,9 +104,58 @@ def bench_generate(device: str, hidden: int, layers: int, n_questions: int, max_
               f"{new / dt:9.0f} answer tokens/s ({new / n_questions:.1f} per answer)")
 
 
+_SCORE = {
+    "readapt": "from readapt.evaluate import score; s = score({path!r}, quiet=True); print(s['rouge_l_recall'], "
+               "s['rouge_l_responses_cut'])",
+    "rouge-score": "import json; from rouge_score import rouge_scorer; sc = rouge_scorer.RougeScorer(['rougeL']); "
+                   "rows = [json.loads(l) for l in open({path!r})]; print(100 * sum(max(sc.score(a, r['response'])"
+                   "['rougeL'].recall for a in r['answers']) for r in rows) / len(rows))",
+}
+
+
+def _measured(code: str, cap_bytes: int | None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, last output line) of `python -c code` in a fresh process."""
+    def limit():
+        if cap_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=limit, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    return dt, usage.ru_maxrss / 1024, last if os.waitstatus_to_exitcode(status) == 0 else f"failed: {last[-80:]}"
+
+
+def bench_score(sizes: list[str], shares: list[float], cap_gb: float, seed: int = 0) -> None:
+    from readapt.checkpoint import parse_size
+
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(1000)])
+    base_rss = _measured("import readapt.evaluate, rouge_score.rouge_scorer", None)[1]
+    print(f"score: a Python with readapt.evaluate and rouge_score imported: {base_rss:.0f} MB peak RSS")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            for share in shares:
+                n_words = parse_size(size) // 5  # "w123 " is 5 bytes
+                ref_words = max(1, int(n_words * share))
+                words = vocab[rng.integers(0, len(vocab), size=n_words)]
+                path = Path(tmp) / "predictions.jsonl"
+                path.write_text(json.dumps({"id": "q", "response": " ".join(words[ref_words:]),
+                                            "answers": [" ".join(words[:ref_words])]}) + "\n")
+                kb = path.stat().st_size / 1e3
+                for impl, code in _SCORE.items():
+                    cap = int(cap_gb * 2**30) if impl == "rouge-score" else None
+                    dt, rss, result = _measured(code.format(path=str(path)), cap)
+                    print(f"score: {kb:8.0f} KB, reference {ref_words:6d} / response {n_words - ref_words:7d} words, "
+                          f"{impl:11s}: {dt:7.2f} s, peak RSS {rss:7.0f} MB -> {result}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("all", "bm25", "generate"), default="all")
+    ap.add_argument("--part", choices=("all", "bm25", "generate", "score"), default="all")
     ap.add_argument("--passages", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--device", default="cpu")
@@ -104,6 +164,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--sizes", default="16x2,128x4", help="HIDDENxLAYERS models to time")
+    ap.add_argument("--score-sizes", default="402KB,10MB", help="predictions file sizes for --part score")
+    ap.add_argument("--share", default="0.05,0.0005", help="the reference's share of each file (--part score)")
+    ap.add_argument("--cap-gb", type=float, default=4.0, help="address-space cap of the rouge-score runs")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -114,6 +177,8 @@ def main() -> None:
             hidden, layers = map(int, size.split("x"))
             bench_generate(a.device, hidden, layers, a.questions, a.max_new_tokens,
                            [int(b) for b in a.batch_sizes.split(",")])
+    if a.part == "score":
+        bench_score(a.score_sizes.split(","), [float(x) for x in a.share.split(",")], a.cap_gb)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import random
 import pytest
 
 from readapt.errors import ReadaptError
-from readapt.metrics import check_metrics, contains_em, normalize, rouge_l_recall, score_predictions
+from readapt.metrics import (RESPONSE_ALLOWANCE, _head_tokens, check_metrics, contains_em, lcs_length, normalize,
+                             rouge_l_recall, score_predictions)
 
 
 # --- Rouge-L recall: LCS(reference, response) / len(reference) -------------------------------------------
@@ -60,6 +61,75 @@ def test_rouge_l_recall_agrees_with_rouge_score_and_an_independent_lcs():
             rt, pt = tokenize.tokenize(r, None), tokenize.tokenize(resp, None)
             by_hand.append(_lcs(rt, pt) / len(rt) if rt else 0.0)
         assert ours == pytest.approx(max(by_hand), abs=1e-12)
+
+
+def test_bit_parallel_lcs_equals_the_dynamic_programme():
+    """Lengths around and past the 64-bit word, small alphabets (many matches) and large ones (few)."""
+    rng = random.Random(1)
+    for _ in range(600):
+        alphabet = [str(i) for i in range(rng.choice([1, 2, 3, 5, 20]))]
+        a = rng.choices(alphabet, k=rng.choice([0, 1, 2, 7, 63, 64, 65, 130]))
+        b = rng.choices(alphabet, k=rng.randint(0, 150))
+        assert lcs_length(a, b) == _lcs(a, b) == lcs_length(b, a)
+
+
+def test_rouge_l_recall_equals_rouge_score_on_many_random_texts():
+    """Free text with case, punctuation, digits, hyphens and non-ASCII letters; same tokens (rouge-score's
+    tokenizer), so the recall must be equal, not close."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(2)
+    words = ["the", "The", "cat", "CAT", "sat,", "on", "a", "mat.", "run-fast", "1990", "U.S.", "...", "naïve",
+             "K", "\u212a", "Σίσυφος", "İi", "x1", "", "e-mail", "(a)"]
+    for _ in range(3000):
+        resp = " ".join(rng.choices(words, k=rng.randint(0, 40)))
+        refs = [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(rng.randint(1, 3))]
+        assert rouge_l_recall(resp, refs) == max(scorer.score(r, resp)["rougeL"].recall for r in refs), (resp, refs)
+
+
+def test_head_tokens_are_the_first_tokens_of_the_whole_text():
+    from rouge_score import tokenize
+
+    rng = random.Random(3)
+    pieces = ["ab", "C", "9", " ", "  ", "-", "\u212a", "İ", "Σ", "xyz" * 30, "\n", "é"]
+    for _ in range(500):
+        text = "".join(rng.choices(pieces, k=rng.randint(0, 300)))
+        limit = rng.randint(1, 40)
+        whole = tokenize.tokenize(text, None)
+        assert _head_tokens(text, limit) == (whole[:limit], len(whole) > limit)
+
+
+def test_rouge_l_reads_a_bounded_head_of_a_rambling_response_and_says_so():
+    """A response is read up to 10 x (longest reference) + RESPONSE_ALLOWANCE tokens; the summary counts
+    the responses cut. The reference right at the limit counts, one token further does not."""
+    limit = 10 * 2 + RESPONSE_ALLOWANCE
+    at_limit = "x " * (limit - 2) + "new york"  # exactly `limit` tokens: read whole
+    past = "x " * (limit - 1) + "new york"  # one token more: "york" is cut
+    assert rouge_l_recall(at_limit, ["new york"]) == 1.0
+    assert rouge_l_recall(past, ["new york"]) == 0.5
+    rows = [{"response": past, "answers": ["new york"]}, {"response": at_limit, "answers": ["new york"]},
+            {"response": past + " more", "answers": ["new york", "a much longer reference answer " * 20]}]
+    with pytest.warns(UserWarning, match="1 of 3 response"):
+        summary, per_q = score_predictions(rows)
+    assert summary["rouge_l_responses_cut"] == 1 and [q["rouge_l_recall"] for q in per_q] == [50.0, 100.0, 100.0]
+    assert score_predictions(rows[1:2])[0]["rouge_l_responses_cut"] == 0
+    assert "rouge_l_responses_cut" not in score_predictions(rows, ["contains_em"])[0]
+
+
+def test_rouge_l_memory_is_linear_in_the_lengths():
+    """rouge-score's LCS table for a 3000 x 3000-token pair holds 9M cells (over 70 MB)."""
+    import tracemalloc
+
+    rng = random.Random(4)
+    resp, ref = (" ".join(f"w{rng.randrange(50)}" for _ in range(3000)) for _ in range(2))
+    tracemalloc.start()
+    try:
+        rouge_l_recall(resp, [ref])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, peak
 
 
 # --- contains-EM: normalised reference inside the normalised response -------------------------------------
