@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -232,6 +233,105 @@ def test_bad_arguments(world, tmp_path):
             train(**kw)
         assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
     assert (tmp_path / "exists").is_dir() and not any((tmp_path / "exists").iterdir())
+
+
+def _snapshot(root) -> dict:
+    """Every path under root with its bytes (None for folders): to show that nothing was touched."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def test_checkpoint_dir_that_is_not_readapts_is_refused_and_left_alone(world, tmp_path):
+    """--checkpoint-dir used to be deleted whatever it held (a folder of notes, the base model, the data)."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    data = tmp_path / "corpus"
+    data.mkdir()
+    shutil.copy(world / "data.jsonl", data / "data.jsonl")
+    (tmp_path / "a-file").write_text("not a folder")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "run.json").write_text('{"step": 3}')  # a run.json, but not readapt's
+    cases = [
+        (notes, "was not made by readapt train"),
+        (fake, "was not made by readapt train"),
+        (tmp_path / "a-file", "was not made by readapt train"),
+        (world / "base", "overlaps"),  # is an input
+        (data, "overlaps"),  # holds an input
+        (world / "base" / "ckpt", "overlaps"),  # lies inside an input
+        (tmp_path / "out" / "ckpt", "overlaps"),  # lies inside the output
+        (tmp_path, "overlaps"),  # holds the output and an input
+    ]
+    before, base_before = _snapshot(tmp_path), _snapshot(world)
+    for folder, match in cases:
+        with pytest.raises(ReadaptError, match=match):
+            train(world / "base", data / "data.jsonl", tmp_path / "out", checkpoint_dir=folder, overwrite=True,
+                  max_steps=2, save_every=1, **FAST)
+        assert _snapshot(tmp_path) == before and _snapshot(world) == base_before, folder
+    from readapt.cli import main
+
+    assert main(["train", str(world / "base"), "--data", str(data / "data.jsonl"), "-o", str(tmp_path / "out"),
+                 "--checkpoint-dir", str(world / "base"), "--max-steps", "1", "--quiet"]) == 2
+    assert _snapshot(world) == base_before
+
+
+def test_checkpoint_dir_removal_spares_what_readapt_did_not_write(world, tmp_path):
+    """An empty folder given as --checkpoint-dir is used and kept; files put into readapt's own checkpoint
+    folder during training are kept (with the folder); only readapt's files go."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    kw = dict(FAST, max_steps=3, save_every=1)
+    train(world / "base", world / "data.jsonl", tmp_path / "a", checkpoint_dir=mine, **kw)
+    assert mine.is_dir() and not any(mine.iterdir())
+
+    def drop_a_note(record):
+        if record.get("step") == 1:
+            (tmp_path / "b.partial" / "notes.txt").write_text("mine")
+
+    train(world / "base", world / "data.jsonl", tmp_path / "b", callback=drop_a_note, **kw)
+    assert sorted(p.name for p in (tmp_path / "b.partial").iterdir()) == ["notes.txt"]
+    assert (tmp_path / "b").is_dir()
+
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(alpha=float("nan")), "--alpha=nan"), (dict(alpha=float("inf")), "--alpha=inf"), (dict(alpha=0), "--alpha=0"),
+    (dict(lr=float("inf")), "--lr=inf"), (dict(lr=float("nan")), "--lr=nan"), (dict(lr=2.0), "--lr=2.0"),
+    (dict(micro_batch_size=-1), "--micro-batch-size=-1"), (dict(micro_batch_size=0), "--micro-batch-size=0"),
+    (dict(dropout=float("nan")), "--dropout=nan"), (dict(dropout=1.0), "--dropout=1.0"),
+    (dict(epochs=float("inf"), max_steps=None), "--epochs=inf"), (dict(max_steps=0), "--max-steps=0"),
+    (dict(max_steps=1.5), "--max-steps=1.5"), (dict(rank=True), "--rank=True"), (dict(rank=2.0), "--rank=2.0"),
+    (dict(batch_size=-4), "--batch-size=-4"), (dict(max_length=1), "--max-length=1"),
+    (dict(warmup_steps=-1), "--warmup-steps=-1"), (dict(weight_decay=float("nan")), "--weight-decay=nan"),
+    (dict(max_grad_norm=-1.0), "--max-grad-norm=-1.0"), (dict(max_grad_norm=float("inf")), "--max-grad-norm=inf"),
+    (dict(save_every=-1), "--save-every=-1"), (dict(seed=-1), "--seed=-1"), (dict(seed=2**32), "--seed=4294967296"),
+])
+def test_numeric_settings_are_checked_up_front(world, tmp_path, change, flag):
+    with pytest.raises(ReadaptError, match=f"^{re.escape(flag)}: must be"):
+        train(world / "base", world / "data.jsonl", tmp_path / "out", **dict(FAST, max_steps=2) | change)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_non_finite_flags(world, tmp_path, capfd):
+    from readapt.cli import main
+
+    head = ["train", str(world / "base"), "--data", str(world / "data.jsonl"), "-o", str(tmp_path / "k"),
+            "--max-steps", "1", "--batch-size", "4", "--max-length", "16", "--quiet"]
+    for flags in (["--alpha", "nan"], ["--alpha", "inf"], ["--lr", "inf"], ["--micro-batch-size", "-1"]):
+        capfd.readouterr()
+        assert main(head + flags) == 2
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and f"error: {flags[0]}={flags[1]}" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverged_adapter_is_not_written(world, tmp_path):
+    """alpha 1e300 is a finite number, but s = alpha/r is infinite in float32: the factors turn NaN."""
+    with pytest.raises(ReadaptError, match="training diverged: .*lora_.* has NaN/Inf values.*nothing was written"):
+        train(world / "base", world / "data.jsonl", tmp_path / "nan", **dict(FAST, alpha=1e300, max_steps=3, dora=False))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli(world, tmp_path, capfd):

@@ -25,8 +25,11 @@ Files:
   OUT/          adapter_config.json + adapter_model.safetensors (peft.PeftModel.from_pretrained),
                 README.md (model card: data, steps, tokens, losses), training_log.jsonl
   OUT.partial/  (or `checkpoint_dir`) while training; it survives an interruption and is deleted on
-                success: run.json (settings), training_log.jsonl, step-NNNNNN/ (the latest checkpoint:
-                trainable tensors, optimizer, scheduler, RNG state of every process, counters).
+                success: run.json (settings, and "format": "readapt-train-checkpoint", which marks the
+                folder as readapt's), training_log.jsonl, step-NNNNNN/ (the latest checkpoint: trainable
+                tensors, optimizer, scheduler, RNG state of every process, counters). Only a new or empty
+                folder, or one so marked, is used; only these files are ever deleted, and the folder
+                itself only if readapt made it and nothing else is left in it.
 """
 
 from __future__ import annotations
@@ -172,14 +175,57 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+CHECKPOINT_FORMAT = "readapt-train-checkpoint"  # run.json's "format": this folder is readapt's
+_OWN_FILES = re.compile(r"training_log\.jsonl|\.?step-\d{6}(\.tmp)?")  # and run.json, removed last
+
+
+def _run_json(ckpt_dir: Path) -> dict | None:
+    """run.json of a checkpoint folder made by readapt train; None for any other folder (or none)."""
+    try:
+        run = json.loads((ckpt_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) and run.get("format") == CHECKPOINT_FORMAT else None
+
+
+def _check_checkpoint_dir(ckpt_dir: Path, out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse a checkpoint folder that is, holds or lies inside the output or an input, or that exists,
+    is not empty and was not made by readapt train: those are the user's files, never to be deleted."""
+    here = ckpt_dir.resolve()
+    for other in (out, *inputs):
+        other = Path(other).expanduser().resolve()
+        if here == other or other in here.parents or here in other.parents:
+            raise ReadaptError(f"the checkpoint folder {ckpt_dir} overlaps {other}; choose another --checkpoint-dir")
+    if ckpt_dir.exists() and not (ckpt_dir.is_dir() and (_run_json(ckpt_dir) or not any(ckpt_dir.iterdir()))):
+        raise ReadaptError(f"the checkpoint folder {ckpt_dir} exists and was not made by readapt train (no run.json "
+                           f"of ours); choose a new or empty --checkpoint-dir (nothing was touched)")
+
+
+def _remove_checkpoints(ckpt_dir: Path) -> None:
+    """Delete what readapt train wrote in its checkpoint folder (run.json last: it marks the folder), then the
+    folder if readapt made it and nothing else is in it. Files someone else put there stay."""
+    run = _run_json(ckpt_dir)
+    if run is None:
+        return
+    for p in ckpt_dir.iterdir():
+        if _OWN_FILES.fullmatch(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (ckpt_dir / "run.json").unlink()
+    if run.get("created_folder"):
+        try:
+            ckpt_dir.rmdir()
+        except OSError:  # not empty: someone else's files are in it
+            pass
+
+
 @contextmanager
 def _discard_unless_resumable(ckpt_dir: Path, main: bool):
-    """On any failure, delete the checkpoint folder if it holds no checkpoint to resume from."""
+    """On any failure, delete the checkpoints (_remove_checkpoints) if there is none to resume from."""
     try:
         yield
     except BaseException:
         if main and _latest(ckpt_dir) is None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            _remove_checkpoints(ckpt_dir)
         raise
 
 
@@ -347,23 +393,16 @@ def train(
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from readapt.checkpoint import output_folder, resolve_model
+    from readapt.checkpoint import is_finite, output_folder, resolve_model
 
     # ---- check everything cheap before loading anything heavy
     files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     eval_files = [] if eval_data is None else [eval_data] if isinstance(eval_data, (str, os.PathLike)) \
         else list(eval_data)
-    for name, value, low in (("rank", rank, 1), ("batch_size", batch_size, 1), ("max_length", max_length, 2)):
-        if not isinstance(value, int) or value < low:
-            raise ReadaptError(f"{name}={value!r}: must be an integer >= {low}")
-    if max_steps is not None and max_steps < 1:
-        raise ReadaptError(f"max_steps={max_steps}: must be >= 1 (or None to use epochs)")
-    if max_steps is None and not epochs > 0:
-        raise ReadaptError(f"epochs={epochs}: must be > 0")
-    if not 0 <= dropout < 1:
-        raise ReadaptError(f"dropout={dropout}: must be in [0, 1)")
-    if not lr > 0:
-        raise ReadaptError(f"lr={lr}: must be > 0")
+    _check_numbers(rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs, max_steps=max_steps,
+                   batch_size=batch_size, micro_batch_size=micro_batch_size, max_length=max_length,
+                   warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                   save_every=save_every, seed=seed)
     out = Path(out).expanduser().absolute()
     ckpt_dir = Path(checkpoint_dir).expanduser().absolute() if checkpoint_dir else out.parent / f"{out.name}.partial"
     if out.exists() and not overwrite:
@@ -375,6 +414,7 @@ def train(
         src = Path(src).expanduser().resolve()
         if src == out.resolve() or out.resolve() in src.parents or src in out.resolve().parents:
             raise ReadaptError(f"output folder {out} overlaps the input {src}; choose another -o")
+    _check_checkpoint_dir(ckpt_dir, out, [base_path, *files, *eval_files])
 
     precision = _precision(precision)
     acc = Accelerator(mixed_precision=precision)
@@ -437,7 +477,7 @@ def train(
             raise ReadaptError(f"an interrupted run left checkpoints in {ckpt_dir}: pass --resume to continue it, "
                                f"or --overwrite to start over")
     if resume and latest:
-        saved = json.loads((ckpt_dir / "run.json").read_text()) if (ckpt_dir / "run.json").exists() else {}
+        saved = _run_json(ckpt_dir) or {}
         changed = [k for k in settings if saved.get(k) != settings[k]]
         if changed:
             raise ReadaptError(f"cannot resume from {latest}: these settings differ from the interrupted run: "
@@ -446,10 +486,12 @@ def train(
     else:
         latest = None
     acc.wait_for_everyone()
-    if main and latest is None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        ckpt_dir.mkdir(parents=True)
-        (ckpt_dir / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if main and latest is None:  # a fresh start: readapt's files of an earlier run go, nothing else
+        created = (_run_json(ckpt_dir) or {}).get("created_folder", not ckpt_dir.exists())
+        _remove_checkpoints(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        run = {"format": CHECKPOINT_FORMAT, "created_folder": created, **settings}
+        (ckpt_dir / "run.json").write_text(json.dumps(run, indent=2, allow_nan=False) + "\n")
     acc.wait_for_everyone()
 
     with _discard_unless_resumable(ckpt_dir, main):  # a failure before the first checkpoint leaves nothing
@@ -530,6 +572,10 @@ def train(
             if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
                 _save_checkpoint(acc, ckpt_dir, step + 1, model, optimizer, scheduler, counters)
         bar.close()
+        bad = next((n for n, p in _trainable(acc.unwrap_model(model)) if not is_finite(p.detach())), None)
+        if bad is not None:  # every process holds the same parameters, so every process stops here
+            raise ReadaptError(f"training diverged: {bad} has NaN/Inf values (last loss {loss_value}); nothing "
+                               f"was written: lower --lr or --alpha, or raise --warmup-steps")
 
         after = None
         if eval_blocks is not None:
@@ -546,10 +592,41 @@ def train(
                 shutil.copyfile(log_path, tmp / "training_log.jsonl")
                 (tmp / "README.md").write_text(_model_card(settings, records, n_blocks, n_tokens, counters,
                                                            eval_files, P, precision))
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            _remove_checkpoints(ckpt_dir)
             say(f"wrote {out} ({total_steps} steps, {counters['tokens']:,} tokens, last loss {loss_value:.4f})")
     acc.wait_for_everyone()
     return out
+
+
+def _check_numbers(**values) -> None:
+    """Every numeric setting of `train` in its range, named as the command line spells it (--max-steps)."""
+    def integer(v, low, high=None):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v < high)
+
+    def real(v, low, strict=True):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > low if strict
+                                                                                                   else v >= low)
+    v = values
+    rules = {
+        "rank": (integer(v["rank"], 1), "an integer >= 1"),
+        "alpha": (real(v["alpha"], 0), "a finite number > 0"),
+        "dropout": (real(v["dropout"], 0, strict=False) and v["dropout"] < 1, "a number in [0, 1)"),
+        "lr": (real(v["lr"], 0) and v["lr"] <= 1, "a number in (0, 1]"),  # AdamW moves weights by ~lr a step
+        "epochs": (real(v["epochs"], 0), "a finite number > 0"),
+        "max_steps": (v["max_steps"] is None or integer(v["max_steps"], 1), "an integer >= 1"),
+        "batch_size": (integer(v["batch_size"], 1), "an integer >= 1"),
+        "micro_batch_size": (v["micro_batch_size"] is None or integer(v["micro_batch_size"], 1), "an integer >= 1"),
+        "max_length": (integer(v["max_length"], 2), "an integer >= 2"),
+        "warmup_steps": (integer(v["warmup_steps"], 0), "an integer >= 0"),
+        "weight_decay": (real(v["weight_decay"], 0, strict=False), "a finite number >= 0"),
+        "max_grad_norm": (v["max_grad_norm"] is None or real(v["max_grad_norm"], 0, strict=False),
+                          "a finite number >= 0 (0: no clipping)"),
+        "save_every": (v["save_every"] is None or integer(v["save_every"], 0), "an integer >= 0 (0: never)"),
+        "seed": (integer(v["seed"], 0, 2**32), "an integer in [0, 2**32)"),
+    }
+    for name, (ok, what) in rules.items():
+        if not ok:
+            raise ReadaptError(f"--{name.replace('_', '-')}={v[name]!r}: must be {what}")
 
 
 def _model_card(settings: dict, records: list[dict], n_blocks: int, n_tokens: int, counters: dict,
