@@ -82,6 +82,28 @@ class PeftAdapter:
             if part in ("weight", "bias"):  # a modules_to_save copy saved under the plain name
                 mod, target = rest.rsplit(".", 1)[0], rest
             self.modules.setdefault(target, _Module(mod)).parts[part] = key
+        self._check_parts()
+
+    def _check_parts(self) -> None:
+        """Refuse a half-present adapter, which would merge silently as something else: lora_A without
+        lora_B (or the reverse; the same for embeddings), lora_B.bias without the module's factors, DoRA
+        magnitudes missing under use_dora or present without it (PEFT would merge plain LoRA or fail)."""
+        for target, mod in self.modules.items():
+            p, where = mod.parts, f"{self.path}: module {mod.name}"
+            for a, b in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+                if (a in p) != (b in p):
+                    have, lack = (a, b) if a in p else (b, a)
+                    raise ReadaptError(f"{where} has {have} but no {lack}: the adapter is incomplete")
+            weight = self.modules.get(target.removesuffix("bias") + "weight") if target.endswith(".bias") else None
+            if "lora_B.bias" in p and (weight is None or "lora_A.weight" not in weight.parts):
+                raise ReadaptError(f"{where} has lora_B.bias but no lora_A/lora_B weights: the adapter is incomplete")
+            factored = "lora_A.weight" in p or "lora_embedding_A" in p
+            if self.dora and factored and "lora_magnitude_vector" not in p:
+                raise ReadaptError(f"{where} has no lora_magnitude_vector, but adapter_config.json says use_dora: "
+                                   f"the DoRA adapter is incomplete (or set use_dora to false if it is plain LoRA)")
+            if "lora_magnitude_vector" in p and not (self.dora and factored):
+                why = "no lora_A/lora_B factors" if self.dora else "adapter_config.json does not say use_dora: true"
+                raise ReadaptError(f"{where} has a lora_magnitude_vector but {why}: the adapter is inconsistent")
 
     # -- per-module scale ---------------------------------------------------------------------------
 
