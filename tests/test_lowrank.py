@@ -349,3 +349,14 @@ def test_cli_extract_compress_spectrum(pair, tmp_path, capsys):
     assert "outside (0, 1]" in capsys.readouterr().err
     assert main(["extract", str(base), str(tuned), "-o", str(tmp_path / "e"), "--rank", "0"]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_spectrum_layers_must_exist(pair, tmp_path, capsys):
+    """--layers 99 on a 2-layer model was accepted (and plotted nothing)."""
+    root, base, tuned = pair
+    with pytest.raises(ReadaptError, match=r"--layers 99: no such layer; this model's layers are 0 to 1"):
+        spectrum(base, tuned, tmp_path / "s", layers=[0, 99])
+    assert main(["spectrum", str(base), str(tuned), "-o", str(tmp_path / "s"), "--layers", "1,7"]) == 2
+    assert "--layers 7: no such layer" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    spectrum(base, tuned, tmp_path / "ok", layers=[1])

@@ -27,8 +27,9 @@ import torch
 
 from readapt import __version__
 from readapt import checkpoint
+from readapt.adapters import is_peft_folder
 from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, compare_configs, float32_view,
-                                output_folder, parse_dtype, progress, write_tensors)
+                                output_folder, parse_dtype, progress, resolve_model, write_tensors)
 from readapt.errors import ReadaptError
 
 MANIFEST = "readapt_delta.json"
@@ -36,6 +37,19 @@ MANIFEST = "readapt_delta.json"
 
 def is_delta_folder(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def open_model(spec, allow_pickle: bool = False, *, fix: str) -> Checkpoint:
+    """A model checkpoint; a PEFT adapter or a delta folder in its place is refused, saying what to do (`fix`)."""
+    path = resolve_model(spec)
+    if is_peft_folder(path) or is_delta_folder(path):
+        what = "a PEFT adapter" if is_peft_folder(path) else "a delta folder"
+        raise ReadaptError(f"{spec} is {what}, not a model: {fix}")
+    return Checkpoint.open(path, allow_pickle)
+
+
+EXTRACT_FIX = ("BASE and TUNED must both be model checkpoints; to use an adapter, merge it into its model first "
+               "(`readapt merge MODEL --add ADAPTER -o FOLDER`)")
 
 
 def _describe(ckpt: Checkpoint, spec) -> dict:
@@ -86,7 +100,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     `dtype` is the stored dtype of Δ (default float32, which makes base + 1.0·Δ reproduce `tuned`
     exactly). Returns the output folder.
     """
-    b, t = Checkpoint.open(base, allow_pickle), Checkpoint.open(tuned, allow_pickle)
+    b, t = open_model(base, allow_pickle, fix=EXTRACT_FIX), open_model(tuned, allow_pickle, fix=EXTRACT_FIX)
     check_configs(b, t.config, "the tuned model")
     names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
     out_dtype = parse_dtype(dtype) or torch.float32

@@ -417,12 +417,12 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
     B = U_k S_k, A = V_kᵀ, saved with scale 1. One base/tuned tensor pair in memory at a time.
     Returns the report (also written to `out/lore_report.json`).
     """
-    from readapt.delta import check_configs, shared_tensors
+    from readapt.delta import EXTRACT_FIX, check_configs, open_model, shared_tensors
 
     check_rule(tau, rank)
     policy = policy or Policy()
     policy.check()
-    b, t = Checkpoint.open(base, allow_pickle), Checkpoint.open(tuned, allow_pickle)
+    b, t = open_model(base, allow_pickle, fix=EXTRACT_FIX), open_model(tuned, allow_pickle, fix=EXTRACT_FIX)
     check_configs(b, t.config, "the tuned model")
     names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
     config = _need_config(b.config, b.path)
@@ -646,7 +646,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
     the paper's Figure 2), figure3.png (share of the delta's parameters kept against τ, Figure 3).
     Returns the report; `summary(report)` is the terminal view.
     """
-    from readapt.delta import DeltaFolder, check_configs, is_delta_folder, shared_tensors
+    from readapt.delta import EXTRACT_FIX, DeltaFolder, check_configs, is_delta_folder, open_model, shared_tensors
 
     if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
         raise ReadaptError(f"--tau {tau!r} is outside (0, 1]")
@@ -666,7 +666,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         delta_of = lambda n: ckpt.read(n).float()  # noqa: E731
         provenance = {"delta": str(source)}
     else:
-        b, t = Checkpoint.open(source, allow_pickle), Checkpoint.open(tuned, allow_pickle)
+        b, t = open_model(source, allow_pickle, fix=EXTRACT_FIX), open_model(tuned, allow_pickle, fix=EXTRACT_FIX)
         check_configs(b, t.config, "the tuned model")
         names, _ = shared_tensors(b, t, "the tuned model", skip_missing)
         config, ckpt, inputs = _need_config(b.config, b.path), b, [b.path, t.path]
@@ -674,6 +674,12 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         delta_of = lambda n: difference(t, b, n)  # noqa: E731
         provenance = {"base": str(source), "tuned": str(tuned)}
     entries = classify(config, names, ckpt.shape, floats)
+    depths = sorted({ly for e in entries if (ly := _layer_of(e.name)) is not None})
+    missing = [ly for ly in layers or () if ly not in depths]
+    if missing:
+        have = ("not numbered" if not depths else f"{depths[0]} to {depths[-1]}"
+                if depths == list(range(depths[0], depths[-1] + 1)) else ", ".join(map(str, depths)))
+        raise ReadaptError(f"--layers {','.join(map(str, missing))}: no such layer; this model's layers are {have}")
     for e in entries:
         if e.policy != "skip":
             e.policy = policy.of(e.kind)

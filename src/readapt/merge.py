@@ -31,7 +31,7 @@ from readapt.adapters import PeftAdapter, is_peft_folder
 from readapt import checkpoint
 from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, copy_side_files, float32_view,
                                 is_finite, output_folder, parse_dtype, progress, resolve_model, write_tensors)
-from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, shared_tensors
+from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, open_model, shared_tensors
 from readapt.errors import ReadaptError
 
 
@@ -219,12 +219,7 @@ def _apply(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]]) ->
 
 
 def _open_all(base_spec, adds, skip_missing, allow_pickle):
-    path = resolve_model(base_spec)
-    if is_peft_folder(path) or is_delta_folder(path):
-        what = "a PEFT adapter" if is_peft_folder(path) else "a delta folder"
-        raise ReadaptError(f"{base_spec} is {what}, not a model: pass the model it applies to as the base and this "
-                           f"folder with --add")
-    base = Checkpoint.open(path, allow_pickle)
+    base = open_model(base_spec, allow_pickle, fix="pass the model it applies to as the base and this folder with --add")
     addends = [(spec if not isinstance(spec, str) else
                 open_addend(spec, base, skip_missing=skip_missing, allow_pickle=allow_pickle), s)
                for spec, s in _normalise(adds)]
