@@ -439,3 +439,68 @@ def test_an_adapter_is_not_a_base(tmp_path):
     delta = readapt.extract(base, perturb(base, tmp_path / "t"), tmp_path / "d")
     with pytest.raises(ReadaptError, match="is a delta folder, not a model"):
         readapt.merge(delta, tmp_path / "out", [(adapter, 1.0)])
+
+
+def _edited_adapter(adapter, folder, drop=(), add=None, config=None):
+    """A copy of a PEFT adapter folder with tensors removed/added and adapter_config.json fields changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, folder)
+    sd = {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if not k.endswith(tuple(drop))}
+    save_file(sd | (add or {}), folder / "adapter_model.safetensors")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | (config or {})))
+    return folder
+
+
+def test_a_half_present_adapter_is_refused_naming_the_module(tmp_path):
+    """Half an adapter used to merge silently: a module's lora_B without lora_A was skipped, use_dora without
+    magnitudes merged as plain LoRA."""
+    base, dora = _lora(tmp_path, "llama", r=2, lora_alpha=2, use_dora=True, target_modules=["q_proj", "embed_tokens"])
+    q0, emb = "model.layers.0.self_attn.q_proj", "model.embed_tokens"
+    readapt.merge(base, tmp_path / "ok", [(dora, 1.0)])  # the whole adapter merges
+    cases = {
+        "no_A": (dict(drop=[f"{q0}.lora_A.weight"]), f"module {q0} has lora_B.weight but no lora_A.weight"),
+        "no_B": (dict(drop=[f"{q0}.lora_B.weight"]), f"module {q0} has lora_A.weight but no lora_B.weight"),
+        "no_emb_B": (dict(drop=[f"{emb}.lora_embedding_B"]), f"module {emb} has lora_embedding_A but no lora_embedding_B"),
+        "no_m": (dict(drop=[f"{q0}.lora_magnitude_vector"]), f"module {q0} has no lora_magnitude_vector, but .*use_dora"),
+        "no_emb_m": (dict(drop=[f"{emb}.lora_magnitude_vector"]), f"module {emb} has no lora_magnitude_vector"),
+        "m_without_dora": (dict(config={"use_dora": False}), "has a lora_magnitude_vector but adapter_config.json does "
+                                                             "not say use_dora"),
+        "m_alone": (dict(drop=[f"{q0}.lora_A.weight", f"{q0}.lora_B.weight"]),
+                    f"module {q0} has a lora_magnitude_vector but no lora_A/lora_B factors"),
+        "bias_alone": (dict(add={f"base_model.model.{q0[:-7]}.k_proj.lora_B.bias": torch.ones(8)}),
+                       r"k_proj has lora_B.bias but no lora_A/lora_B weights"),
+    }
+    base_p, plain = _lora(tmp_path / "plain", "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
+    readapt.merge(base_p, tmp_path / "ok_plain", [(plain, 1.0)])
+    cases["lora_no_A"] = (dict(drop=[f"{q0}.lora_A.weight"]), f"module {q0} has lora_B.weight but no lora_A.weight")
+    cases["lora_m"] = (dict(add={f"base_model.model.{q0}.lora_magnitude_vector": torch.ones(16)}),
+                       f"module {q0} has a lora_magnitude_vector but adapter_config.json does not say use_dora")
+    for name, (edit, match) in cases.items():
+        bad = _edited_adapter(plain if name.startswith("lora_") else dora, tmp_path / name, **edit)
+        before = _digest(bad)
+        with pytest.raises(ReadaptError, match=match):
+            readapt.merge(base_p if name.startswith("lora_") else base, tmp_path / "out", [(bad, 1.0)])
+        assert not (tmp_path / "out").exists() and _digest(bad) == before, name
+
+
+def test_extract_refuses_an_adapter_as_base_or_tuned(tmp_path):
+    """extract used to accept a delta folder (or a PEFT adapter) as BASE and write TUNED - DELTA."""
+    from readapt.lowrank import extract_lowrank, spectrum
+
+    base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
+    tuned = perturb(base, tmp_path / "t")
+    delta = readapt.extract(base, tuned, tmp_path / "d")
+    for b, t, what in ((delta, tuned, "a delta folder"), (adapter, tuned, "a PEFT adapter"),
+                       (base, delta, "a delta folder"), (base, adapter, "a PEFT adapter")):
+        for job in (lambda: readapt.extract(b, t, tmp_path / "out"), lambda: extract_lowrank(b, t, tmp_path / "out", rank=1),
+                    lambda: spectrum(b, t, tmp_path / "out")):
+            with pytest.raises(ReadaptError, match=f"is {what}, not a model: BASE and TUNED must both be model "
+                                                   f"checkpoints; .*readapt merge MODEL --add ADAPTER"):
+                job()
+            assert not (tmp_path / "out").exists()
+    r = _cli("extract", delta, tuned, "-o", tmp_path / "out")
+    assert r.returncode == 2 and "is a delta folder, not a model" in r.stderr and r.stderr.count("\n") == 1

@@ -260,6 +260,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
         eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
     )
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens).input_ids]
+    gen.max_new_tokens = context_cap(model, max(lengths, default=0), max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: out-of-memory shows at once
     responses: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -273,6 +274,22 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
         for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:]):
             responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return responses
+
+
+def context_cap(model, longest_prompt: int, max_new_tokens: int) -> int:
+    """max_new_tokens, clamped with a one-line warning to what the model's context leaves after the longest
+    prompt: min(max_new_tokens, config.max_position_embeddings − longest_prompt). A prompt that already
+    fills the context is an error; a model whose config gives no context length is not capped."""
+    n_ctx = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(n_ctx, int) or longest_prompt + max_new_tokens <= n_ctx:
+        return max_new_tokens
+    room = n_ctx - longest_prompt
+    if room < 1:
+        raise ReadaptError(f"the longest prompt has {longest_prompt} tokens and fills the model's context "
+                           f"(max_position_embeddings={n_ctx}): shorten the questions or passages (--top-k)")
+    warnings.warn(f"--max-new-tokens {max_new_tokens} exceeds what the model's context leaves after the longest "
+                  f"prompt ({n_ctx} - {longest_prompt} tokens): generating at most {room} tokens per answer")
+    return room
 
 
 # --- output --------------------------------------------------------------------------------------------
