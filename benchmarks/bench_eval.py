@@ -106,7 +106,7 @@ def bench_generate(device: str, hidden: int, layers: int, n_questions: int, max_
 
 _SCORE = {
     "readapt": "from readapt.evaluate import score; s = score({path!r}, quiet=True); print(s['rouge_l_recall'], "
-               "s['rouge_l_responses_cut'])",
+               "s.get('rouge_l_responses_cut', 0))",
     "rouge-score": "import json; from rouge_score import rouge_scorer; sc = rouge_scorer.RougeScorer(['rougeL']); "
                    "rows = [json.loads(l) for l in open({path!r})]; print(100 * sum(max(sc.score(a, r['response'])"
                    "['rougeL'].recall for a in r['answers']) for r in rows) / len(rows))",

@@ -127,9 +127,9 @@ def check_metrics(names: Iterable[str] | None) -> list[str]:
 def score_predictions(rows: Iterable[dict], metrics: Iterable[str] | None = None) -> tuple[dict, list[dict]]:
     """Score rows {"response", "answers", ...}: returns (summary, per-question scores).
 
-    summary = {metric: 100 * mean_q max_ref metric(response_q, ref), ..., "n": number of questions, and with
-    Rouge-L "rouge_l_responses_cut": how many responses were longer than Rouge-L reads (rouge_l_recall),
-    with a warning when there are any}; per-question scores are also x100 so that their column mean is the
+    summary = {metric: 100 * mean_q max_ref metric(response_q, ref), ..., "n": number of questions, and when
+    there are any, "rouge_l_responses_cut": how many responses were longer than Rouge-L reads (see
+    rouge_l_recall; a warning says so too)}; per-question scores are also x100 so that their column mean is the
     summary.
     """
     names = check_metrics(metrics)
@@ -147,9 +147,8 @@ def score_predictions(rows: Iterable[dict], metrics: Iterable[str] | None = None
     n = len(per_q)
     summary = {m: (sum(s[m] for s in per_q) / n if n else 0.0) for m in names}
     summary["n"] = n
-    if "rouge_l_recall" in names:
+    if cut:
         summary["rouge_l_responses_cut"] = cut
-        if cut:
-            warnings.warn(f"{cut} of {n} response(s) exceed 10x their longest reference + {RESPONSE_ALLOWANCE} "
-                          f"tokens: Rouge-L read only that many of their tokens")
+        warnings.warn(f"{cut} of {n} response(s) exceed 10x their longest reference + {RESPONSE_ALLOWANCE} "
+                      f"tokens: Rouge-L read only that many of their tokens")
     return summary, per_q
