@@ -192,10 +192,11 @@ def _check_checkpoint_dir(ckpt_dir: Path, out: Path, inputs: Sequence[Path]) -> 
     """Refuse a checkpoint folder that is, holds or lies inside the output or an input, or that exists,
     is not empty and was not made by readapt train: those are the user's files, never to be deleted."""
     here = ckpt_dir.resolve()
-    for other in (out, *inputs):
+    for role, other in [("the output", out)] + [("the input", p) for p in inputs]:
         other = Path(other).expanduser().resolve()
         if here == other or other in here.parents or here in other.parents:
-            raise ReadaptError(f"the checkpoint folder {ckpt_dir} overlaps {other}; choose another --checkpoint-dir")
+            raise ReadaptError(f"the checkpoint folder {ckpt_dir} overlaps {role} {other} (the same folder, or one "
+                               f"inside the other); choose another --checkpoint-dir (nothing was touched)")
     if ckpt_dir.exists() and not (ckpt_dir.is_dir() and (_run_json(ckpt_dir) or not any(ckpt_dir.iterdir()))):
         raise ReadaptError(f"the checkpoint folder {ckpt_dir} exists and was not made by readapt train (no run.json "
                            f"of ours); choose a new or empty --checkpoint-dir (nothing was touched)")
