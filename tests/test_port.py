@@ -587,3 +587,20 @@ def test_tokenizers_whose_decoder_is_not_read_are_not_compared(tmp_path):
     ad1 = lora(ctc1, tmp_path / "ad1", ["lm_head"])
     v = port(ad1, ctc, None)["vocabulary"]
     assert v["matched_by_string"] == v["shared_tokens"] == 17 and v["same_convention"]
+
+
+def test_lm_head_factors_made_on_a_tied_old_base(tmp_path):
+    """mergekit-extract-lora writes lm_head factors for tied models: the old base (--from or recorded) is
+    still used, and the lm_head entry is skipped saying why and what to do."""
+    tied = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    tied2 = perturb(tied, tmp_path / "tied2", scale=0.05)
+    ad = lora(save_tiny(tmp_path / "untied", "llama"), tmp_path / "mk", ["q_proj", "lm_head"])
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tied)
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    for from_ in (tied, None):
+        report = port(ad, tied2, None, from_=from_)
+        assert report["old_base"]["path"] == str(tied.resolve())
+        why = next(m["why"] for m in report["modules"] if m["name"] == "lm_head.weight")
+        assert statuses(report)["lm_head.weight"] == "skipped" and "the old base ties lm_head" in why
+        assert "--exclude-regex lm_head" in why and report["counts"]["carried"] == 2

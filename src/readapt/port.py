@@ -217,8 +217,9 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
     new_name = names.get(name)
     if new_name is None:
         if name.endswith("lm_head.weight") and new_cfg.get("tie_word_embeddings"):
-            return Item(name, None, "skipped", "the new base ties lm_head to embed_tokens (tie_word_embeddings) and "
-                        "stores no lm_head: the old lm_head's patch has nowhere to go", shape)
+            return Item(name, None, "skipped", "the new base ties lm_head to embed_tokens (tie_word_embeddings: it "
+                        "stores no lm_head.weight), so the patch's lm_head change has no tensor to go to; only the "
+                        "embed_tokens patch reaches the tied output layer", shape)
         return Item(name, None, "skipped", "no tensor of this name (or a unique re-keyed one) in the new base", shape)
     new_shape = new.shape(new_name)
     renamed = f" (re-keyed from {name})" if new_name != name else ""
@@ -250,6 +251,17 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
                     shape, new_shape)
     return Item(name, new_name, "skipped",
                 f"shape {list(shape or [])} in the patch but {list(new_shape)} in the new base", shape, new_shape)
+
+
+_TIED_OLD = ("the old base ties lm_head to embed_tokens (tie_word_embeddings: it stores no lm_head.weight), so this "
+             "lm_head change (mergekit-extract-lora writes one even for tied models) has no tensor of its own: not "
+             "carried; re-extract without lm_head (mergekit-extract-lora ... --exclude-regex lm_head) or with "
+             "`readapt extract --tau`, which puts the tied matrix's change on embed_tokens")
+
+
+def _tied_head(name: str, old: Checkpoint) -> bool:
+    """`name` is an lm_head the checkpoint `old` does not store because it ties it to embed_tokens."""
+    return name.endswith("lm_head.weight") and name not in old and bool((old.config or {}).get("tie_word_embeddings"))
 
 
 def _config_warnings(old_cfg: dict | None, new_cfg: dict | None) -> list[str]:
@@ -363,7 +375,8 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
         raise ReadaptError(f"{patch} was trained on a {old_class} but {to} is a {new_class} (adapter_config.json "
                            f"auto_mapping): a patch only ports between versions of one architecture")
     if old is not None:  # the patch must fit the old base it names
-        misfit = [n for n, s in targets.items() if n not in old or (s is not None and tuple(s) != old.shape(n))]
+        misfit = [n for n, s in targets.items() if not _tied_head(n, old) and
+                  (n not in old or (s is not None and tuple(s) != old.shape(n)))]
         if misfit and old_source == "--from":
             raise ReadaptError(f"{patch} does not fit the old base {from_}: {len(misfit)} of its tensors are missing "
                                f"there or have another shape ({', '.join(misfit[:5])}); pass the base it was made on")
@@ -376,7 +389,8 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     vocab = Vocab([p for p in (old.path if old else None, patch_path) if p is not None], new.path)
     base_copies = [n for n, m in getattr(src, "modules", {}).items()
                    if set(m.parts) <= {"base_layer.weight", "base_layer.bias"}]
-    items = [_classify(n, s, new, names, vocab, new_cfg) for n, s in targets.items() if n not in base_copies]
+    items = [Item(n, None, "skipped", _TIED_OLD, s) if old is not None and _tied_head(n, old) else
+             _classify(n, s, new, names, vocab, new_cfg) for n, s in targets.items() if n not in base_copies]
     if kind != "delta":
         for it in items:
             parts = src.modules[it.name].parts
