@@ -247,7 +247,7 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
     if is_vocab:
         missing, where = ("old", vocab.old_from) if vocab.old is None else ("new", vocab.new_from)
         return Item(name, new_name, "skipped", f"the vocabulary changed ({shape[0]} -> {new_shape[0]} rows) and the "
-                    f"{missing} tokenizer is missing ({where}): rows cannot be matched by token string",
+                    f"{missing} tokenizer is missing ({where}): rows cannot be matched",
                     shape, new_shape)
     return Item(name, new_name, "skipped",
                 f"shape {list(shape or [])} in the patch but {list(new_shape)} in the new base", shape, new_shape)
