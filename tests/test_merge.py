@@ -251,6 +251,25 @@ def test_adapter_for_a_different_base(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_lm_head_factors_on_a_tied_base_are_named_as_such(tmp_path):
+    """mergekit-extract-lora writes lm_head factors even when the base ties lm_head to embed_tokens (no
+    lm_head.weight in the checkpoint): the refusal says so and what to do, not "a different base"."""
+    tied = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    untied = save_tiny(tmp_path / "untied", "llama")  # same shapes, so PEFT writes lm_head factors
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(untied),
+                           LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "lm_head"], lora_dropout=0.0))
+    model.save_pretrained(tmp_path / "mk")
+    cfg = json.loads((tmp_path / "mk" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tied)  # as mergekit records it
+    (tmp_path / "mk" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert "lm_head.weight" not in read_all(tied)
+    with pytest.raises(ReadaptError, match=r"changes lm_head.weight, but the base ties lm_head to embed_tokens "
+                                           r"\(tie_word_embeddings.*--exclude-regex lm_head.*readapt extract") as err:
+        readapt.merge(tied, tmp_path / "out", [(tmp_path / "mk", 1.0)])
+    assert "different base" not in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_nan_found_or_produced(tmp_path):
     base = save_tiny(tmp_path / "base")
     tuned = perturb(base, tmp_path / "tuned")

@@ -450,3 +450,157 @@ def test_drift_layers_in_numeric_order(tmp_path):
     ad = lora(v1, tmp_path / "ad", ["q_proj"])
     layers = [k for k in port(ad, v2, None, from_=v1)["drift"]["layers"] if k.startswith("layer ")]
     assert layers == [f"layer {i}" for i in range(12)]
+
+
+# --- vocabularies of two tokenizer conventions ----------------------------------------------------------
+
+# Llama-2-like SentencePiece BPE (▁ = space, characters, byte fallback <0xNN>) and Llama-3-like byte-level
+# BPE (GPT-2 byte map: Ġ = space, every character one byte). 'ä' is the character ä (C3 A4) on the left and
+# the byte E4 on the right; ▁with and Ġwith are both " with". (18 rows each: no vocabulary size that equals a
+# dimension of the tiny model, which port would take for a vocabulary tensor.)
+SP_VOCAB = ["<unk>", "<s>", "</s>", "<0x41>", "<0xE4>", "<0x20>", "<0xC3>", "▁", "A", "a", "ä", "▁with", "▁the",
+            "with", "x", "é", "▁Öl", "▁x"]
+BL_VOCAB = ["<|begin_of_text|>", "<s>", "</s>", "A", "a", "ä", "Ã¤", "Ġwith", "Ġthe", "with", "Ġ", "x", "Ã©", "Ã",
+            "!", "ĠÃĸl", "Ġx", "b"]
+# new (byte-level) token -> old (SentencePiece) token of the same text; None: no patch
+SP_TO_BL = {"<|begin_of_text|>": None, "<s>": "<s>", "</s>": "</s>", "A": "A", "a": "a", "ä": "<0xE4>", "Ã¤": "ä",
+            "Ġwith": "▁with", "Ġthe": "▁the", "with": "with", "Ġ": "▁", "x": "x", "Ã©": "é", "Ã": "<0xC3>",
+            "!": None, "ĠÃĸl": "▁Öl", "Ġx": "▁x", "b": None}
+
+
+def sp_tokenizer(vocab):
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE({w: i for i, w in enumerate(vocab)}, [], unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def bl_tokenizer(vocab, decoder=None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE({w: i for i, w in enumerate(vocab)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoder or decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="</s>",
+                                   additional_special_tokens=["<s>"])
+
+
+def version(path, vocab, make, seed=0, **kw):
+    save_tiny(path, "llama", seed=seed, vocab_size=len(vocab))
+    make(vocab, **kw).save_pretrained(path)
+    return path
+
+
+def test_rows_follow_the_text_a_token_stands_for_across_tokenizer_conventions(tmp_path):
+    """SentencePiece -> byte-level: rows go by the text each token stands for in its own tokenizer, never by a
+    string that stands for other text ('ä'); ▁with gets Ġwith's row. Byte-level -> SentencePiece the other way."""
+    v1 = version(tmp_path / "sp", SP_VOCAB, sp_tokenizer)
+    v2 = version(tmp_path / "bl", BL_VOCAB, bl_tokenizer, seed=5)
+    ad = lora(v1, tmp_path / "ad", ["q_proj", "embed_tokens", "lm_head"])
+    report = port(ad, v2, tmp_path / "merged", merge=True)
+    got, new, F = read_all(tmp_path / "merged"), read_all(v2), factors(ad)
+    head = (F["lm_head"][0] @ F["lm_head"][1]) * 2.0
+    emb = (F["model.embed_tokens"][0] @ F["model.embed_tokens"][1]).T * 2.0
+    old_id = {w: i for i, w in enumerate(SP_VOCAB)}
+    for j, w in enumerate(BL_VOCAB):
+        i = old_id[SP_TO_BL[w]] if SP_TO_BL[w] else None
+        for name, P in (("lm_head.weight", head), ("model.embed_tokens.weight", emb)):
+            want = new[name][j] + P[i] if i is not None else new[name][j]
+            assert (got[name][j] - want).abs().max().item() == 0, (w, name)
+    v = report["vocabulary"]
+    assert (v["matched_by_string"], v["matched_by_text"], v["same_string_other_text"],
+            v["other_text_matched_by_text"], v["new_tokens"], v["same_convention"]) == (6, 9, 1, 1, 3, False)
+    assert v["old_convention"].startswith("SentencePiece") and v["new_convention"].startswith("byte-level")
+    text = summary(report)
+    assert "15 shared tokens carried" in text and "(6 by identical string, 9 by identical text" in text
+    assert "different conventions" in text and "1 tokens with the same string stand for other text" in text
+
+    from transformers import AutoTokenizer  # every carried pair decodes to the same text in its own tokenizer
+
+    t1, t2 = AutoTokenizer.from_pretrained(v1), AutoTokenizer.from_pretrained(v2)
+    for w, o in SP_TO_BL.items():
+        if o and o not in ("<s>", "</s>"):
+            assert t2.convert_tokens_to_string(["a", w, "a"]) == t1.convert_tokens_to_string(["a", o, "a"]), w
+
+    back = port(lora(v2, tmp_path / "ad2", ["lm_head"]), v1, None)["vocabulary"]  # byte-level -> SentencePiece
+    assert (back["matched_by_string"], back["matched_by_text"], back["same_text_not_paired"]) == (6, 9, 2)
+    # <0x41> ("A": its old row went to A) and <0x20> (" ": Ġ went to ▁, a piece before a byte) get no row
+
+
+def test_token_text_equals_the_tokenizers_own_decoding():
+    """readapt.vocab decodes one token as the `tokenizers` decoders do in mid-sequence, for each convention
+    it reads (checked on every token whose text is valid UTF-8; the others are single bytes)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from readapt.vocab import Decoding
+
+    words = ["a", "▁with", "Ġwith", "##ing", "with", "<0xE4>", "<0x41>", "ä", "Ã¤", ".", "'s", "n't", "x</w>", "▁▁",
+             "Ċ", "▁", " ", "<0x20>"]
+    cases = [decoders.ByteLevel(), decoders.Metaspace(), decoders.WordPiece(cleanup=True),
+             decoders.WordPiece(prefix="##", cleanup=False), decoders.BPEDecoder(suffix="</w>"), None,
+             decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                decoders.Strip(" ", 1, 0)]),
+             decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")]),
+             decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0), decoders.Fuse()])]
+    for dec in cases:
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+        tok.decoder = dec
+        d = Decoding(json.loads(dec.__getstate__()) if dec is not None else None)
+        assert d.known, dec
+        first, pair = tok.decode([0]), tok.decode([0, 0])
+        checked = 0
+        for i, w in enumerate(words):
+            text, _ = d.text(w)
+            try:
+                s = text.decode()
+            except UnicodeDecodeError:
+                assert len(text) == 1 and text[0] >= 0x80  # a lone byte: the library shows U+FFFD
+                continue
+            assert tok.decode([0, i, 0]) == first + s + pair[len(first):], (dec and dec.__getstate__(), w)
+            checked += 1
+        assert checked >= len(words) - 3
+    bl = Decoding(json.loads(decoders.ByteLevel().__getstate__()))
+    assert bl.text("ä") == (b"\xe4", False) and bl.text("Ġwith") == (b" with", False) and bl.text("<|x|>")[0] == b"<|x|>"
+    sp = Decoding(json.loads(cases[6].__getstate__()))
+    assert sp.text("<0xE4>") == (b"\xe4", True) and sp.text("ä") == ("ä".encode(), False)
+    assert not Decoding({"type": "CTC", "pad_token": "<pad>", "word_delimiter_token": "|", "cleanup": True}).known
+
+
+def test_tokenizers_whose_decoder_is_not_read_are_not_compared(tmp_path):
+    """A decoder readapt does not read (CTC) on one side: the vocabulary rows are skipped, with why; the
+    same unread decoder on both sides: rows by token string."""
+    from tokenizers import decoders
+
+    v1 = version(tmp_path / "sp", SP_VOCAB, sp_tokenizer)
+    ctc = version(tmp_path / "ctc", BL_VOCAB, bl_tokenizer, decoder=decoders.CTC())
+    ad = lora(v1, tmp_path / "ad", ["q_proj", "lm_head"])
+    report = port(ad, ctc, None)
+    why = next(m["why"] for m in report["modules"] if m["name"] == "lm_head.weight")
+    assert statuses(report)["lm_head.weight"] == "skipped" and "cannot be compared" in why and "CTC" in why
+    ctc1 = version(tmp_path / "ctc1", BL_VOCAB[:-1], bl_tokenizer, decoder=decoders.CTC())
+    ad1 = lora(ctc1, tmp_path / "ad1", ["lm_head"])
+    v = port(ad1, ctc, None)["vocabulary"]
+    assert v["matched_by_string"] == v["shared_tokens"] == 17 and v["same_convention"]
+
+
+def test_lm_head_factors_made_on_a_tied_old_base(tmp_path):
+    """mergekit-extract-lora writes lm_head factors for tied models: the old base (--from or recorded) is
+    still used, and the lm_head entry is skipped saying why and what to do."""
+    tied = save_tiny(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    tied2 = perturb(tied, tmp_path / "tied2", scale=0.05)
+    ad = lora(save_tiny(tmp_path / "untied", "llama"), tmp_path / "mk", ["q_proj", "lm_head"])
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tied)
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    for from_ in (tied, None):
+        report = port(ad, tied2, None, from_=from_)
+        assert report["old_base"]["path"] == str(tied.resolve())
+        why = next(m["why"] for m in report["modules"] if m["name"] == "lm_head.weight")
+        assert statuses(report)["lm_head.weight"] == "skipped" and "the old base ties lm_head" in why
+        assert "--exclude-regex lm_head" in why and report["counts"]["carried"] == 2

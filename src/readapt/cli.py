@@ -197,7 +197,7 @@ def _add_port(sub) -> None:
         "port", help="PortLLM: carry a LoRA/DoRA adapter or delta made on an old model version to a new version",
         description="Retarget PATCH (a PEFT LoRA/DoRA adapter or a delta folder made on the old version) to "
         "NEW_BASE, or with --merge write NEW_BASE + PATCH as a model folder. Prints (and writes as port_report.json) "
-        "what was carried, adjusted (vocabulary rows matched by token string, DoRA magnitudes) or skipped, and why.",
+        "what was carried, adjusted (vocabulary rows matched by the text each token stands for, DoRA magnitudes) or skipped, and why.",
     )
     p.add_argument("patch", help="PEFT LoRA/DoRA adapter folder or delta folder (readapt extract) made on the old version")
     p.add_argument("--to", required=True, metavar="NEW_BASE", help="the new version: folder or model id in the local HF cache")

@@ -101,7 +101,8 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
     """Open `spec` as a delta folder, PEFT adapter or full checkpoint and check it fits `base`.
 
     Checks: every tensor it touches exists in the base with the shape it expects (else: made for a
-    different base), configs agree on shapes (warnings for rope_theta-type fields).
+    different base; an lm_head the base ties to embed_tokens is refused as such), configs agree on shapes
+    (warnings for rope_theta-type fields).
     """
     path = resolve_model(spec)
     if is_delta_folder(path):
@@ -119,6 +120,14 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
                            f"adapter (adapter_config.json) or a model checkpoint (config.json)")
     _check_origin(addend, base, spec)
     unknown = [n for n in addend.targets() if n not in base]
+    tied = (base.config or {}).get("tie_word_embeddings") and all(n.endswith("lm_head.weight") for n in unknown)
+    if unknown and tied and addend.kind != "checkpoint":
+        raise ReadaptError(f"{spec} changes {unknown[0]}, but the base ties lm_head to embed_tokens "
+                           f"(tie_word_embeddings: it stores no {unknown[0]}), so the output layer can only change "
+                           f"with the embeddings (mergekit-extract-lora writes lm_head factors even for tied models): "
+                           f"re-extract it without lm_head (mergekit-extract-lora ... --exclude-regex lm_head), or "
+                           f"with `readapt extract BASE TUNED -o OUT --tau 0.5`, which puts the tied matrix's change "
+                           f"on embed_tokens once")
     if unknown and addend.kind != "checkpoint":
         raise ReadaptError(f"{spec} was made for a different base: {len(unknown)} of its tensors are not in the "
                            f"base checkpoint ({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''})")

@@ -10,9 +10,11 @@ change also renames modules, grows the vocabulary and changes configs, so every 
 mapped to the new base and gets one status in the report:
 
     carried    same (or re-keyed) name and shape: P is added as it is
-    adjusted   vocabulary rows (embed_tokens / lm_head): new row j gets P's row i when the token string
-               of j in the new tokenizer equals that of i in the old one (strings, not ids); new tokens
-               get no patch. DoRA magnitudes rescaled (below). PEFT modules_to_save copies turned back
+    adjusted   vocabulary rows (embed_tokens / lm_head): new row j gets P's row i when token j of the new
+               tokenizer stands for the same text as token i of the old one, each decoded in its own
+               tokenizer's convention (readapt.vocab: SentencePiece ▁ and <0xNN>, byte-level Ġ, ...;
+               identical strings first; special tokens by identical string only); new tokens get no
+               patch. DoRA magnitudes rescaled (below). PEFT modules_to_save copies turned back
                into a patch (copy − old tensor) and added to the new tensor.
     skipped    absent from the new base, other shape differences, tokenizers missing, ... (with why)
 
@@ -54,6 +56,7 @@ from readapt.checkpoint import (Checkpoint, TensorInfo, aligned_blocks, compare_
                                 progress, resolve_model, write_file, write_tensors)
 from readapt.delta import MANIFEST, DeltaFolder, is_delta_folder
 from readapt.errors import ReadaptError
+from readapt.vocab import Tokens, comparable, match
 
 REPORT = "port_report.json"
 _VOCAB_NAME = re.compile(r"(embed_tokens|lm_head|wte|embed_out|word_embeddings)\.weight$")
@@ -126,8 +129,8 @@ def rekey(names: list[str], new_names: list[str]) -> dict[str, str]:
     return out
 
 
-def _load_vocab(folder: Path | None) -> tuple[dict[str, int] | None, str]:
-    """token string -> id from a folder's tokenizer, and where it came from (or why there is none)."""
+def _load_vocab(folder: Path | None) -> tuple[Tokens | None, str]:
+    """A folder's tokenizer (token strings, special tokens, decoder), and where it came from (or why there is none)."""
     if folder is None:
         return None, "no folder to read it from"
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
@@ -135,13 +138,14 @@ def _load_vocab(folder: Path | None) -> tuple[dict[str, int] | None, str]:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder).get_vocab(), str(folder)
+        return Tokens.of(AutoTokenizer.from_pretrained(folder)), str(folder)
     except Exception as err:  # tokenizer loaders raise many types; the report says why
         return None, f"cannot load the tokenizer in {folder}: {err}"
 
 
 class Vocab:
-    """Row correspondence between the old and the new vocabulary, by token string."""
+    """Row correspondence between the old and the new vocabulary, by the text each token stands for
+    (readapt.vocab.match: identical string and text first, then identical text)."""
 
     def __init__(self, old_folders: list[Path], new_folder: Path):
         self.old_folders, self.new_folder, self.loaded, self.stats = old_folders, new_folder, False, {}
@@ -159,29 +163,53 @@ class Vocab:
             self.loaded = True
         return self
 
+    def comparable(self) -> bool:
+        return self.old is not None and self.new is not None and comparable(self.old, self.new)
+
     def rows(self, n_old: int, n_new: int) -> torch.Tensor | None:
-        """(n_new,) old row of each new row, -1 where its token is new (or it has none); None without tokenizers."""
-        if self.old is None or self.new is None:
+        """(n_new,) old row of each new row, -1 where its token is new (or it has none); None when the
+        tokenizers are missing or cannot be compared."""
+        if not self.comparable():
             return None
-        rows = torch.full((n_new,), -1, dtype=torch.long)
-        for tok, j in self.new.items():
-            i = self.old.get(tok)
-            if j < n_new and i is not None and i < n_old:
-                rows[j] = i
+        rows, how = match(self.old, self.new, n_old, n_new)
         shared = int((rows >= 0).sum())
         moved = int(((rows >= 0) & (rows != torch.arange(n_new))).sum())  # shared tokens now at another id
-        new_tokens = sum(1 for t, j in self.new.items() if j < n_new and (t not in self.old or self.old[t] >= n_old))
+        free = rows.tolist()
+        new_tokens = len({j for j in self.new.ids.values() if j < n_new and free[j] < 0})
         self.stats = {"old_rows": n_old, "new_rows": n_new, "shared_tokens": shared, "moved_tokens": moved,
                       "new_tokens": new_tokens,
                       "rows_without_token": n_new - shared - new_tokens,
                       "old_rows_dropped": n_old - len(set(rows[rows >= 0].tolist())),
-                      "old_tokenizer": self.old_from, "new_tokenizer": self.new_from}
+                      "old_tokenizer": self.old_from, "new_tokenizer": self.new_from, **how}
         return rows
 
     def identical(self, n_old: int, n_new: int) -> bool:
-        """Same row count and every token at the same id on both sides."""
-        return n_old == n_new and all(self.new.get(t) == i for t, i in self.old.items() if i < n_old) and \
-            all(self.old.get(t) == j for t, j in self.new.items() if j < n_new)
+        """Same row count, the same decoder and every token at the same id on both sides."""
+        old, new = self.old.ids, self.new.ids
+        return n_old == n_new and self.old.decoding.key == self.new.decoding.key and \
+            all(new.get(t) == i for t, i in old.items() if i < n_old) and \
+            all(old.get(t) == j for t, j in new.items() if j < n_new)
+
+
+def _matched(st: dict, details: bool = True) -> str:
+    """How the vocabulary rows were matched, in words (the report's `vocabulary`)."""
+    if st["same_convention"] and not st["matched_by_text"]:
+        how = "matched by token string"
+    else:
+        how = (f"matched by the text each token stands for ({st['matched_by_string']} by identical string, "
+               f"{st['matched_by_text']} by identical text under another string)")
+    if not details:
+        return how
+    if not st["same_convention"]:
+        how += (f"; the tokenizers use different conventions (old: {st['old_convention']}; new: "
+                f"{st['new_convention']})")
+    if st["same_string_other_text"]:
+        how += (f"; {st['same_string_other_text']} tokens with the same string stand for other text and were not "
+                f"matched to each other ({st['other_text_matched_by_text']} of them found their text elsewhere)")
+    if st["same_text_not_paired"]:
+        how += (f"; {st['same_text_not_paired']} new tokens share their text with an old token already carried to "
+                f"another new token of that text: no patch")
+    return how
 
 
 def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: dict[str, str], vocab: Vocab,
@@ -189,8 +217,9 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
     new_name = names.get(name)
     if new_name is None:
         if name.endswith("lm_head.weight") and new_cfg.get("tie_word_embeddings"):
-            return Item(name, None, "skipped", "the new base ties lm_head to embed_tokens (tie_word_embeddings) and "
-                        "stores no lm_head: the old lm_head's patch has nowhere to go", shape)
+            return Item(name, None, "skipped", "the new base ties lm_head to embed_tokens (tie_word_embeddings: it "
+                        "stores no lm_head.weight), so the patch's lm_head change has no tensor to go to; only the "
+                        "embed_tokens patch reaches the tied output layer", shape)
         return Item(name, None, "skipped", "no tensor of this name (or a unique re-keyed one) in the new base", shape)
     new_shape = new.shape(new_name)
     renamed = f" (re-keyed from {name})" if new_name != name else ""
@@ -202,9 +231,13 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
         if vocab.identical(shape[0], new_shape[0]):
             return Item(name, new_name, "carried", "same shape, same tokens at the same ids" + renamed, shape,
                         new_shape)
+        if not vocab.comparable():
+            return Item(name, new_name, "skipped", f"the tokenizers cannot be compared: the old one decodes with "
+                        f"{vocab.old.decoding.label}, the new one with {vocab.new.decoding.label}, and readapt cannot "
+                        f"tell what text their tokens stand for" + renamed, shape, new_shape)
         rows = vocab.rows(shape[0], new_shape[0])
         st = vocab.stats
-        return Item(name, new_name, "adjusted", f"vocabulary rows matched by token string: {st['shared_tokens']} "
+        return Item(name, new_name, "adjusted", f"vocabulary rows {_matched(st, details=False)}: {st['shared_tokens']} "
                     f"shared tokens carried ({st['moved_tokens']} of them to another id), {st['new_tokens']} new "
                     f"token(s) and {st['rows_without_token']} untokenised "
                     f"rows get no patch, {st['old_rows_dropped']} old rows dropped" + renamed, shape, new_shape, rows)
@@ -214,10 +247,21 @@ def _classify(name: str, shape: tuple[int, ...] | None, new: Checkpoint, names: 
     if is_vocab:
         missing, where = ("old", vocab.old_from) if vocab.old is None else ("new", vocab.new_from)
         return Item(name, new_name, "skipped", f"the vocabulary changed ({shape[0]} -> {new_shape[0]} rows) and the "
-                    f"{missing} tokenizer is missing ({where}): rows cannot be matched by token string",
+                    f"{missing} tokenizer is missing ({where}): rows cannot be matched",
                     shape, new_shape)
     return Item(name, new_name, "skipped",
                 f"shape {list(shape or [])} in the patch but {list(new_shape)} in the new base", shape, new_shape)
+
+
+_TIED_OLD = ("the old base ties lm_head to embed_tokens (tie_word_embeddings: it stores no lm_head.weight), so this "
+             "lm_head change (mergekit-extract-lora writes one even for tied models) has no tensor of its own: not "
+             "carried; re-extract without lm_head (mergekit-extract-lora ... --exclude-regex lm_head) or with "
+             "`readapt extract --tau`, which puts the tied matrix's change on embed_tokens")
+
+
+def _tied_head(name: str, old: Checkpoint) -> bool:
+    """`name` is an lm_head the checkpoint `old` does not store because it ties it to embed_tokens."""
+    return name.endswith("lm_head.weight") and name not in old and bool((old.config or {}).get("tie_word_embeddings"))
 
 
 def _config_warnings(old_cfg: dict | None, new_cfg: dict | None) -> list[str]:
@@ -331,7 +375,8 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
         raise ReadaptError(f"{patch} was trained on a {old_class} but {to} is a {new_class} (adapter_config.json "
                            f"auto_mapping): a patch only ports between versions of one architecture")
     if old is not None:  # the patch must fit the old base it names
-        misfit = [n for n, s in targets.items() if n not in old or (s is not None and tuple(s) != old.shape(n))]
+        misfit = [n for n, s in targets.items() if not _tied_head(n, old) and
+                  (n not in old or (s is not None and tuple(s) != old.shape(n)))]
         if misfit and old_source == "--from":
             raise ReadaptError(f"{patch} does not fit the old base {from_}: {len(misfit)} of its tensors are missing "
                                f"there or have another shape ({', '.join(misfit[:5])}); pass the base it was made on")
@@ -344,7 +389,8 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     vocab = Vocab([p for p in (old.path if old else None, patch_path) if p is not None], new.path)
     base_copies = [n for n, m in getattr(src, "modules", {}).items()
                    if set(m.parts) <= {"base_layer.weight", "base_layer.bias"}]
-    items = [_classify(n, s, new, names, vocab, new_cfg) for n, s in targets.items() if n not in base_copies]
+    items = [Item(n, None, "skipped", _TIED_OLD, s) if old is not None and _tied_head(n, old) else
+             _classify(n, s, new, names, vocab, new_cfg) for n, s in targets.items() if n not in base_copies]
     if kind != "delta":
         for it in items:
             parts = src.modules[it.name].parts
@@ -699,8 +745,8 @@ def summary(report: dict) -> str:
     v = report.get("vocabulary")
     if v:
         lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens "
-                     f"carried (matched by token string; {v['moved_tokens']} of them moved to another id), "
-                     f"{v['new_tokens']} new token{'s' * (v['new_tokens'] != 1)} without patch")
+                     f"carried ({v['moved_tokens']} of them moved to another id), "
+                     f"{v['new_tokens']} new token{'s' * (v['new_tokens'] != 1)} without patch; rows {_matched(v)}")
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
     d = report.get("drift")
@@ -731,6 +777,6 @@ Made by readapt {__version__} on {report['created']}: the patch `{report['patch'
 `{report['old_base']['spec'] or 'an older version'}`) retargeted to `{report['new_base']['spec']}` with no training
 (PortLLM: θ′ + P).
 
-{c['carried']} tensors carried, {c['adjusted']} carried with adjustment (vocabulary rows matched by token string,
-DoRA magnitudes rescaled), {c['skipped']} skipped. Every tensor and the reason: `{REPORT}`.
+{c['carried']} tensors carried, {c['adjusted']} carried with adjustment (vocabulary rows matched by the text each
+token stands for, DoRA magnitudes rescaled), {c['skipped']} skipped. Every tensor and the reason: `{REPORT}`.
 """
