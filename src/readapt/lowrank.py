@@ -314,13 +314,9 @@ class Policy:
 
 
 def _device(device: str | None) -> torch.device:
-    try:
-        dev = torch.device(device or "cpu")
-    except RuntimeError:
-        raise ReadaptError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ReadaptError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-    return dev
+    from readapt.checkpoint import parse_device
+
+    return parse_device(device)
 
 
 def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of: Callable[[str], torch.Tensor],

@@ -135,7 +135,7 @@ def _load_vocab(folder: Path | None) -> tuple[dict[str, int] | None, str]:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder).get_vocab(), str(folder)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True).get_vocab(), str(folder)
     except Exception as err:  # tokenizer loaders raise many types; the report says why
         return None, f"cannot load the tokenizer in {folder}: {err}"
 

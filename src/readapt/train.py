@@ -138,7 +138,7 @@ def lora_model(base: PathLike, *, rank: int = 64, alpha: float = 128, dropout: f
     if not progress_bar:  # transformers' "Loading weights" bar; the global setting is put back after
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -393,13 +393,13 @@ def train(
 
     # ---- data
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ReadaptError(f"cannot load a tokenizer from {base_path} ({err}); BASE needs its tokenizer "
                            f"files") from None
     if tokenizer.eos_token_id is None:
         raise ReadaptError(f"the tokenizer of {base_path} has no EOS token, which separates documents")
-    n_ctx = getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", None)
+    n_ctx = getattr(AutoConfig.from_pretrained(base_path, local_files_only=True), "max_position_embeddings", None)
     if n_ctx and max_length > n_ctx:
         raise ReadaptError(f"max_length={max_length} exceeds the context of {base_path} "
                            f"(max_position_embeddings={n_ctx}); lower --max-length")
