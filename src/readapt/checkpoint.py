@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from readapt.errors import ReadaptError, os_error
-from readapt.userfiles import BOOL, NON_NEGATIVE_INT, OBJECT, STRING, STRINGS, check_fields, load, members, \
+from readapt.userfiles import BOOL, NON_NEGATIVE_INT, STRING, STRINGS, check_fields, load, members, \
     open_regular
 
 DTYPES = {
@@ -241,8 +241,7 @@ def resolve_model(spec: str | os.PathLike, cache_dir: str | os.PathLike | None =
 
 # the config.json fields readapt itself reads, and what they must be (transformers checks the rest)
 CONFIG_FIELDS = {"model_type": STRING, "architectures": STRINGS, "tie_word_embeddings": BOOL,
-                 "max_position_embeddings": NON_NEGATIVE_INT, "vocab_size": NON_NEGATIVE_INT,
-                 "auto_map": OBJECT}
+                 "max_position_embeddings": NON_NEGATIVE_INT, "vocab_size": NON_NEGATIVE_INT}
 
 
 def read_config(folder: Path) -> dict | None:

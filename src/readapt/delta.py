@@ -175,6 +175,7 @@ class DeltaFolder(_StoredTensors):
                                                         "formula": STRING})
         for part in ("base", "tuned"):
             check_fields(self.manifest.get(part) or {}, f"{file} ({part})", {"path": STRING, "spec": STRING})
+        check_fields(self.manifest.get("base_config") or {}, f"{file} (base_config)", checkpoint.CONFIG_FIELDS)
         self.ckpt = Checkpoint.open(self.path)
         self.config = self.manifest.get("base_config")
 
