@@ -85,10 +85,13 @@ def kit(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(d / "adapter")
-    delta = readapt.extract(base, save_tiny(d / "tuned", seed=1), d / "delta")
+    tuned = save_tiny(d / "tuned", seed=1)
+    delta = readapt.extract(base, tuned, d / "delta")
     (d / "qa.jsonl").write_text(json.dumps({"id": "q", "question": "w1 w2", "answers": ["w3"]}) + "\n")
     (d / "preds.jsonl").write_text(json.dumps({"id": "q", "response": "w3", "answers": ["w3"]}) + "\n")
-    return {"base": base, "adapter": d / "adapter", "delta": delta, "qa": d / "qa.jsonl", "preds": d / "preds.jsonl"}
+    (d / "text.jsonl").write_text(json.dumps({"text": " ".join(f"w{i % 50}" for i in range(200))}) + "\n")
+    return {"base": base, "tuned": tuned, "adapter": d / "adapter", "delta": delta, "qa": d / "qa.jsonl",
+            "preds": d / "preds.jsonl", "text": d / "text.jsonl"}
 
 
 def copy(kit, tmp_path, *names) -> dict:
@@ -167,6 +170,25 @@ def test_newlines_in_user_text_stay_on_one_line(kit, tmp_path):
     index["weight_map"][next(iter(index["weight_map"]))] = "shard\nreadapt merge: error: forged.safetensors"
     (k["base"] / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "shard\\nreadapt merge" in cli("merge", k["base"], "--add", kit["adapter"], "-o", tmp_path / "out").error
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "extract --rank", "compress"])
+def test_configs_transformers_cannot_build_are_one_line(kit, tmp_path, command):
+    """A config field readapt does not read but transformers checks (here rms_norm_eps: "x")."""
+    k = {**kit, **copy(kit, tmp_path, "base", "delta")}
+    cfg = json.loads((k["base"] / "config.json").read_text())
+    cfg["rms_norm_eps"] = "x"
+    (k["base"] / "config.json").write_text(json.dumps(cfg))
+    manifest = json.loads((k["delta"] / "readapt_delta.json").read_text())
+    manifest["base_config"] = cfg
+    (k["delta"] / "readapt_delta.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    args = {"eval": ("eval", k["base"], "--questions", k["qa"], "-o", out),
+            "train": ("train", k["base"], "--data", k["text"], "--max-length", "16", "--max-steps", "1", "-o", out),
+            "extract --rank": ("extract", k["base"], k["tuned"], "--rank", "2", "-o", out),
+            "compress": ("compress", k["delta"], "--rank", "2", "-o", out)}[command]
+    error = cli(*args).error
+    assert "transformers cannot build the model" in error and "rms_norm_eps" in error and not out.exists()
 
 
 # --- flags ----------------------------------------------------------------------------------------------

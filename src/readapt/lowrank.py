@@ -244,10 +244,11 @@ def meta_model(config: dict):
     if model_type not in CONFIG_MAPPING:
         raise ReadaptError(f"config.json has model_type {model_type!r}, which this transformers does not know: "
                            f"cannot tell linear layers from embeddings or write a PEFT adapter for it")
-    cfg = CONFIG_MAPPING[model_type].from_dict(config)
-    with torch.device("meta"), warnings.catch_warnings():
+    from readapt.userfiles import config_errors
+
+    with config_errors("the base model's config"), torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(cfg)
+        return AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type].from_dict(config))
 
 
 def classify(config: dict, names: Sequence[str], shapes: Callable[[str], tuple], floats: Callable[[str], bool]

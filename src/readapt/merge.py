@@ -332,7 +332,10 @@ def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: st
     out_dtype = parse_dtype(dtype)
     # transformers builds the module (buffers, tying, dtype) from the base; then each merged tensor is
     # copied over its parameter, one at a time
-    model = AutoModelForCausalLM.from_pretrained(b.path, dtype=out_dtype or "auto", local_files_only=True)
+    from readapt.userfiles import config_errors
+
+    with config_errors(b.path / "config.json"):
+        model = AutoModelForCausalLM.from_pretrained(b.path, dtype=out_dtype or "auto", local_files_only=True)
     if addends:
         copy_merged(model, b, addends, out_dtype)
     model.eval()

@@ -391,6 +391,14 @@ def train(
                            f"process runs per step (batch_size {batch_size} / {P} processes)")
     accum = local // micro
 
+    from readapt.userfiles import config_errors
+
+    with config_errors(base_path / "config.json"):  # first: the tokenizer reads it too
+        n_ctx = getattr(AutoConfig.from_pretrained(base_path, local_files_only=True), "max_position_embeddings", None)
+    if n_ctx and max_length > n_ctx:
+        raise ReadaptError(f"max_length={max_length} exceeds the context of {base_path} "
+                           f"(max_position_embeddings={n_ctx}); lower --max-length")
+
     # ---- data
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
@@ -399,10 +407,6 @@ def train(
                            f"files") from None
     if tokenizer.eos_token_id is None:
         raise ReadaptError(f"the tokenizer of {base_path} has no EOS token, which separates documents")
-    n_ctx = getattr(AutoConfig.from_pretrained(base_path, local_files_only=True), "max_position_embeddings", None)
-    if n_ctx and max_length > n_ctx:
-        raise ReadaptError(f"max_length={max_length} exceeds the context of {base_path} "
-                           f"(max_position_embeddings={n_ctx}); lower --max-length")
     blocks, _, data_summary = load_blocks(files, tokenizer, max_length)
     n_blocks = len(blocks)
     n_tokens = int(blocks.numel())

@@ -213,6 +213,22 @@ def members(text: str | bytes, source: str | os.PathLike) -> Iterator[tuple[str,
             raise json.JSONDecodeError("Extra data", text, end)
 
 
+@contextmanager
+def config_errors(source: str | os.PathLike) -> Iterator[None]:
+    """Whatever transformers raises while it builds a config or a model from a user's config.json (a
+    field of the wrong type or value: StrictDataclassFieldValidationError, TypeError, AssertionError...)
+    as one ReadaptError naming `source`. Wrap only the transformers call, so that readapt's own bugs
+    keep their tracebacks."""
+    try:
+        yield
+    except ReadaptError:
+        raise
+    except Exception as err:  # transformers raises many types for a bad config
+        detail = " ".join(str(err).split())
+        raise ReadaptError(f"{source}: transformers cannot build the model from it ({type(err).__name__}: "
+                           f"{detail[:200]}); fix the config") from None
+
+
 # --- typed fields --------------------------------------------------------------------------------------
 
 Check = tuple[Callable[[Any], bool], str]
