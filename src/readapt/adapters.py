@@ -53,6 +53,27 @@ def is_peft_folder(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def read_adapter_config(file: Path) -> dict:
+    """adapter_config.json, checked once: the fields readapt reads have PEFT's types (r > 0, finite
+    lora_alpha, rank_pattern/alpha_pattern keys that compile as PEFT uses them: `(.*\\.)?(KEY)$`)."""
+    from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
+
+    config = check_fields(load(file), file, {
+        "peft_type": STRING, "r": POSITIVE_INT, "lora_alpha": NUMBER, "rank_pattern": OBJECT,
+        "alpha_pattern": OBJECT, "use_rslora": BOOL, "use_dora": BOOL, "fan_in_fan_out": BOOL,
+        "bias": one_of("none", "all", "lora_only"), "base_model_name_or_path": STRING, "auto_mapping": OBJECT,
+    }, required=("r", "lora_alpha"))
+    for name, values in (("rank_pattern", POSITIVE_INT), ("alpha_pattern", NUMBER)):
+        for key, value in (config.get(name) or {}).items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as err:
+                raise ReadaptError(f"{file}: {name} key {key!r} is not a valid regular expression ({err})") from None
+            check_fields({key: value}, f"{file} ({name})", {key: values})
+    check_fields(config.get("auto_mapping") or {}, f"{file} (auto_mapping)", {"base_model_class": STRING})
+    return config
+
+
 class PeftAdapter:
     """A PEFT LoRA/DoRA adapter folder as a source of weight-space differences Ψ[name] for a base."""
 
@@ -62,10 +83,7 @@ class PeftAdapter:
         self.path = Path(folder)
         self.label = label or str(folder)
         cfg_file = self.path / "adapter_config.json"
-        try:
-            self.config = json.loads(cfg_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ReadaptError(f"cannot read {cfg_file}: {err}") from None
+        self.config = read_adapter_config(cfg_file)
         if self.config.get("peft_type", "LORA") != "LORA":
             raise ReadaptError(f"{cfg_file}: peft_type {self.config.get('peft_type')!r} is not supported "
                                f"(readapt reads LoRA and DoRA adapters)")

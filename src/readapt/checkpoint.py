@@ -18,12 +18,19 @@ check that safetensors itself loads what we write.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
+import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +38,9 @@ from pathlib import Path
 
 import torch
 
-from readapt.errors import ReadaptError
+from readapt.errors import ReadaptError, os_error
+from readapt.userfiles import BOOL, NON_NEGATIVE_INT, STRING, STRINGS, check_fields, load, members, \
+    open_regular
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -42,33 +51,59 @@ DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what readapt computes in and writes
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
+    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None stays None. Only OUTPUT_DTYPES: float8
+    variants are storage formats without the arithmetic a merge needs."""
+    if name is None:
+        return None
     aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
-    dt = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise ReadaptError(f"unknown dtype {name!r}: use float32, bfloat16, float16 or float64")
+    dt = name if isinstance(name, torch.dtype) else getattr(torch, aliases.get(name, name), None) \
+        if isinstance(name, str) else None
+    if dt not in OUTPUT_DTYPES:
+        raise ReadaptError(f"dtype {name!r} is not one readapt computes in or writes: use float32, bfloat16, "
+                           f"float16 or float64")
     return dt
 
 
 def parse_size(size: int | str) -> int:
-    """'5GB' -> 5_000_000_000, '500MB', '2GiB', or a plain number of bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ReadaptError(f"cannot read size {size!r}: write it like 5GB, 500MB or 1000000")
-    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    """'5GB' -> 5_000_000_000, '500MB', '2GiB', '1.5GB', or a plain number of bytes (at least 1)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** ("KMGT".find(m.group(2).upper()) + 1 if
+                                                                    m.group(2) else 0) if m else math.nan
+    if isinstance(size, bool) or not 1 <= value < math.inf:
+        raise ReadaptError(f"cannot read size {size!r}: write it like 5GB, 500MB or 1000000 (bytes, at least 1)")
+    return int(value)
+
+
+def parse_device(device: str | None, default: str = "cpu") -> torch.device:
+    """'cpu', 'cuda', 'cuda:1', 'mps'... -> torch.device, refused unless torch can use it here (a one-line
+    error instead of torch's AssertionError inside `.to()`)."""
+    try:
+        dev = torch.device(device or default)
+    except (RuntimeError, TypeError):
+        raise ReadaptError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        gpu = "CUDA GPU" if dev.type == "cuda" else f"{dev.type} device"
+        raise ReadaptError(f"--device {device or default}: no {gpu} is visible to torch here; use --device cpu")
+    if dev.index is not None and dev.index >= getattr(backend, "device_count", lambda: 1)():
+        raise ReadaptError(f"--device {device}: torch sees only {backend.device_count()} {dev.type} device(s) "
+                           f"here (numbered from 0)")
+    return dev
 
 
 # ---------------------------------------------------------------------------------------------------
 # reading
 
+MAX_HEADER = 100_000_000  # bytes of JSON per safetensors file: safetensors' own MAX_HEADER_SIZE
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives: file, dtype, shape and absolute byte range [start, end)."""
 
@@ -80,52 +115,105 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header; raises ReadaptError for a corrupt or truncated file."""
-    size = path.stat().st_size
+    """Parse and validate a safetensors header: exactly the format's rules, as safetensors checks them.
+
+        8 bytes   N, little-endian u64, at most MAX_HEADER (else "header too large", before reading it)
+        N bytes   UTF-8 JSON starting with '{': {name: {"dtype", "shape", "data_offsets"}, ...,
+                  "__metadata__": {str: str}}; keys unique and valid Unicode (userfiles.members)
+                  dtype: one of DTYPES; shape: integers >= 0 whose running product stays below 2**64
+                  data_offsets: [begin, end] integers, end - begin = prod(shape) * itemsize
+        the rest  the tensors' data: sorted by offset they tile it exactly, from 0 to the end of the
+                  file, with no gap or overlap
+
+    Memory: the header text plus one TensorInfo per tensor (shapes shared); the JSON is parsed one
+    member at a time, never as one dict of dicts. Time: linear in N.
+    """
     bad = f"{path} is not a valid safetensors file"
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ReadaptError(f"{bad}: it is {size} bytes long (truncated?). Re-download or re-create it.")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
+        if n > MAX_HEADER:
+            raise ReadaptError(f"{bad}: header too large ({n} bytes; the cap is {MAX_HEADER}, as in safetensors)")
+        if n > size - 8:
             raise ReadaptError(f"{bad}: header length {n} exceeds the file size {size} (truncated or corrupt)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ReadaptError(f"{bad}: its header is not JSON ({err}); the file is corrupt") from None
-    header.pop("__metadata__", None)
-    base, infos, spans = 8 + n, {}, []
-    for name, h in header.items():
-        try:
-            dtype = DTYPES[h["dtype"]]
-            shape = tuple(int(d) for d in h["shape"])
-            start, end = (int(o) for o in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ReadaptError(f"{bad}: tensor {name!r} has a malformed header entry {h!r}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * dtype.itemsize or start < 0:
-            raise ReadaptError(f"{bad}: tensor {name!r} claims shape {list(shape)} {h['dtype']} "
-                               f"but spans {end - start} bytes")
-        if base + end > size:
-            raise ReadaptError(f"{bad}: tensor {name!r} ends at byte {base + end} but the file has only "
-                               f"{size} bytes (truncated download?). Re-download or re-create it.")
-        infos[name] = TensorInfo(path, dtype, shape, base + start, base + end)
-        spans.append((start, end))
-    spans.sort()
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-        raise ReadaptError(f"{bad}: tensors overlap in the data section (corrupt file)")
+        raw = f.read(n)
+    if raw[:1] != b"{":
+        raise ReadaptError(f"{bad}: its header does not start with '{{' (the file is corrupt)")
+    infos: dict[str, TensorInfo] = {}
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+    entries = members(raw, f"the header of {path}")
+    del raw  # the parser keeps only the decoded text
+    for name, entry in entries:
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise ReadaptError(f"{bad}: __metadata__ must map strings to strings (the file is corrupt)")
+            continue
+        infos[name] = _tensor_info(path, name, entry, 8 + n, bad, shapes)
+    _check_tiling(infos, 8 + n, size, bad)
     return infos
+
+
+_U64 = 1 << 64
+
+
+def _tensor_info(path: Path, name: str, h, base: int, bad: str, shapes: dict) -> TensorInfo:
+    """One header entry, checked: the format's types (safetensors' serde types: usize, not float or bool),
+    a dtype readapt reads, and a byte span that matches dtype and shape. `shapes` interns equal shapes."""
+    if type(h) is not dict or not {"dtype", "shape", "data_offsets"} <= h.keys():
+        raise ReadaptError(f"{bad}: tensor {name!r} has a malformed header entry (need dtype, shape and "
+                           f"data_offsets): {str(h)[:80]}")
+    dtype = DTYPES.get(h["dtype"]) if type(h["dtype"]) is str else None
+    if dtype is None:
+        raise ReadaptError(f"{bad}: tensor {name!r} has dtype {str(h['dtype'])[:40]!r}; readapt reads "
+                           f"{', '.join(DTYPES)}")
+    shape, offsets = h["shape"], h["data_offsets"]
+    both = shape + offsets if type(shape) is list and type(offsets) is list and len(offsets) == 2 else [-1]
+    if not (_INT.issuperset(map(type, both)) and min(both) >= 0 and max(both) < _U64):  # serde's usize
+        raise ReadaptError(f"{bad}: tensor {name!r} has shape {str(shape)[:60]} and data_offsets "
+                           f"{str(offsets)[:60]}; both must be lists of integers >= 0 (two offsets)")
+    numel = math.prod(shape)
+    if numel >= _U64 or (numel == 0 and any(math.prod(shape[:i]) >= _U64 for i in range(2, len(shape)))):
+        raise ReadaptError(f"{bad}: tensor {name!r} has shape {shape}, whose size overflows 64 bits")
+    if shape and max(shape) >= 1 << 63:
+        raise ReadaptError(f"{bad}: tensor {name!r} has a dimension of 2**63 or more, which torch cannot hold")
+    start, end = offsets
+    if end - start != numel * dtype.itemsize:
+        raise ReadaptError(f"{bad}: tensor {name!r} claims shape {shape} {h['dtype']} but spans {end - start} "
+                           f"bytes")
+    shape = tuple(shape)
+    return TensorInfo(path, dtype, shapes.setdefault(shape, shape), base + start, base + end)
+
+
+_INT = {int}  # not bool, not float
+
+
+def _check_tiling(infos: dict[str, TensorInfo], base: int, size: int, bad: str) -> None:
+    """Sorted by (start, end), the tensors' spans must tile [base, size) exactly, as safetensors requires:
+    no gap (a hidden payload), no overlap, nothing after the last tensor."""
+    at = base
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.end)):
+        if info.start != at:
+            name = next(k for k, v in infos.items() if v is info)
+            where = "overlaps the tensor before it" if info.start < at else f"leaves a gap of {info.start - at} bytes"
+            raise ReadaptError(f"{bad}: tensor {name!r} {where} in the data section (the file is corrupt)")
+        at = info.end
+    if at != size:
+        what = f"ends at byte {at} but the file has {size} bytes"
+        hint = "(truncated download?). Re-download or re-create it." if at > size else "(trailing bytes: corrupt)"
+        raise ReadaptError(f"{bad}: the tensor data {what} {hint}")
 
 
 def resolve_model(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local folder, or a model id ("org/name", optional "@revision") already in the local HF cache.
 
     Never touches the network: the cache is looked up with huggingface_hub's
-    `snapshot_download(local_files_only=True)`.
+    `snapshot_download(local_files_only=True)`. An empty string is refused (not the current folder).
     """
+    if not str(spec).strip():
+        raise ReadaptError("an empty path was given where a checkpoint folder or model id is expected")
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -151,12 +239,48 @@ def resolve_model(spec: str | os.PathLike, cache_dir: str | os.PathLike | None =
         ) from None
 
 
+# the config.json fields readapt itself reads, and what they must be (transformers checks the rest)
+CONFIG_FIELDS = {"model_type": STRING, "architectures": STRINGS, "tie_word_embeddings": BOOL,
+                 "max_position_embeddings": NON_NEGATIVE_INT, "vocab_size": NON_NEGATIVE_INT}
+
+
+def read_config(folder: Path) -> dict | None:
+    """`folder`/config.json, checked (userfiles.load, CONFIG_FIELDS), or None if there is none."""
+    file = folder / "config.json"
+    if not os.path.lexists(file):
+        return None
+    return check_fields(load(file), file, CONFIG_FIELDS)
+
+
+def hub_repo(folder: Path) -> Path | None:
+    """The repo cache (`.../models--org--name`) of a Hugging Face cache snapshot folder, else None."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return None
+
+
+def weight_file(folder: Path, name: str | Path) -> Path:
+    """`folder`/`name`, refused unless it lies inside `folder` once links are followed (a Hugging Face
+    cache snapshot's files link into its repo's blobs/: exactly that is allowed too), so that an index or
+    a link cannot make readapt read, and then let an output replace, another model's files."""
+    file = folder / name
+    real = file.resolve()
+    repo = hub_repo(folder)
+    roots = [folder.resolve()] + ([repo / "blobs"] if repo else [])
+    if not any(root in real.parents for root in roots):
+        raise ReadaptError(f"{file} lies outside the checkpoint folder {folder} (it is {real}); readapt reads only "
+                           f"weight files inside the folder: copy the file in, or pass the folder that holds it")
+    return file
+
+
 class Checkpoint:
     """The tensors of a checkpoint folder (model, delta or PEFT adapter), read one at a time.
 
     Layouts: `model.safetensors`; shards + `*.safetensors.index.json`; `adapter_model.safetensors`;
     any other `*.safetensors` files; pickled `pytorch_model*.bin` only with `allow_pickle=True`
-    (then `torch.load(weights_only=True, mmap=True)`).
+    (then `torch.load(weights_only=True, mmap=True)`). Every weight file must be a regular file inside
+    the folder (`weight_file`); config.json, if present, is checked by `read_config`.
     """
 
     def __init__(self, path: Path, infos: dict[str, TensorInfo], config: dict | None, pickled: bool = False):
@@ -169,32 +293,33 @@ class Checkpoint:
     @classmethod
     def open(cls, spec: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
         path = resolve_model(spec)
-        config = None
-        if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
+        config = read_config(path)
         index = sorted(path.glob("*.safetensors.index.json"))
-        if index:
-            return cls(path, _read_index(path, index[0]), config)
         files = sorted(path.glob("*.safetensors"))
-        if files:
-            infos: dict[str, TensorInfo] = {}
+        pickles = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if index:
+            infos, pickled = _read_index(path, index[0]), False
+        elif files:
+            infos, pickled = {}, False
             for f in files:
-                for name, info in read_header(f).items():
+                for name, info in read_header(weight_file(path, f.name)).items():
                     if name in infos:
                         raise ReadaptError(f"tensor {name!r} is stored twice in {path} ({infos[name].file.name} "
                                            f"and {f.name}); remove the stray file")
                     infos[name] = info
-            return cls(path, infos, config)
-        pickles = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        if pickles and not allow_pickle:
+        elif pickles and not allow_pickle:
             raise ReadaptError(
                 f"{path} holds only pickled weights ({', '.join(p.name for p in pickles[:3])}); readapt does "
                 f"not unpickle by default. Convert them to safetensors, or pass --allow-pickle "
                 f"(allow_pickle=True) to read them with torch.load(weights_only=True)."
             )
-        if pickles:
-            return cls(path, _read_pickles(pickles), config, pickled=True)
-        raise ReadaptError(f"no weights in {path}: expected *.safetensors files (or a .safetensors.index.json)")
+        elif pickles:
+            infos, pickled = _read_pickles([weight_file(path, p.name) for p in pickles]), True
+        else:
+            raise ReadaptError(f"no weights in {path}: expected *.safetensors files (or a .safetensors.index.json)")
+        if not infos:
+            raise ReadaptError(f"no tensors in {path}: its weight files are empty")
+        return cls(path, infos, config, pickled)
 
     @property
     def names(self) -> list[str]:
@@ -224,7 +349,7 @@ class Checkpoint:
         if self.pickled:
             return self._read_pickled(name, info)
         buf = torch.empty(info.end - info.start, dtype=torch.uint8)
-        with open(info.file, "rb") as f:
+        with open_regular(info.file) as f:
             f.seek(info.start)
             got = f.readinto(buf.numpy())
         if got != buf.numel():
@@ -241,28 +366,29 @@ class Checkpoint:
 
 
 def _read_index(path: Path, index_file: Path) -> dict[str, TensorInfo]:
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ReadaptError(f"{index_file} is not a valid index (no weight_map: {err})") from None
+    weight_map = load(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ReadaptError(f"{index_file} is not a valid index: its weight_map must map tensor names to shard "
+                           f"file names")
     headers: dict[str, dict[str, TensorInfo]] = {}
     infos: dict[str, TensorInfo] = {}
     for name, fname in weight_map.items():
         if fname not in headers:
-            shard = path / fname
-            if not shard.is_file():
+            shard = weight_file(path, fname)
+            if not os.path.lexists(shard):
                 raise ReadaptError(f"{index_file.name} lists shard {fname} but {shard} does not exist "
                                    f"(incomplete download?)")
             headers[fname] = read_header(shard)
         if name not in headers[fname]:
             raise ReadaptError(f"{index_file.name} says tensor {name!r} is in {fname}, but it is not there")
         infos[name] = headers[fname][name]
-    return dict(sorted(infos.items(), key=lambda kv: (kv[1].file.name, kv[1].start)))
+    return dict(sorted(infos.items(), key=lambda kv: (str(kv[1].file), kv[1].start)))
 
 
 def _read_pickles(files: Sequence[Path]) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for f in files:
+        open_regular(f).close()  # a FIFO would block torch.load
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # torch raises many types for bad pickles
@@ -346,7 +472,7 @@ def read_blocks(stored: TensorInfo | torch.Tensor, nbytes: int | None = None) ->
     info, size = stored, stored.dtype.itemsize
     step = max(size, nbytes // size * size)
     buf = torch.empty(min(step, info.end - info.start), dtype=torch.uint8)
-    with open(info.file, "rb") as f:
+    with open_regular(info.file) as f:
         f.seek(info.start)
         left = info.end - info.start
         while left:
@@ -441,44 +567,176 @@ def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
     return path
 
 
+def check_output(path: str | os.PathLike, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """The absolute output path, after the checks `output_folder` makes before any work: not an existing
+    folder unless `overwrite`, not a file, a name the file system can hold, and no overlap with an input
+    (the output is not, does not contain and does not lie inside any input, nor, for a Hugging Face cache
+    snapshot, the repo's blobs/ that its files link to: every file a job reads is guarded)."""
+    if not str(path).strip():
+        raise ReadaptError("an empty output path was given (it would mean the current folder); choose another -o")
+    out = Path(path).expanduser().absolute()
+    if len(os.fsencode(out.name)) > _name_max(out):
+        raise ReadaptError(f"output name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes long; the file "
+                           f"system allows {_name_max(out)}: choose a shorter -o")
+    o = out.resolve()
+    for src in inputs:
+        src = Path(src).expanduser()
+        repo = hub_repo(src) if src.is_dir() else None
+        for guarded in [src.resolve()] + ([repo / "blobs"] if repo else []):
+            if o == guarded or guarded in o.parents or o in guarded.parents:
+                raise ReadaptError(f"output folder {out} overlaps the input {guarded}; choose another -o")
+    if out.exists() and not overwrite:
+        raise ReadaptError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise ReadaptError(f"output path {out} is a file, not a folder")
+    return out
+
+
 @contextmanager
 def output_folder(path: str | os.PathLike, overwrite: bool = False,
                   inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; on success rename it to `path`, on any failure delete it.
 
-    Refuses an existing `path` unless `overwrite`, and refuses a `path` that is (or contains, or lies
-    inside) one of the `inputs`, so a job can never clobber what it reads.
+    Refuses what `check_output` refuses, and a `path` that another run is writing: an exclusive lock
+    (flock) on `.NAME.readapt-lock` beside it is held until the output is committed. Under the lock it
+    removes temporary siblings that dead runs left (`.NAME.readapt-tmp-PID`, PID not running: a SIGKILL or
+    a power cut). On failure the parent folders it created are removed too. Signals (Ctrl-C, SIGTERM,
+    SIGHUP, SIGQUIT) are ignored while the output is committed or removed, so a second Ctrl-C cannot
+    leave half of it. An OSError inside (a full disk, a name too long) becomes a one-line ReadaptError.
+    Sibling names are shortened (with a hash) to fit the file system's name limit.
     """
-    out = Path(path).expanduser().absolute()
-    for src in inputs:
-        src = Path(src).expanduser().resolve()
-        o = out.resolve()
-        if o == src or src in o.parents or o in src.parents:
-            raise ReadaptError(f"output folder {out} overlaps the input {src}; choose another -o")
-    if out.exists() and not overwrite:
-        raise ReadaptError(f"output folder {out} already exists; pass --overwrite (overwrite=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise ReadaptError(f"output path {out} is a file, not a folder")
-    tmp = out.parent / f".{out.name}.readapt-tmp-{os.getpid()}"
+    out = check_output(path, overwrite, inputs)
+    created = [p for p in out.parents if not p.exists()]  # deepest first
+    done = False
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as err:
-        raise ReadaptError(f"cannot create the output folder {out}: {err.strerror or err} "
-                           f"({err.filename or out.parent}); choose another -o") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with _locked(out):
+            check_output(out, overwrite)  # again, under the lock: the run that held it may have just written it
+            _remove_stale(out)
+            tmp = _sibling(out, f"tmp-{os.getpid()}")
+            try:
+                tmp.mkdir()
+                yield tmp
+                with _signals_ignored():
+                    _commit(tmp, out, overwrite)
+            except BaseException as err:
+                with _signals_ignored():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(err, OSError):
+                    raise os_error(err, f"nothing was written to {out}") from None
+                raise
+        done = True
+    except OSError as err:  # creating the parent folders or the lock
+        raise os_error(err, f"cannot create the output folder {out}; choose another -o") from None
+    finally:
+        if not done:
+            with _signals_ignored():
+                for p in created:
+                    try:
+                        p.rmdir()
+                    except OSError:
+                        break
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
-        trash = out.parent / f".{out.name}.readapt-old-{os.getpid()}"
+        if not overwrite:  # created by something else than a readapt run while this one worked
+            raise ReadaptError(f"output folder {out} appeared while the job ran; pass --overwrite to replace it")
+        trash = _sibling(out, f"old-{os.getpid()}")
         out.rename(trash)
         tmp.rename(out)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _name_max(out: Path) -> int:
+    """The longest file name (bytes) the file system holding `out` allows (255 on ext4, xfs, btrfs)."""
+    for folder in out.parents:
+        if folder.exists():
+            try:
+                return os.pathconf(folder, "PC_NAME_MAX")
+            except (OSError, ValueError, AttributeError):
+                break
+    return 255
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    """`.NAME.readapt-TAG` beside `out`; NAME is shortened to a prefix plus a hash of the whole name when
+    the result could exceed the name limit (with any TAG up to 24 bytes), so any valid -o works."""
+    room = _name_max(out) - len(".") - len(".readapt-") - 24
+    stem = out.name
+    if len(os.fsencode(stem)) > room:
+        digest = hashlib.sha256(os.fsencode(stem)).hexdigest()[:16]
+        stem = os.fsencode(stem)[: room - 17].decode("utf-8", "ignore") + "-" + digest
+    return out.parent / f".{stem}.readapt-{tag}"
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove `out`'s temporary siblings whose run is gone (called under the lock, so none is being
+    written by a live readapt run; the PID check keeps those of an older readapt that did not lock)."""
+    prefix = _sibling(out, "").name
+    for p in out.parent.glob(glob.escape(prefix) + "*-*"):
+        kind, _, pid = p.name[len(prefix):].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `.NAME.readapt-lock` beside `out` (created, and removed after). The
+    lock is re-taken if the file was replaced between open and flock (another run removing it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _sibling(out, "lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ReadaptError(f"another readapt run is writing {out} (it holds {lock}); wait for it to end or "
+                               f"choose another -o") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, s)]
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C, SIGTERM, SIGHUP and SIGQUIT while a commit or a cleanup runs (the job is ending
+    anyway); only the main thread can set handlers, elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

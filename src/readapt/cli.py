@@ -17,17 +17,62 @@ from readapt.errors import ReadaptError
 
 
 def _scale_spec(text: str) -> tuple[str, float]:
-    """'PATH[:SCALE]' -> (PATH, SCALE); the scale defaults to 1.0 and may be any real number."""
+    """'PATH[:SCALE]' -> (PATH, SCALE); the scale defaults to 1.0 and may be any real number.
+
+    When both readings name an existing path (a folder literally named 'DIR:0.5' next to 'DIR'), the
+    argument is ambiguous and refused; when only the whole text exists, it is that path with scale 1."""
     from pathlib import Path
 
     head, sep, tail = text.rpartition(":")
+    if not text.strip() or (sep and not head.strip() and not Path(text).exists()):
+        raise argparse.ArgumentTypeError(f"{text!r} names no adapter: give ADAPTER[:SCALE], e.g. delta/:0.5")
     if sep and head:
         try:
-            return head, float(tail)
+            scale = float(tail)
         except ValueError:
             if not Path(text).exists() and Path(head).exists():
                 raise argparse.ArgumentTypeError(f"the scale {tail!r} in {text!r} is not a number") from None
+            return text, 1.0
+        if Path(text).exists() and Path(head).exists():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is ambiguous: it is the path {text!r} (scale 1) and also the path {head!r} with scale "
+                f"{tail}; write {text + ':1'!r} for the first or rename one of them")
+        if Path(text).exists():
+            return text, 1.0
+        return head, scale
     return text, 1.0
+
+
+def _size(text: str) -> int:
+    """--max-shard-size: checked when the command line is read, not when the first shard is written."""
+    from readapt.checkpoint import parse_size
+
+    try:
+        return parse_size(text)
+    except ReadaptError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _device(text: str) -> str:
+    """--device: one torch can use here (checked before any model is loaded)."""
+    from readapt.checkpoint import parse_device
+
+    try:
+        parse_device(text)
+    except ReadaptError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _dtype(text: str) -> str:
+    """--dtype: one readapt computes in and writes (float8 variants are refused with the allowed ones)."""
+    from readapt.checkpoint import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ReadaptError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _wrote(folder) -> int:
@@ -63,16 +108,16 @@ def _add_extract(sub) -> None:
     p.add_argument("tuned", help="fine-tuned (e.g. instruct) checkpoint of the same architecture")
     _common_output(p)
     _common_inputs(p)
-    p.add_argument("--dtype", default=None, help="delta dtype (default float32: exact round trip)")
+    p.add_argument("--dtype", default=None, type=_dtype, help="delta dtype (default float32: exact round trip)")
     p.add_argument("--skip-missing", action="store_true", help="skip tensors present on one side only")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
     # LoRE-Adapter instead of a full delta (readapt.lowrank.extract_lowrank): --tau or --rank
     p.add_argument("--tau", type=float, default=None, help="LoRE: per layer keep the smallest rank whose "
                    "squared singular values reach this share of the layer's (0 < tau <= 1; paper: 0.5)")
     p.add_argument("--rank", type=int, default=None, help="LoRE: fixed rank per layer (clamped, with a warning)")
     p.add_argument("--svd", default="auto", choices=("auto", "exact", "gram", "randomized"),
                    help="LoRE SVD path (auto: gram for --tau, randomized for --rank)")
-    p.add_argument("--device", default=None, help="LoRE: where the SVDs run (cpu, cuda)")
+    p.add_argument("--device", default=None, type=_device, help="LoRE: where the SVDs run (cpu, cuda)")
     p.add_argument("--embeddings", default="lowrank", choices=("lowrank", "dense", "skip"), help="LoRE: embeddings")
     p.add_argument("--lm-head", default="lowrank", choices=("lowrank", "dense", "skip"), help="LoRE: lm_head")
     p.add_argument("--norms", default="dense", choices=("dense", "skip"), help="LoRE: norms (modules_to_save)")
@@ -108,9 +153,9 @@ def _add_merge(sub) -> None:
     )
     _common_output(p)
     _common_inputs(p)
-    p.add_argument("--dtype", default=None, help="output dtype (default: the base checkpoint's)")
+    p.add_argument("--dtype", default=None, type=_dtype, help="output dtype (default: the base checkpoint's)")
     p.add_argument("--skip-missing", action="store_true", help="for full-checkpoint adapters: skip one-sided tensors")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
 
     def run(a):
         from readapt.merge import merge
@@ -132,7 +177,7 @@ def _add_lowrank(sub) -> None:
     def policy_flags(p):
         p.add_argument("--svd", default="auto", choices=("auto", "exact", "gram", "randomized"),
                        help="SVD path (auto: gram for --tau, randomized for --rank; spectrum: gram)")
-        p.add_argument("--device", default=None, help="where the SVDs run (cpu, cuda)")
+        p.add_argument("--device", default=None, type=_device, help="where the SVDs run (cpu, cuda)")
         p.add_argument("--embeddings", default="lowrank", choices=("lowrank", "dense", "skip"),
                        help="embeddings: low rank (lora_embedding_A/B), dense, or skip (default lowrank)")
         p.add_argument("--lm-head", default="lowrank", choices=("lowrank", "dense", "skip"),
@@ -149,7 +194,7 @@ def _add_lowrank(sub) -> None:
                    "singular values reach this share (0 < tau <= 1; the paper uses 0.5)")
     p.add_argument("--rank", type=int, default=None, help="fixed rank per layer (clamped, with a warning)")
     p.add_argument("--base", default=None, help="base checkpoint for dense tensors (default: the delta's manifest)")
-    p.add_argument("--dtype", default=None, help="factor dtype (default float32)")
+    p.add_argument("--dtype", default=None, type=_dtype, help="factor dtype (default float32)")
     policy_flags(p)
 
     def run_compress(a):
@@ -209,8 +254,8 @@ def _add_port(sub) -> None:
     p.add_argument("--merge", action="store_true", help="write NEW_BASE + PATCH as a complete model folder")
     p.add_argument("--strict", action="store_true", help="refuse if any tensor of the patch cannot be carried")
     p.add_argument("--dry-run", action="store_true", help="print the report only; write nothing (no -o needed)")
-    p.add_argument("--dtype", default=None, help="with --merge: output dtype (default: NEW_BASE's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--dtype", default=None, type=_dtype, help="with --merge: output dtype (default: NEW_BASE's)")
+    p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
     _common_inputs(p)
 
     def run(a):
@@ -301,8 +346,8 @@ def _add_eval(sub) -> None:
         p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
         p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (left padded)")
         p.add_argument("--limit", type=int, help="only the first N questions (a quick look)")
-        p.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
-        p.add_argument("--device", help="cuda, cpu, mps... (default: cuda when available)")
+        p.add_argument("--dtype", type=_dtype, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
+        p.add_argument("--device", type=_device, help="cuda, cpu, mps... (default: cuda when available)")
         p.add_argument("--tokenizer", help="tokenizer folder or id, if MODEL has none (or to override it)")
         p.add_argument("--metrics", type=metric_list, help="comma-separated, default: rouge_l_recall,contains_em")
         _common_output(p)
@@ -387,8 +432,15 @@ def _add_demo(sub) -> None:
 _SECTIONS = (_add_extract, _add_merge, _add_lowrank, _add_port, _add_train, _add_eval, _add_demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage first), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="readapt",
         description="Weight arithmetic for open LLMs: RE-Adapt, LoRE-Adapt, partial adaptation, PortLLM.",
     )
@@ -400,12 +452,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, remove temporary output
+def _terminate(signum, frame):  # SIGTERM, SIGHUP, SIGQUIT behave like Ctrl-C: unwind, remove temporary output
     raise KeyboardInterrupt
 
 
+_STOPS = [getattr(signal, s) for s in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, s)]
+
+
+def _one_line(text) -> str:
+    """A message as one line: newlines that came with user text (a tensor or file name) are escaped."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # one line, no source dump
-    print(f"readapt: warning: {message}", file=sys.stderr)
+    print(f"readapt: warning: {_one_line(message)}", file=sys.stderr)
 
 
 STREAMING = ("extract", "merge", "compress", "spectrum", "port")  # checkpoint jobs: one tensor at a time
@@ -425,21 +485,40 @@ def _return_freed_buffers() -> None:
         pass
 
 
+def _offline() -> None:
+    """readapt never downloads: every Hugging Face lookup of the process is local (HF_HUB_OFFLINE), also
+    huggingface_hub's own side requests (it fetches a registry for its user-agent even when a call passes
+    local_files_only=True, as every lookup in readapt does)."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:  # already imported: it read the variable then
+        hub.HF_HUB_OFFLINE = True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _offline()
     if args.command in STREAMING:
         _return_freed_buffers()
-    signal.signal(signal.SIGTERM, _terminate)
+    for sig in _STOPS:  # a dropped ssh session (SIGHUP) or a kill cleans up as Ctrl-C does
+        signal.signal(sig, _terminate)
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=FutureWarning)  # dependencies' deprecation chatter
     try:
         result = args.func(args)
     except ReadaptError as err:
-        print(f"readapt {args.command}: error: {err}", file=sys.stderr)
+        print(f"readapt {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"readapt {args.command}: interrupted; the output folder was not written", file=sys.stderr)
         return 130
+    except OSError as err:  # the last resort: outputs map their own (checkpoint.output_folder)
+        from readapt.errors import os_error
+
+        print(f"readapt {args.command}: error: {_one_line(os_error(err))}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

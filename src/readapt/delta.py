@@ -182,10 +182,14 @@ class DeltaFolder(_StoredTensors):
     def __init__(self, folder: str | os.PathLike, label: str | None = None):
         self.path = Path(folder)
         self.label = label or str(folder)
-        try:
-            self.manifest = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ReadaptError(f"cannot read {self.path / MANIFEST}: {err}") from None
+        from readapt.userfiles import OBJECT, STRING, check_fields, load
+
+        file = self.path / MANIFEST
+        self.manifest = check_fields(load(file), file, {"base": OBJECT, "tuned": OBJECT, "base_config": OBJECT,
+                                                        "formula": STRING})
+        for part in ("base", "tuned"):
+            check_fields(self.manifest.get(part) or {}, f"{file} ({part})", {"path": STRING, "spec": STRING})
+        check_fields(self.manifest.get("base_config") or {}, f"{file} (base_config)", checkpoint.CONFIG_FIELDS)
         self.ckpt = Checkpoint.open(self.path)
         self.config = self.manifest.get("base_config")
 

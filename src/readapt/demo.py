@@ -190,7 +190,7 @@ def train_world_model(s: Settings, seed: int, which: str, folder: Path) -> Path:
         model = AutoModelForCausalLM.from_config(model_config(s, len(tok)))
         train_model(model, lm(world["A"]), s.pretrain_steps, s.pretrain_lr, which, log)
     elif which == "instruct":
-        model = AutoModelForCausalLM.from_pretrained(folder / "pretrained")
+        model = AutoModelForCausalLM.from_pretrained(folder / "pretrained", local_files_only=True)
         def batches():
             if rng.random() < s.rehearsal_share:
                 return lm(world["A"])()
@@ -198,7 +198,7 @@ def train_world_model(s: Settings, seed: int, which: str, folder: Path) -> Path:
 
         train_model(model, batches, s.instruct_steps, s.instruct_lr, which, log)
     elif which == "pretrained_v2":
-        model = AutoModelForCausalLM.from_pretrained(folder / "pretrained")
+        model = AutoModelForCausalLM.from_pretrained(folder / "pretrained", local_files_only=True)
         train_model(model, lm(world["A"] + world["C"]), s.v2_steps, s.v2_lr, which, log)
     else:
         raise ValueError(which)
@@ -645,7 +645,7 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
             r.result()
         checks = {}
         for name, pops in (("pretrained", "A"), ("pretrained_v2", "AC"), ("instruct", "A")):
-            m = AutoModelForCausalLM.from_pretrained(tmp / name)
+            m = AutoModelForCausalLM.from_pretrained(tmp / name, local_files_only=True)
             for pop in pops:
                 checks[f"{name} on {pop}"] = bio_completion(m, tok, world[pop])
         (tmp / "bio_completion.json").write_text(json.dumps(checks, indent=2) + "\n")

@@ -38,32 +38,23 @@ RETRIEVALS = ("none", "bm25", "oracle")
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
     """JSON lines -> list of dicts; a bad line is a ReadaptError naming the file and line number."""
+    from readapt.userfiles import lines
+
     path = Path(path)
-    if not path.is_file():
-        raise ReadaptError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ReadaptError(f"{path}:{lineno}: malformed JSON ({err.msg}); fix or delete the line") from None
-            if not isinstance(row, dict):
-                raise ReadaptError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ReadaptError(f"{path}:{lineno}: missing key(s) {missing}; each line needs {list(required)}")
-            if "answers" in required and not (
-                isinstance(row["answers"], list) and row["answers"] and all(isinstance(a, str) for a in row["answers"])
-            ):
-                raise ReadaptError(
-                    f"{path}:{lineno}: 'answers' must be a non-empty list of strings, got {row['answers']!r}"
-                )
-            row.setdefault("id", str(lineno))
-            row["_line"] = lineno
-            rows.append(row)
+    for lineno, row in lines(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ReadaptError(f"{path}:{lineno}: missing key(s) {missing}; each line needs {list(required)}")
+        if "answers" in required and not (
+            isinstance(row["answers"], list) and row["answers"] and all(isinstance(a, str) for a in row["answers"])
+        ):
+            raise ReadaptError(
+                f"{path}:{lineno}: 'answers' must be a non-empty list of strings, got {row['answers']!r}"
+            )
+        row.setdefault("id", str(lineno))
+        row["_line"] = lineno
+        rows.append(row)
     if not rows:
         raise ReadaptError(f"{path}: no JSON lines in the file")
     return rows
@@ -208,7 +199,9 @@ def build_prompts(tokenizer, questions: list[dict], contexts: list[str | None]) 
 def _device(device: str | None) -> str:
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from readapt.checkpoint import parse_device
+
+    return str(parse_device(device, "cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | None = None,
@@ -225,7 +218,7 @@ def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | 
     if tokenizer is not None or tok is None:
         source = tokenizer or model
         try:
-            tok = AutoTokenizer.from_pretrained(source)
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError, TypeError) as err:
             raise ReadaptError(
                 f"no usable tokenizer in {source!r} ({type(err).__name__}); pass --tokenizer FOLDER_OR_ID "

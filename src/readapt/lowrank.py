@@ -244,10 +244,11 @@ def meta_model(config: dict):
     if model_type not in CONFIG_MAPPING:
         raise ReadaptError(f"config.json has model_type {model_type!r}, which this transformers does not know: "
                            f"cannot tell linear layers from embeddings or write a PEFT adapter for it")
-    cfg = CONFIG_MAPPING[model_type].from_dict(config)
-    with torch.device("meta"), warnings.catch_warnings():
+    from readapt.userfiles import config_errors
+
+    with config_errors("the base model's config"), torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(cfg)
+        return AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type].from_dict(config))
 
 
 def classify(config: dict, names: Sequence[str], shapes: Callable[[str], tuple], floats: Callable[[str], bool]
@@ -314,13 +315,9 @@ class Policy:
 
 
 def _device(device: str | None) -> torch.device:
-    try:
-        dev = torch.device(device or "cpu")
-    except RuntimeError:
-        raise ReadaptError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ReadaptError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-    return dev
+    from readapt.checkpoint import parse_device
+
+    return parse_device(device)
 
 
 def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of: Callable[[str], torch.Tensor],

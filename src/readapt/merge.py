@@ -86,7 +86,7 @@ def _check_origin(addend, base: Checkpoint, spec) -> None:
         origin = resolve_model(recorded)
     except ReadaptError:
         return  # not available here: nothing to compare
-    other = json.loads((origin / "config.json").read_text()) if (origin / "config.json").is_file() else {}
+    other = checkpoint.read_config(origin) or {}
     if other.get("model_type") and base.config and other["model_type"] != base.config.get("model_type"):
         raise ReadaptError(f"{spec} was made on {recorded}, a {other['model_type']!r} model, but the base is a "
                            f"{base.config.get('model_type')!r} model: it was made for another architecture")
@@ -336,7 +336,10 @@ def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: st
     out_dtype = parse_dtype(dtype)
     # transformers builds the module (buffers, tying, dtype) from the base; then each merged tensor is
     # copied over its parameter, one at a time
-    model = AutoModelForCausalLM.from_pretrained(b.path, dtype=out_dtype or "auto")
+    from readapt.userfiles import config_errors
+
+    with config_errors(b.path / "config.json"):
+        model = AutoModelForCausalLM.from_pretrained(b.path, dtype=out_dtype or "auto", local_files_only=True)
     if addends:
         copy_merged(model, b, addends, out_dtype)
     model.eval()
@@ -344,7 +347,7 @@ def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: st
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(b.path)
+        tokenizer = AutoTokenizer.from_pretrained(b.path, local_files_only=True)
     except (OSError, ValueError, TypeError):
         warnings.warn(f"no tokenizer in {b.path}", stacklevel=2)
     return model, tokenizer

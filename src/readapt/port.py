@@ -138,7 +138,7 @@ def _load_vocab(folder: Path | None) -> tuple[Tokens | None, str]:
     from transformers import AutoTokenizer
 
     try:
-        return Tokens.of(AutoTokenizer.from_pretrained(folder)), str(folder)
+        return Tokens.of(AutoTokenizer.from_pretrained(folder, local_files_only=True)), str(folder)
     except Exception as err:  # tokenizer loaders raise many types; the report says why
         return None, f"cannot load the tokenizer in {folder}: {err}"
 

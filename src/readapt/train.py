@@ -141,7 +141,7 @@ def lora_model(base: PathLike, *, rank: int = 64, alpha: float = 128, dropout: f
     if not progress_bar:  # transformers' "Loading weights" bar; the global setting is put back after
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -432,18 +432,22 @@ def train(
                            f"process runs per step (batch_size {batch_size} / {P} processes)")
     accum = local // micro
 
+    from readapt.userfiles import config_errors
+
+    with config_errors(base_path / "config.json"):  # first: the tokenizer reads it too
+        n_ctx = getattr(AutoConfig.from_pretrained(base_path, local_files_only=True), "max_position_embeddings", None)
+    if n_ctx and max_length > n_ctx:
+        raise ReadaptError(f"max_length={max_length} exceeds the context of {base_path} "
+                           f"(max_position_embeddings={n_ctx}); lower --max-length")
+
     # ---- data
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ReadaptError(f"cannot load a tokenizer from {base_path} ({err}); BASE needs its tokenizer "
                            f"files") from None
     if tokenizer.eos_token_id is None:
         raise ReadaptError(f"the tokenizer of {base_path} has no EOS token, which separates documents")
-    n_ctx = getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", None)
-    if n_ctx and max_length > n_ctx:
-        raise ReadaptError(f"max_length={max_length} exceeds the context of {base_path} "
-                           f"(max_position_embeddings={n_ctx}); lower --max-length")
     blocks, _, data_summary = load_blocks(files, tokenizer, max_length)
     n_blocks = len(blocks)
     n_tokens = int(blocks.numel())
