@@ -60,6 +60,50 @@ def test_pack_puts_eos_between_documents_and_drops_the_tail():
     assert tail.tolist() == [ids["w1"], eos]
 
 
+def _adds(tok, bos: bool, eos: bool = False):
+    """`tok` with a post-processor that adds BOS (and EOS) the way Llama/Gemma tokenizers do."""
+    from tokenizers import processors
+
+    single = " ".join([*(["<s>"] if bos else []), "$A", *(["</s>"] if eos else [])])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    return tok
+
+
+def test_pack_adds_bos_where_the_tokenizer_does():
+    """BOS doc EOS BOS doc EOS ... cut into blocks (a block may start mid-document); a tokenizer that ends a
+    document with EOS itself gets no second one."""
+    tok = _adds(tiny_tokenizer(), bos=True)
+    bos, eos, w = tok.bos_token_id, tok.eos_token_id, {i: tok.convert_tokens_to_ids(f"w{i}") for i in range(5)}
+    assert tok("w1 w2")["input_ids"] == [bos, w[1], w[2]]  # what the model is fed at inference
+    blocks, tail = pack(["w1 w2", "w3", "w4 w1"], tok, 4)
+    assert blocks.tolist() == [[bos, w[1], w[2], eos], [bos, w[3], eos, bos]]
+    assert tail.tolist() == [w[4], w[1], eos]
+    both = _adds(tiny_tokenizer(), bos=True, eos=True)
+    assert torch.equal(torch.cat([*pack(["w1 w2", "w3", "w4 w1"], both, 4)[0], tail]),
+                       torch.cat([blocks.flatten(), tail]))
+
+
+def test_held_out_loss_is_transformers_loss_on_the_text_with_bos(world, tmp_path):
+    """The loss `train` reports before training is plain transformers' loss on BOS text EOS."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(world / "base", base)
+    tok = _adds(tiny_tokenizer(), bos=True)
+    tok.save_pretrained(base)
+    text = " ".join(f"w{j % 12}" for j in range(40))
+    (tmp_path / "heldout.txt").write_text(text)
+    out = train(base, world / "data.jsonl", tmp_path / "k", max_steps=1, eval_data=tmp_path / "heldout.txt",
+                **{**FAST, "max_length": 64})
+    before = json.loads((out / "training_log.jsonl").read_text().splitlines()[0])
+    ids = torch.tensor([tok(text)["input_ids"] + [tok.eos_token_id]])
+    assert ids[0, 0] == tok.bos_token_id and before["eval_tokens"] == ids.shape[1] - 1 == 41
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(base)(input_ids=ids, labels=ids).loss
+    assert before["eval_loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_read_texts_jsonl_and_txt(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "w1 w2"}\n\n{"text": "", "id": 3}\n{"text": "w3", "x": 1}\n')
     (tmp_path / "b.txt").write_text("w1 w2\n\nw3\n")
