@@ -415,6 +415,8 @@ def test_sweep_cells_are_exact_merges_and_selection_uses_validation(world, tmp_p
     rows = [json.loads(x) for x in (pred / "alpha={:g}_beta={:g}.jsonl".format(*best["scales"])).open()]
     assert summary["rouge_l_recall"] == pytest.approx(sum(rows[i]["rouge_l_recall"] for i in test) / 6)
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert {k: summary[k] for k in ("dtype", "device", "batch_size", "padding_side", "max_new_tokens")} == {
+        "dtype": "float32", "device": "cpu", "batch_size": 4, "padding_side": "left", "max_new_tokens": 4}
     assert len((out / "cells.csv").read_text().splitlines()) == 1 + 4
     from matplotlib.image import imread
 
@@ -467,3 +469,17 @@ def test_cli_eval_sweep_score(world, tmp_path, capsys):
     assert main(["score", str(bad)]) == 2
     assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+def test_cli_chat_template_kwargs(world, tmp_path, capsys):
+    q = str(world["questions"])
+    assert main(["eval", str(world["base"]), "--questions", q, "-o", str(tmp_path / "e"), "--max-new-tokens", "1",
+                 "--limit", "2", "--chat-template-kwargs", '{"enable_thinking": true}']) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["chat_template_kwargs"] == {"enable_thinking": True} and summary["batch_size"] == 16
+    for bad, why in (("[1]", "not a JSON object"), ("{oops", "not JSON")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["sweep", str(world["base"]), "--add", str(world["t1"]), "--questions", q, "-o", str(tmp_path / "s"),
+                  "--chat-template-kwargs", bad])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
