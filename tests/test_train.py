@@ -87,6 +87,7 @@ def test_pack_adds_bos_where_the_tokenizer_does():
     assert blocks.tolist() == [[bos, w[1], w[2]], [bos, w[3], w[4]], [bos, w[0], eos], [bos, w[3], eos],
                                [bos, w[2], eos]] and tail.numel() == 0
     assert pack(docs, tok, 20)[0].shape == (0, 20)
+    assert pack(["w1 </s>"], tok, 8)[1].tolist() == [bos, w[1], eos, eos]  # an EOS in the text is the text's
 
 
 def bos_blocks(ids: list[int], bos: int, n: int) -> list[list[int]]:

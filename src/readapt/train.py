@@ -9,7 +9,7 @@ The protocol, step by step:
   data    JSON lines {"text": ...} or .txt files (one document per file). Every document is encoded as
           `tokenizer(text)` encodes it, with the special tokens the tokenizer adds itself (BOS for Gemma,
           Llama-2/3; nothing for GPT-2-style tokenizers such as SmolLM2's), and followed by EOS (unless
-          the tokenizer already ended it with EOS): the stream is BOS doc EOS BOS doc EOS ..., as the
+          the tokenizer ends every text with EOS itself): the stream is BOS doc EOS BOS doc EOS ..., as the
           models were pretrained (torchtune's text-completion packing; run_clm.py and litgpt also keep the
           tokenizer's BOS). The documents are concatenated in the order given and cut into blocks of
           `max_length` tokens. Where the tokenizer adds BOS, every block starts with BOS, as every input
@@ -104,15 +104,16 @@ def read_texts(path: PathLike) -> list[str]:
 def pack(docs: Sequence[str], tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """tokenizer(doc_1) EOS tokenizer(doc_2) EOS ... cut into (blocks [n_blocks, max_length], tail
     [< max_length]), int32. Each document gets the special tokens `tokenizer(text)` adds (BOS where the
-    model was pretrained with it); EOS is appended unless the tokenizer already put it last. Where the
+    model was pretrained with it), then EOS unless the tokenizer itself ends every text with EOS. Where the
     tokenizer adds BOS, a block that would start inside a document is BOS + the next max_length - 1 tokens."""
     eos = tokenizer.eos_token_id
     added = tokenizer("")["input_ids"]  # the special tokens the tokenizer puts around any text
     bos = added[0] if added and added[0] == tokenizer.bos_token_id else None
+    end = [] if added and added[-1] == eos else [eos]
     pieces = []
     for i in range(0, len(docs), 1000):  # batches of documents: the fast tokenizer runs them in parallel
         for ids in tokenizer(list(docs[i:i + 1000]), verbose=False)["input_ids"]:
-            pieces.append(torch.tensor(ids if ids and ids[-1] == eos else [*ids, eos], dtype=torch.int32))
+            pieces.append(torch.tensor([*ids, *end], dtype=torch.int32))
     stream = torch.cat(pieces)  # [n_tokens]
     if bos is None:
         n = stream.numel() // max_length
