@@ -250,9 +250,10 @@ def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | 
 
     The weights are those of the checkpoint `readapt merge` would write (the checkpoint's dtype, or `dtype`).
     On CPU a bfloat16/float16 checkpoint computes in float32 unless `dtype` says otherwise: the same weights,
-    and greedy answers that do not depend on the batch (bf16 rounding does, see `generate`; the price is
-    time: SmolLM2, 30 questions, batch 16, one core: 33 s in float32, 11 s in bf16). On a GPU the
-    checkpoint's dtype is kept (speed), with a warning."""
+    and greedy answers that do not depend on the batch (bf16 rounding does, see `generate`). The price is
+    twice the memory and time (SmolLM2, 30 questions, batch 16, one core: 33 s in float32, 11 s in bf16);
+    `dtype="bfloat16"` takes it back, with a warning. On a GPU the checkpoint's dtype is kept (speed),
+    with the same warning."""
     import torch
     from transformers import AutoTokenizer
 
