@@ -1,6 +1,7 @@
 """Evaluation protocol: prompts from the chat template, retrieval, batched greedy generation, eval/sweep/score."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from tiny import perturb, save_tiny, tiny_model, tiny_tokenizer
 
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from readapt.evaluate import (bm25_search, build_prompts, evaluate, load_questions, messages, prompt_format,
-                              retrieve, score, split_validation, sweep)
+from readapt.evaluate import (PLAIN_STOP, bm25_search, build_prompts, chat_template_kwargs, evaluate, generate,
+                              load_questions, messages, prompt_format, retrieve, score, split_validation, sweep)
 from readapt.metrics import contains_em, rouge_l_recall
 
 NO_SYSTEM_RAISES = (  # Gemma-style: a system turn is an error
@@ -99,6 +100,34 @@ def test_no_chat_template_falls_back_to_a_plain_prompt_and_says_so():
         "Answer the following question.\nQuestion: w1?\nAnswer:",
         "Answer the following question given this context: w5.\nQuestion: w2?\nAnswer:",
     ]
+
+
+THINKING = (  # Qwen3-style: reasoning unless enable_thinking is false, which pre-fills an empty think block
+    "{% for m in messages %}{{ '<s> ' + m['role'] + ' ' + m['content'] + ' </s> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s> assistant ' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_reasoning_is_switched_off_where_the_template_has_a_switch():
+    tok = tiny_tokenizer()
+    assert chat_template_kwargs(tok) == {}  # no switch in the template: nothing passed
+    tok.chat_template = THINKING
+    assert chat_template_kwargs(tok) == {"enable_thinking": False}
+    assert chat_template_kwargs(tok, {"enable_thinking": True, "x": 1}) == {"enable_thinking": True, "x": 1}
+    qs, ctx = [{"question": "w1"}], [None]
+    expected = tok.apply_chat_template(messages("w1", None, "system"), tokenize=False, add_generation_prompt=True,
+                                       enable_thinking=False)
+    assert build_prompts(tok, qs, ctx)[0] == [expected]
+    assert expected.endswith("<s> assistant <think>\n\n</think>\n\n")
+    thinking = expected.removesuffix("<think>\n\n</think>\n\n")
+    assert build_prompts(tok, qs, ctx, {"enable_thinking": True})[0] == [thinking]
+    with pytest.raises(ReadaptError, match="JSON object"):
+        chat_template_kwargs(tok, ["enable_thinking"])
+    tok.chat_template = None
+    with pytest.warns(UserWarning, match="no chat template"):
+        assert chat_template_kwargs(tok, {"enable_thinking": True}) == {}
 
 
 def test_messages_do_not_double_punctuation():
@@ -217,6 +246,87 @@ def test_evaluate_batched_left_padded_greedy_matches_one_by_one(world, tmp_path)
         k: summary[k] for k in ("rouge_l_recall", "contains_em", "n")}
 
 
+def _byte_tokenizer():
+    """A byte-level tokenizer (one token per byte, as GPT-2's before merges) with no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())} | {"<s>": 256, "</s>": 257, "<pad>": 258}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _bigram_model(tok, chain: str):
+    """A Llama whose greedy next byte depends on the current byte only: each byte of `chain` is followed by the
+    byte after its first occurrence, any other by EOS (one-hot embeddings, attention and MLP outputs zero)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n = len(tok)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=n + 1, intermediate_size=4, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1, head_dim=4,
+                                         bos_token_id=256, eos_token_id=257, pad_token_id=258))
+    ids = tok(chain, add_special_tokens=False).input_ids
+    nxt = dict.fromkeys(range(n), tok.eos_token_id)
+    for a, b in reversed(list(zip(ids, ids[1:]))):  # the first occurrence wins
+        nxt[a] = b
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight[:, :n] = torch.eye(n)
+        for norm in (model.model.norm, *(m for m in model.modules() if type(m).__name__.endswith("RMSNorm"))):
+            norm.weight.fill_(1.0)
+        for a, b in nxt.items():
+            model.lm_head.weight[b, a] = 1.0
+    return model.eval()
+
+
+@pytest.mark.parametrize("chain, answer", [(": Lab\nQuestion:", "Lab"), (": Lab.\n\n", "Lab.")])
+def test_plain_prompts_stop_at_the_next_question_or_blank_line(tmp_path, chain, answer):
+    """A pretrained model goes on with the next "Question:" (or after a blank line): generation stops there,
+    spending no more tokens, and the answer is cut before it."""
+    tok = _byte_tokenizer()
+    model = _bigram_model(tok, chain)
+    prompt = "Answer the following question.\nQuestion: Which lab?\nAnswer:"  # ends in ":", so " Lab..." follows
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    raw = generate(model, tok, [prompt], 40, progress=False, add_special_tokens=True)[0]
+    assert raw.startswith(answer) and ("\nQuestion: Lab" in raw) == ("Question" in chain)
+    assert len(calls) == 40  # without stop strings it runs on to max_new_tokens
+    calls.clear()
+    assert generate(model, tok, [prompt], 40, progress=False, add_special_tokens=True, stop=PLAIN_STOP) == [answer]
+    assert len(calls) == len(f" {answer}\n") + (len("Question:") if "Question" in chain else 1)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    qa = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "Which lab", "answers": ["lab"]}])
+    with pytest.warns(UserWarning, match="no chat template"):
+        s = evaluate(tmp_path / "m", qa, tmp_path / "out", max_new_tokens=40, quiet=True)
+    assert _responses(tmp_path / "out") == [answer] and s["contains_em"] == 100
+    assert s["prompt_format"] == "plain" and s["stop_strings"] == ["\nQuestion:", "\n\n"]
+
+
+def test_half_checkpoints_compute_in_float32_on_cpu_and_the_settings_are_recorded(world, tmp_path):
+    """A bf16 checkpoint is evaluated with its own weights in float32 arithmetic on CPU (answers independent of
+    the batch size); a forced half dtype with several prompts per batch is warned about; summary.json says how."""
+    bf16 = save_tiny(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    kw = dict(max_new_tokens=4, quiet=True)
+    s = evaluate(bf16, world["questions"], tmp_path / "a", batch_size=4, **kw)
+    assert {k: s[k] for k in ("dtype", "device", "batch_size", "padding_side", "chat_template_kwargs",
+                              "stop_strings")} == {"dtype": "float32", "device": "cpu", "batch_size": 4,
+                                                   "padding_side": "left", "chat_template_kwargs": {},
+                                                   "stop_strings": []}
+    evaluate(bf16, world["questions"], tmp_path / "b", batch_size=1, **kw)
+    assert _responses(tmp_path / "a") == _responses(tmp_path / "b")
+    with pytest.warns(UserWarning, match="bfloat16 in batches of 4.*--batch-size"):
+        s = evaluate(bf16, world["questions"], tmp_path / "c", batch_size=4, dtype="bfloat16", **kw)
+    assert s["dtype"] == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one prompt per batch: the same kernels for every prompt, no warning
+        evaluate(bf16, world["questions"], tmp_path / "d", batch_size=1, dtype="bfloat16", **kw)
+
+
 def test_evaluate_with_adds_equals_the_merged_model(world, tmp_path):
     kw = dict(max_new_tokens=4, batch_size=4, quiet=True)
     evaluate(world["t1"], world["questions"], tmp_path / "t1", **kw)
@@ -305,6 +415,8 @@ def test_sweep_cells_are_exact_merges_and_selection_uses_validation(world, tmp_p
     rows = [json.loads(x) for x in (pred / "alpha={:g}_beta={:g}.jsonl".format(*best["scales"])).open()]
     assert summary["rouge_l_recall"] == pytest.approx(sum(rows[i]["rouge_l_recall"] for i in test) / 6)
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert {k: summary[k] for k in ("dtype", "device", "batch_size", "padding_side", "max_new_tokens")} == {
+        "dtype": "float32", "device": "cpu", "batch_size": 4, "padding_side": "left", "max_new_tokens": 4}
     assert len((out / "cells.csv").read_text().splitlines()) == 1 + 4
     from matplotlib.image import imread
 
@@ -357,3 +469,17 @@ def test_cli_eval_sweep_score(world, tmp_path, capsys):
     assert main(["score", str(bad)]) == 2
     assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+
+
+def test_cli_chat_template_kwargs(world, tmp_path, capsys):
+    q = str(world["questions"])
+    assert main(["eval", str(world["base"]), "--questions", q, "-o", str(tmp_path / "e"), "--max-new-tokens", "1",
+                 "--limit", "2", "--chat-template-kwargs", '{"enable_thinking": true}']) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["chat_template_kwargs"] == {"enable_thinking": True} and summary["batch_size"] == 16
+    for bad, why in (("[1]", "not a JSON object"), ("{oops", "not JSON")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["sweep", str(world["base"]), "--add", str(world["t1"]), "--questions", q, "-o", str(tmp_path / "s"),
+                  "--chat-template-kwargs", bad])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -61,6 +61,68 @@ def test_pack_puts_eos_between_documents_and_drops_the_tail():
     assert tail.tolist() == [ids["w1"], eos]
 
 
+def _adds(tok, bos: bool, eos: bool = False):
+    """`tok` with a post-processor that adds BOS (and EOS) the way Llama/Gemma tokenizers do."""
+    from tokenizers import processors
+
+    single = " ".join([*(["<s>"] if bos else []), "$A", *(["</s>"] if eos else [])])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    return tok
+
+
+def test_pack_adds_bos_where_the_tokenizer_does():
+    """BOS doc EOS BOS doc EOS ... cut into blocks that all start with BOS (one inside a document gets BOS +
+    max_length - 1 tokens); a tokenizer that ends a document with EOS itself gets no second one."""
+    tok = _adds(tiny_tokenizer(), bos=True)
+    bos, eos, w = tok.bos_token_id, tok.eos_token_id, {i: tok.convert_tokens_to_ids(f"w{i}") for i in range(5)}
+    assert tok("w1 w2")["input_ids"] == [bos, w[1], w[2]]  # what the model is fed at inference
+    docs = ["w1 w2 w3 w4 w0", "w3", "w2"]
+    blocks, tail = pack(docs, tok, 4)
+    assert blocks.tolist() == [[bos, w[1], w[2], w[3]], [bos, w[4], w[0], eos], [bos, w[3], eos, bos]]
+    assert tail.tolist() == [bos, w[2], eos]
+    both = _adds(tiny_tokenizer(), bos=True, eos=True)
+    again = pack(docs, both, 4)
+    assert torch.equal(again[0], blocks) and torch.equal(again[1], tail)
+    blocks, tail = pack(docs, tok, 3)  # a block boundary right at a document's BOS: no second BOS
+    assert blocks.tolist() == [[bos, w[1], w[2]], [bos, w[3], w[4]], [bos, w[0], eos], [bos, w[3], eos],
+                               [bos, w[2], eos]] and tail.numel() == 0
+    assert pack(docs, tok, 20)[0].shape == (0, 20)
+    assert pack(["w1 </s>"], tok, 8)[1].tolist() == [bos, w[1], eos, eos]  # an EOS in the text is the text's
+
+
+def bos_blocks(ids: list[int], bos: int, n: int) -> list[list[int]]:
+    """One document's ids (BOS first) cut into blocks of n that all start with BOS, the last one shorter."""
+    out, pos = [ids[:n]], n
+    while pos < len(ids):
+        out.append([bos, *ids[pos:pos + n - 1]])
+        pos += n - 1
+    return out
+
+
+def test_held_out_loss_is_transformers_loss_on_the_text_with_bos(world, tmp_path):
+    """The loss `train` reports before training is plain transformers' loss on BOS text EOS, cut into blocks
+    that each start with BOS (token-weighted mean over the blocks)."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(world / "base", base)
+    tok = _adds(tiny_tokenizer(), bos=True)
+    tok.save_pretrained(base)
+    text = " ".join(f"w{j % 12}" for j in range(40))
+    (tmp_path / "heldout.txt").write_text(text)
+    out = train(base, world / "data.jsonl", tmp_path / "k", max_steps=1, eval_data=tmp_path / "heldout.txt", **FAST)
+    before = json.loads((out / "training_log.jsonl").read_text().splitlines()[0])
+    blocks = bos_blocks(tok(text)["input_ids"] + [tok.eos_token_id], tok.bos_token_id, FAST["max_length"])
+    assert [len(b) for b in blocks] == [16, 16, 12]  # BOS + 40 words + EOS: 42 tokens and 2 BOS more
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        losses = [float(model(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss) for b in blocks]
+    assert before["eval_tokens"] == sum(len(b) - 1 for b in blocks)
+    expected = sum(loss * (len(b) - 1) for loss, b in zip(losses, blocks)) / before["eval_tokens"]
+    assert before["eval_loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_read_texts_jsonl_and_txt(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "w1 w2"}\n\n{"text": "", "id": 3}\n{"text": "w3", "x": 1}\n')
     (tmp_path / "b.txt").write_text("w1 w2\n\nw3\n")

@@ -337,6 +337,17 @@ def _add_eval(sub) -> None:
     def metric_list(text: str) -> list[str]:
         return [m.strip() for m in text.split(",") if m.strip()]
 
+    def json_object(text: str) -> dict:
+        import json
+
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err.msg})") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"enable_thinking\": true}}'")
+        return value
+
     def qa_flags(p: argparse.ArgumentParser) -> None:  # shared by eval and sweep
         p.add_argument("--questions", required=True, help='JSON lines {"id", "question", "answers": [...], "passage_id"?}')
         p.add_argument("--retrieval", choices=("none", "bm25", "oracle"), default="none",
@@ -346,10 +357,14 @@ def _add_eval(sub) -> None:
         p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens per answer (default 64)")
         p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (left padded)")
         p.add_argument("--limit", type=int, help="only the first N questions (a quick look)")
-        p.add_argument("--dtype", type=_dtype, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
+        p.add_argument("--dtype", type=_dtype, help="model dtype, e.g. bfloat16 (default: the checkpoint's; float32 "
+                       "arithmetic on CPU for a bf16/fp16 one, so that answers do not depend on --batch-size)")
         p.add_argument("--device", type=_device, help="cuda, cpu, mps... (default: cuda when available)")
         p.add_argument("--tokenizer", help="tokenizer folder or id, if MODEL has none (or to override it)")
         p.add_argument("--metrics", type=metric_list, help="comma-separated, default: rouge_l_recall,contains_em")
+        p.add_argument("--chat-template-kwargs", type=json_object, metavar="JSON",
+                       help="options for the chat template, e.g. '{\"enable_thinking\": true}' (default: reasoning "
+                            "off where the template has a switch for it)")
         _common_output(p)
 
     p = sub.add_parser("eval", help="QA accuracy (RE-Adapt protocol): closed book, BM25 or oracle passage")
@@ -367,6 +382,7 @@ def _add_eval(sub) -> None:
             a.model, a.questions, a.output, adds=a.add, retrieval=a.retrieval, passages=a.passages,
             top_k=a.top_k, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, limit=a.limit,
             dtype=a.dtype, device=a.device, tokenizer=a.tokenizer, metrics=a.metrics, overwrite=a.overwrite,
+            template_kwargs=a.chat_template_kwargs,
         )
 
     p.set_defaults(func=run_eval)
@@ -390,6 +406,7 @@ def _add_eval(sub) -> None:
             seed=a.seed, select=a.select, retrieval=a.retrieval, passages=a.passages, top_k=a.top_k,
             max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, limit=a.limit, dtype=a.dtype,
             device=a.device, tokenizer=a.tokenizer, metrics=a.metrics, overwrite=a.overwrite,
+            template_kwargs=a.chat_template_kwargs,
         )
 
     p.set_defaults(func=run_sweep)

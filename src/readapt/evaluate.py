@@ -11,6 +11,12 @@ Protocol: the prompt comes from the model's own chat template (system "Answer th
 context: <context>."; templates without a system role get the paper's Gemma/Mistral user-only prompts),
 greedy decoding, top-1 BM25 passage or the gold ("oracle") passage, Rouge-L recall and contains-EM
 (readapt.metrics) max over references, mean x100.
+
+Chat templates with a reasoning switch get it turned off (`enable_thinking=False` when the template reads
+that variable, as Qwen3's does: the answer, not a chain of thought, is scored); `chat_template_kwargs`
+overrides. Without a chat template the prompt is "<instruction>\nQuestion: <q>?\nAnswer:" and generation
+stops at the next "\nQuestion:" or blank line (PLAIN_STOP), which is cut from the answer. A score must not
+depend on how the questions were batched: see `load_model` (float32 arithmetic on CPU) and `generate`.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from readapt.metrics import check_metrics, score_predictions
 SYSTEM = "Answer the following question."
 SYSTEM_RAG = "Answer the following question given this context: {context}"
 RETRIEVALS = ("none", "bm25", "oracle")
+PLAIN_STOP = ("\nQuestion:", "\n\n")  # a pretrained model goes on with the next item of the list
+REASONING_OFF = {"enable_thinking": False}  # template variable -> value that turns reasoning off
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -147,7 +155,27 @@ def _ends(text: str, mark: str) -> str:
     return text if text.endswith(("?", ".", "!")) else text + mark
 
 
-def prompt_format(tokenizer) -> str:
+def chat_template_kwargs(tokenizer, override: dict | None = None) -> dict:
+    """The options passed to the chat template: for each variable of REASONING_OFF that the template source
+    reads (Qwen3's `enable_thinking`), the value that turns reasoning off; then `override` on top ({} when the
+    tokenizer has no chat template)."""
+    import re
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates: apply_chat_template uses "default"
+        template = template.get("default", "")
+    if override is not None and not isinstance(override, dict):
+        raise ReadaptError(f"chat template kwargs must be a JSON object such as {{\"enable_thinking\": true}}, "
+                           f"got {override!r}")
+    if not template:
+        if override:
+            warnings.warn(f"the tokenizer has no chat template: --chat-template-kwargs {json.dumps(override)} ignored")
+        return {}
+    found = {k: v for k, v in REASONING_OFF.items() if re.search(rf"\b{k}\b", template)}
+    return {**found, **(override or {})}
+
+
+def prompt_format(tokenizer, template_kwargs: dict | None = None) -> str:
     """'system' if the chat template renders a system turn, 'user' if it has no system role (raises, as
     Gemma's does, or drops it), 'plain' if the tokenizer has no chat template at all."""
     from jinja2 import TemplateError
@@ -158,7 +186,7 @@ def prompt_format(tokenizer) -> str:
     try:
         text = tokenizer.apply_chat_template(
             [{"role": "system", "content": probe}, {"role": "user", "content": "?"}],
-            tokenize=False, add_generation_prompt=True,
+            tokenize=False, add_generation_prompt=True, **(template_kwargs or {}),
         )
     except TemplateError:
         return "user"
@@ -176,9 +204,12 @@ def messages(question: str, context: str | None, fmt: str) -> list[dict]:
     return [{"role": "user", "content": f"{SYSTEM_RAG.format(context=context.strip())}\nQuestion: {q}"}]
 
 
-def build_prompts(tokenizer, questions: list[dict], contexts: list[str | None]) -> tuple[list[str], str]:
-    """(prompt strings, format). 'plain' (no chat template) is "<instruction>\\nQuestion: <q>?\\nAnswer:"."""
-    fmt = prompt_format(tokenizer)
+def build_prompts(tokenizer, questions: list[dict], contexts: list[str | None],
+                  template_kwargs: dict | None = None) -> tuple[list[str], str]:
+    """(prompt strings, format). 'plain' (no chat template) is "<instruction>\\nQuestion: <q>?\\nAnswer:".
+    Chat prompts are apply_chat_template(..., **chat_template_kwargs(tokenizer, template_kwargs))."""
+    template_kwargs = chat_template_kwargs(tokenizer, template_kwargs)
+    fmt = prompt_format(tokenizer, template_kwargs)
     if fmt == "plain":
         warnings.warn("the tokenizer has no chat template: using a plain 'Question: ...? Answer:' prompt")
         prompts = []
@@ -187,7 +218,8 @@ def build_prompts(tokenizer, questions: list[dict], contexts: list[str | None]) 
             prompts.append(f"{head}\nQuestion: {_ends(q['question'], '?')}\nAnswer:")
         return prompts, fmt
     prompts = [
-        tokenizer.apply_chat_template(messages(q["question"], c, fmt), tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(messages(q["question"], c, fmt), tokenize=False, add_generation_prompt=True,
+                                      **template_kwargs)
         for q, c in zip(questions, contexts)
     ]
     return prompts, fmt
@@ -207,7 +239,15 @@ def _device(device: str | None) -> str:
 def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | None = None,
                tokenizer: str | None = None, device: str | None = None):
     """(model, tokenizer) on `device`: MODEL + sum(scale_i * adapter_i) built in memory by
-    readapt.merge.load_merged (MODEL as is without adds); `tokenizer` overrides MODEL's tokenizer."""
+    readapt.merge.load_merged (MODEL as is without adds); `tokenizer` overrides MODEL's tokenizer.
+
+    The weights are those of the checkpoint `readapt merge` would write (the checkpoint's dtype, or `dtype`).
+    On CPU a bfloat16/float16 checkpoint computes in float32 unless `dtype` says otherwise: the same weights,
+    and greedy answers that do not depend on the batch (bf16 rounding does, see `generate`). The price is
+    twice the memory and time (SmolLM2, 30 questions, batch 16, one core: 33 s in float32, 11 s in bf16);
+    `dtype="bfloat16"` takes it back, with a warning. On a GPU the checkpoint's dtype is kept (speed),
+    with the same warning."""
+    import torch
     from transformers import AutoTokenizer
 
     from readapt.merge import load_merged
@@ -224,14 +264,46 @@ def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | 
                 f"no usable tokenizer in {source!r} ({type(err).__name__}); pass --tokenizer FOLDER_OR_ID "
                 "(e.g. the model it was fine-tuned from)"
             ) from None
-    return net.to(_device(device)).eval(), tok
+    device = _device(device)
+    if dtype is None and device == "cpu" and net.dtype in (torch.bfloat16, torch.float16):
+        net = net.float()  # exact upcast of the stored weights; float32 arithmetic
+    return net.to(device).eval(), tok
+
+
+def _stop_criteria(tokenizer, stop: Sequence[str]):
+    """transformers' StopStringCriteria for `stop` (None without stop strings, or when it cannot read the
+    tokenizer's vocabulary, as for word-level ones: the answers are cut all the same, only later)."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    if not stop:
+        return None
+    try:
+        return StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    return text[:min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 16,
-             add_special_tokens: bool = False, progress: bool = True) -> list[str]:
+             add_special_tokens: bool = False, progress: bool = True, stop: Sequence[str] = ()) -> list[str]:
     """Greedy responses to `prompts`, batched with left padding (prompts sorted by length to pad little).
 
     Chat prompts already hold their special tokens (add_special_tokens=False); plain prompts get BOS.
+    Generation ends at EOS or, with `stop`, once a row's text ends in a stop string (transformers'
+    StopStringCriteria: no tokens are spent after it; for a vocabulary it cannot read, generation runs to
+    max_new_tokens), and the response is cut before the first stop string either way.
+    Batching is exact up to rounding: transformers builds position ids from the attention mask and masks the
+    pad keys (SmolLM2, float32: a left-padded prompt's logits are within 4e-5 of its unpadded ones). But the
+    kernels, and so the rounding, depend on the batch: SDPA takes its causal path without padding and its
+    masked path with it, and a decoding step is a matrix-vector product alone and a matrix product in a
+    batch. In bfloat16 that rounding (0.66 logits, padded vs alone) flips near-tied greedy choices: SmolLM2
+    gave 16 of 30 answers different at batch 16 than at batch 1, and 3 of 6 even in batches of identical,
+    unpadded prompts. In float32 (load_model's default on CPU) none changed; a half-precision model with
+    more than one prompt per batch gets a warning.
     """
     import torch
     from tqdm.auto import tqdm
@@ -255,17 +327,21 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens).input_ids]
     gen.max_new_tokens = context_cap(model, max(lengths, default=0), max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: out-of-memory shows at once
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if model.dtype in (torch.bfloat16, torch.float16) and len(batches[0]) > 1:
+        warnings.warn(f"generating in {str(model.dtype).removeprefix('torch.')} in batches of {batch_size}: its "
+                      f"rounding depends on the batch (shape, padding), so greedy answers may change with "
+                      f"--batch-size; --dtype float32 or --batch-size 1 gives batch-invariant scores", stacklevel=2)
     responses: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        idx = order[start:start + batch_size]
+    criteria = _stop_criteria(tokenizer, stop)
+    for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                         add_special_tokens=add_special_tokens).to(device)
         with torch.inference_mode():
-            out = model.generate(**enc, generation_config=gen)  # [b, prompt_len + new]
+            out = model.generate(**enc, generation_config=gen, stopping_criteria=criteria)  # [b, prompt_len + new]
         for i, row in zip(idx, out[:, enc["input_ids"].shape[1]:]):
-            responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            responses[i] = _cut(tokenizer.decode(row, skip_special_tokens=True), stop).strip()
     return responses
 
 
@@ -307,6 +383,12 @@ def _inputs(*paths) -> list[Path]:
     return [Path(p) for p in paths if p is not None and Path(p).exists()]
 
 
+def _settings(net, batch_size: int, template_kwargs: dict, stop: Sequence[str]) -> dict:
+    """How the answers were generated (summary.json): what a score may depend on besides the model."""
+    return {"dtype": str(net.dtype).removeprefix("torch."), "device": str(net.device), "batch_size": batch_size,
+            "padding_side": "left", "chat_template_kwargs": template_kwargs, "stop_strings": list(stop)}
+
+
 def _prediction_rows(questions, prompts, responses, retrieved, per_q) -> list[dict]:
     rows = []
     for q, p, r, ret, s in zip(questions, prompts, responses, retrieved, per_q):
@@ -326,14 +408,18 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
              adds: Sequence[tuple[str, float] | str] = (), retrieval: str = "none", passages: str | Path | None = None,
              top_k: int = 1, max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None,
              dtype: str | None = None, device: str | None = None, tokenizer: str | None = None,
-             metrics: Sequence[str] | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
+             metrics: Sequence[str] | None = None, template_kwargs: dict | None = None, overwrite: bool = False,
+             quiet: bool = False) -> dict:
     """Answer `questions` with MODEL (+ sum scale_i * adapter_i, merged in memory) and score the answers.
 
     adds: [(adapter, scale), ...] (a bare adapter path means scale 1), as for readapt.merge.
+    template_kwargs: options for the chat template over chat_template_kwargs' defaults (reasoning off),
+    e.g. {"enable_thinking": True}.
 
     Writes OUTPUT/predictions.jsonl (id, prompt, response, answers, per-question scores x100, retrieved
     passage id) and OUTPUT/summary.json ({metric: 100 * mean_q max_ref metric, "n", retrieval accuracy,
-    settings}); returns the summary and prints it as a table unless `quiet`.
+    settings: dtype, device, batch size, padding side, template options, stop strings...}); returns the
+    summary and prints it as a table unless `quiet`.
     """
     from readapt.checkpoint import output_folder
 
@@ -344,9 +430,12 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
     with output_folder(output, overwrite, inputs=_inputs(model, questions, passages, *(a for a, _ in adds))) as tmp:
         t0 = time.perf_counter()
         net, tok = load_model(model, adds, dtype, tokenizer, device)
-        prompts, fmt = build_prompts(tok, qs, contexts)
+        template_kwargs = chat_template_kwargs(tok, template_kwargs)
+        prompts, fmt = build_prompts(tok, qs, contexts, template_kwargs)
+        stop = PLAIN_STOP if fmt == "plain" else ()
         t1 = time.perf_counter()
-        responses = generate(net, tok, prompts, max_new_tokens, batch_size, fmt == "plain", progress=not quiet)
+        responses = generate(net, tok, prompts, max_new_tokens, batch_size, fmt == "plain", progress=not quiet,
+                             stop=stop)
         t2 = time.perf_counter()
         rows = ({"response": r, "answers": q["answers"]} for q, r in zip(qs, responses))
         summary, per_q = score_predictions(rows, names)
@@ -354,7 +443,8 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
         summary.update(
             model=str(model), adds=[list(a) for a in adds], questions=str(questions), retrieval=retrieval,
             passages=None if passages is None else str(passages), top_k=top_k if retrieval == "bm25" else None,
-            prompt_format=fmt, max_new_tokens=max_new_tokens, load_seconds=round(t1 - t0, 3),
+            prompt_format=fmt, max_new_tokens=max_new_tokens, **_settings(net, batch_size, template_kwargs, stop),
+            load_seconds=round(t1 - t0, 3),
             generate_seconds=round(t2 - t1, 3), questions_per_second=round(len(qs) / max(t2 - t1, 1e-9), 3),
         )
         _write_jsonl(tmp / "predictions.jsonl", _prediction_rows(qs, prompts, responses, retrieved, per_q))
@@ -430,14 +520,15 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
           select: str = "contains_em", retrieval: str = "none", passages: str | Path | None = None, top_k: int = 1,
           max_new_tokens: int = 64, batch_size: int = 16, limit: int | None = None, dtype: str | None = None,
           device: str | None = None, tokenizer: str | None = None, metrics: Sequence[str] | None = None,
-          overwrite: bool = False, quiet: bool = False) -> dict:
+          template_kwargs: dict | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
     """Partial adaptation grid (RE-Adapt section 3, Figure 6): Omega = base + alpha * adds[0] (+ beta * adds[1])
     for every (alpha, beta) in grid x grid ("0,0.5,1" or a list), merged in memory, evaluated like `evaluate`.
 
     With val_fraction > 0 a seeded share of the questions is held out for choosing: the best cell maximises
     `select` on the validation split and is reported on the other (test) questions. Writes OUTPUT/cells.csv
     (every cell, every split), OUTPUT/heatmap_<metric>.png, OUTPUT/predictions/<cell>.jsonl and
-    OUTPUT/summary.json (the chosen scales; rouge_l_recall, contains_em and n on the test split).
+    OUTPUT/summary.json (the chosen scales; rouge_l_recall, contains_em and n on the test split; the
+    generation settings as in `evaluate`).
     The model is built once; each cell rewrites its parameters with readapt.merge.copy_merged (base and
     adapters re-read, only the tensors the adapters touch, one at a time: exact, and the memory of one model).
     """
@@ -467,14 +558,17 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
         ckpt = Checkpoint.open(base)
         addends = [open_addend(a, ckpt) for a in adds]  # checked before the (slow) model load
         net, tok = load_model(base, (), dtype, tokenizer, device)
-        prompts, fmt = build_prompts(tok, qs, contexts)
+        template_kwargs = chat_template_kwargs(tok, template_kwargs)
+        prompts, fmt = build_prompts(tok, qs, contexts, template_kwargs)
+        stop = PLAIN_STOP if fmt == "plain" else ()
         for scales in itertools.product(grid, repeat=len(adds)):
             t0 = time.perf_counter()
             # Omega = Phi + alpha * Psi + beta * Delta, every tensor recomputed from the files (exact, no drift
             # from cell to cell) and copied into the one model: memory of one model, nothing rebuilt
             copy_merged(net, ckpt, list(zip(addends, scales)), parse_dtype(dtype))
             t1 = time.perf_counter()
-            responses = generate(net, tok, prompts, max_new_tokens, batch_size, fmt == "plain", progress=not quiet)
+            responses = generate(net, tok, prompts, max_new_tokens, batch_size, fmt == "plain", progress=not quiet,
+                                 stop=stop)
             t2 = time.perf_counter()
             rows = [{"response": r, "answers": q["answers"]} for q, r in zip(qs, responses)]
             _, per_q = score_predictions(rows, names)
@@ -497,7 +591,7 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
             n=len(splits[report]), n_val=len(val), select=select, chosen_on=choose, reported_on=report,
             best={k: best[k] for k in ("scales", *labels)}, adapters=[str(a) for a in adds], base=str(base),
             grid=grid, val_fraction=val_fraction, seed=seed, retrieval=retrieval, prompt_format=fmt, **stats,
-            cells=cells,
+            max_new_tokens=max_new_tokens, **_settings(net, batch_size, template_kwargs, stop), cells=cells,
         )
         if not val:
             summary["note"] = "no --val-fraction: scales chosen and reported on the same questions (optimistic)"
