@@ -453,6 +453,7 @@ def build(cache: Path | None = None, only: list[str] | None = None, rebuild: lis
             seconds = round(time.perf_counter() - t0, 1)
             rec = json.loads((cache / name / BUILD_RECORD).read_text())
             rec["seconds"] = seconds
+            rec["sha256"] = folder_hashes(cache / name)
             (cache / name / BUILD_RECORD).write_text(json.dumps(rec, indent=1))
             log(f"built {name} in {seconds} s")
         record = dict(cache=str(cache), versions=versions(), pypi=PYPI, npm={k: v[0] for k, v in NPM.items()},
@@ -465,6 +466,13 @@ def build(cache: Path | None = None, only: list[str] | None = None, rebuild: lis
     if failed:
         raise DownloadError(f"could not download the packages of {', '.join(failed)} (no network?)")
     return record
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a built folder (weights and tokenizers come out the same on a rebuild on the
+    same CPU; fine_tune.json differs in its timings)."""
+    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
 
 
 def disk_size(path: Path) -> int:
@@ -489,7 +497,7 @@ def describe(cache: Path) -> str:
                      f"{100 * rec['bf16_elements_changed']['all']['share']:.1f}% of bf16 elements changed "
                      f"({100 * rec['bf16_elements_changed']['vectors']['share']:.1f}% of the norms)")
         else:
-            extra = ", ".join(rec)
+            extra = ", ".join(k for k in rec if k in NPM)
         lines.append(f"  {name:24s} {disk_size(f) / 1e6:7.0f} MB  {rec.get('seconds', '?'):>6} s  {extra}")
     lines.append(f"  total on disk {disk_size(cache) / 1e9:.2f} GB (downloads {disk_size(cache / 'downloads') / 1e9:.2f} GB)"
                  if cache.is_dir() else "")
