@@ -109,6 +109,7 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
         check_configs(base, addend.config, f"the base the delta {spec} was made from")
     elif is_peft_folder(path):
         addend = PeftAdapter(path, label=str(spec), allow_pickle=allow_pickle)
+        addend.drop_tied_copies(base.infos)  # PEFT's ensure_weight_tying copy: the embedding's own delta
     elif (path / "config.json").is_file():
         other = Checkpoint.open(path, allow_pickle)
         check_configs(base, other.config, str(spec))
