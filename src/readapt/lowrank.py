@@ -504,7 +504,7 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
 
     def tuned_of(n):
         base_t = b.read(n)
-        return base_t.float().add_(d.ckpt.read(n).float()).to(base_t.dtype)  # Θ = Φ + Δ
+        return d.tuned(n, base_t).to(base_t.dtype)  # Θ = Φ + Δ (with the delta's recorded exceptions)
 
     return _run(entries, lambda n: d.ckpt.read(n).float(), tuned_of,
                 lambda n: d.ckpt.infos[n].end - d.ckpt.infos[n].start, Path(out), tau=tau, rank=rank, svd=svd,

@@ -176,18 +176,28 @@ def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, floa
     """Ω[name] block by block for addends stored elementwise (delta folders: Ψ = D; checkpoints:
     Ψ = Φ′ − Φ): `_apply`'s operations in the same order on BLOCK-element float32 blocks read side by
     side from the base's and the addends' files. Memory: one block of each input, reused, whatever
-    the tensor's size. Each output block is finite-checked while it is in cache."""
+    the tensor's size. Each output block is finite-checked while it is in cache. A single delta folder's
+    recorded exceptions (`DeltaFolder.exact`: Φ + Δ ≠ Θ there) are blended as lerp(Φ, Θ, s) instead."""
     out_dtype = dtype or base.dtype(name)
     sources = [base.stored(name)] + [a.stored(name) for a, _ in terms]
     n = min(math.prod(base.shape(name)), checkpoint.BLOCK)
     bufs = [torch.empty(n) if s.dtype != torch.float32 else None for s in sources]  # float32 work buffers
     out = torch.empty(n, dtype=out_dtype) if out_dtype != torch.float32 else None
     scales = [(s, hasattr(a, "target")) for a, s in terms]  # target: the addend stores Φ′, else Ψ
+    fix = terms[0][0].exact(name) if len(terms) == 1 and hasattr(terms[0][0], "exact") else None
+    start = 0
     for blocks in aligned_blocks(*sources):
         W, *xs = [float32_view(b, buf) for b, buf in zip(blocks, bufs)]
         if len(xs) == 1:
             (s, is_target), x = scales[0], xs[0]
+            if fix is not None:  # Θ at these elements at s=1, else Φ + s·(Θ − Φ) as lerp (Φ at s=0)
+                sel = (fix[0] >= start) & (fix[0] < start + W.numel())
+                at, theta = fix[0][sel] - start, fix[1][sel]
+                phi = W[at]
+            start += W.numel()
             W = W.lerp_(x, s) if is_target else W.add_(x, alpha=s)
+            if fix is not None and len(at):
+                W[at] = theta if s == 1 else phi.lerp_(theta, s)  # (lerp at 1 turns Θ = -0.0 into +0.0)
         else:
             acc = None
             for (s, is_target), d in zip(scales, xs):
