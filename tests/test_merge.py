@@ -134,6 +134,27 @@ def test_roundtrip_is_bit_exact_where_float32_cannot_hold_the_difference(tmp_pat
                        want["model.norm.weight"])
 
 
+def test_float32_tuned_over_bfloat16_base_warns_and_dtype_keeps_it(tmp_path):
+    """Issue 11: a float32 fine-tune of a bfloat16 base was extracted and merged back into bfloat16 silently."""
+    base = save_tiny(tmp_path / "base", "llama", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(torch.randn_like(prm) * 1e-4)  # below bf16's resolution for most weights
+    model.save_pretrained(tmp_path / "tuned")
+    with pytest.warns(UserWarning, match="float32 over the base's bfloat16.*merge --dtype float32"):
+        delta = readapt.extract(base, tmp_path / "tuned", tmp_path / "d")
+    for addend in (delta, tmp_path / "tuned"):
+        with pytest.warns(UserWarning, match="carries float32 weights but the merged model is written in the "
+                                             "base's bfloat16.*--dtype float32"):
+            readapt.merge(base, tmp_path / f"m{len(os.listdir(tmp_path))}", [(addend, 1.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = read_all(readapt.merge(base, tmp_path / "m32", [(delta, 1.0)], dtype="float32"))
+    want = read_all(tmp_path / "tuned")
+    assert all(got[n].dtype == torch.float32 and torch.equal(got[n], want[n]) for n in want)
+
+
 def test_full_checkpoint_addend_and_load(tmp_path):
     base = save_tiny(tmp_path / "base", "qwen2")
     inst = perturb(base, tmp_path / "inst", scale=0.05)

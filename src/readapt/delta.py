@@ -39,6 +39,15 @@ from readapt.errors import ReadaptError
 MANIFEST = "readapt_delta.json"
 
 
+def precision(dtype: torch.dtype) -> int:
+    """Significand bits of a float dtype (bfloat16 8, float16 11, float32 24): which of two holds more."""
+    return round(-math.log2(torch.finfo(dtype).eps)) + 1
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def is_delta_folder(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -96,6 +105,12 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
     out_dtype = parse_dtype(dtype) or torch.float32
     floats = [n for n in names if b.dtype(n).is_floating_point and t.dtype(n).is_floating_point]
+    finer = [n for n in floats if precision(t.dtype(n)) > precision(b.dtype(n))]
+    if finer:
+        warnings.warn(f"the tuned model {tuned} stores {len(finer)} tensors in {_name(t.dtype(finer[0]))} over the "
+                      f"base's {_name(b.dtype(finer[0]))} (e.g. {finer[0]}): the delta keeps that precision, but "
+                      f"`readapt merge` writes the base's dtype by default, which rounds it away; pass "
+                      f"`merge --dtype {_name(t.dtype(finer[0]))}` to keep it", stacklevel=2)
     plan = [(n, out_dtype, b.shape(n)) for n in floats]
     manifest = {
         "format": "readapt-delta", "format_version": 1, "readapt_version": __version__,

@@ -31,7 +31,7 @@ from readapt.adapters import PeftAdapter, is_peft_folder
 from readapt import checkpoint
 from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, copy_side_files, float32_view,
                                 is_finite, output_folder, parse_dtype, progress, resolve_model, write_tensors)
-from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, shared_tensors
+from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, precision, shared_tensors
 from readapt.errors import ReadaptError
 
 
@@ -258,6 +258,8 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
     if not addends:
         raise ReadaptError("nothing to merge: give at least one adapter with its scale")
     out_dtype = parse_dtype(dtype)
+    if out_dtype is None:
+        _warn_rounding(b, addends)
     plan = [(n, (out_dtype or b.dtype(n)) if b.dtype(n).is_floating_point else b.dtype(n), b.shape(n))
             for n in b.names]
     inputs = [b.path] + [a.path for a, _ in addends]
@@ -283,6 +285,27 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     return Path(out)
+
+
+def _warn_rounding(base: Checkpoint, addends: Sequence[tuple[Addend, float]]) -> None:
+    """Warn when the output (the base's dtype) holds fewer significand bits than an addend carries: a delta
+    extracted from a tuned model stored in a finer dtype (its manifest), or such a checkpoint itself."""
+    narrowest = min((base.dtype(n) for n in base.names if base.dtype(n).is_floating_point), key=precision,
+                    default=None)
+    for a, _ in addends:
+        if a.kind == "delta":
+            carried = [getattr(torch, d, None) for d in (a.manifest.get("tuned") or {}).get("dtypes", [])]
+        elif a.kind == "checkpoint":
+            carried = [a.ckpt.dtype(n) for n in a.ckpt.names]
+        else:
+            continue  # a PEFT adapter's factor dtype says nothing about the model it stands for
+        finest = max((d for d in carried if isinstance(d, torch.dtype) and d.is_floating_point), key=precision,
+                     default=None)
+        if narrowest is not None and finest is not None and precision(finest) > precision(narrowest):
+            name = str(finest).removeprefix("torch.")
+            warnings.warn(f"{a.label} carries {name} weights but the merged model is written in the base's "
+                          f"{str(narrowest).removeprefix('torch.')}, which rounds them; pass --dtype {name} "
+                          f"(dtype='{name}') to keep them", stacklevel=3)
 
 
 def _card(base, addends, dtype) -> str:
