@@ -387,6 +387,38 @@ def test_verification_refuses_factors_peft_would_ignore(pair, tmp_path):
         verify_peft(tmp_path / "bad", config)
 
 
+def test_recorded_base_is_absolute_so_the_adapter_loads_from_any_folder(tmp_path, monkeypatch):
+    """Issue 11: extract --tau recorded the base as typed ('base'), so AutoPeftModelForCausalLM failed elsewhere."""
+    from peft import AutoPeftModelForCausalLM
+
+    from readapt.delta import extract
+
+    work = tmp_path / "work"
+    base = save_tiny(work / "base", "llama")
+    perturb(base, work / "tuned", scale=0.01)
+    monkeypatch.chdir(work)
+    extract_lowrank("base", "tuned", "lore", rank=2)
+    extract("base", "tuned", "delta")
+    compress("delta", "lore2", rank=2)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for ad in ("lore", "lore2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoPeftModelForCausalLM.from_pretrained(work / ad)
+        assert model.peft_config["default"].r == 2
+        cfg = json.loads((work / ad / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == str(base.absolute())
+    manifest = json.loads((work / "delta" / "readapt_delta.json").read_text())
+    assert manifest["base"]["spec"] == str(base.absolute()) and manifest["tuned"]["spec"] == str(work / "tuned")
+    # a model id from the Hugging Face cache is recorded as the id, its revision apart (as PEFT keeps them)
+    from readapt.adapters import save_lora
+
+    (tmp_path / "ad").mkdir()
+    cfg = save_lora(tmp_path / "ad", [("m.q", torch.ones(2, 1), torch.ones(1, 2))], base_model="org/name@v2")
+    assert (cfg["base_model_name_or_path"], cfg["revision"]) == ("org/name", "v2")
+
+
 # -- spectrum and CLI ---------------------------------------------------------------------------------
 
 

@@ -248,8 +248,11 @@ def save_lora(folder: Path, factors: Iterable[tuple[str, torch.Tensor, torch.Ten
     if not ranks:
         raise ReadaptError("no module has a nonzero factor: there is nothing to write as an adapter")
     r = max(ranks.values())
+    revision = None
+    if base_model and "@" in base_model and not Path(base_model).expanduser().exists():
+        base_model, _, revision = base_model.partition("@")  # a model id with a revision: PEFT keeps them apart
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": revision,
         "r": r, "lora_alpha": r, "rank_pattern": dict(ranks), "alpha_pattern": dict(ranks),
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}), "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,

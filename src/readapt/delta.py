@@ -52,9 +52,17 @@ def is_delta_folder(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def recorded_name(spec: str | os.PathLike) -> str:
+    """How an output records a model it was made from: a local folder's absolute path, or the model id
+    ("org/name", "org/name@revision") of one found in the Hugging Face cache, so that it resolves from
+    any working directory (PEFT's base_model_name_or_path, the delta manifest)."""
+    path = Path(spec).expanduser()
+    return str(path.absolute()) if path.exists() else str(spec)
+
+
 def _describe(ckpt: Checkpoint, spec) -> dict:
     dtypes = sorted({str(ckpt.dtype(n)).removeprefix("torch.") for n in ckpt.names})
-    return {"spec": str(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes, "tensor_count": len(ckpt.names),
+    return {"spec": recorded_name(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes, "tensor_count": len(ckpt.names),
             "model_type": (ckpt.config or {}).get("model_type")}
 
 

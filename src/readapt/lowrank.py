@@ -451,7 +451,7 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
     B = U_k S_k, A = V_kᵀ, saved with scale 1. One base/tuned tensor pair in memory at a time.
     Returns the report (also written to `out/lore_report.json`).
     """
-    from readapt.delta import check_configs, shared_tensors
+    from readapt.delta import check_configs, recorded_name, shared_tensors
 
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -462,11 +462,11 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
     config = _need_config(b.config, b.path)
     entries = classify(config, names, b.shape, lambda n: b.dtype(n).is_floating_point and t.dtype(n).is_floating_point)
     policy.apply(entries)
-    provenance = {"base": str(base), "tuned": str(tuned), "skipped_missing": skipped}
+    provenance = {"base": recorded_name(base), "tuned": recorded_name(tuned), "skipped_missing": skipped}
 
     return _run(entries, lambda n: difference(t, b, n), t.read, lambda n: b.infos[n].end - b.infos[n].start, Path(out), tau=tau,
                 rank=rank, svd=svd, device=device, factor_dtype=parse_dtype(dtype) or torch.float32,
-                base_model=str(base), provenance=provenance, overwrite=overwrite, inputs=[b.path, t.path],
+                base_model=recorded_name(base), provenance=provenance, overwrite=overwrite, inputs=[b.path, t.path],
                 verify=verify, config=config)
 
 
@@ -479,7 +479,7 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
     Dense tensors (norms, biases, dense embeddings) are saved as tuned = base + Δ, so they need the base:
     `base`, else the base recorded in the delta's manifest; with --norms skip --biases skip none is needed.
     """
-    from readapt.delta import DeltaFolder, is_delta_folder
+    from readapt.delta import DeltaFolder, is_delta_folder, recorded_name
 
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -509,8 +509,9 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
     return _run(entries, lambda n: d.ckpt.read(n).float(), tuned_of,
                 lambda n: d.ckpt.infos[n].end - d.ckpt.infos[n].start, Path(out), tau=tau, rank=rank, svd=svd,
                 device=device, factor_dtype=parse_dtype(dtype) or torch.float32,
-                base_model=(d.manifest.get("base") or {}).get("spec"), overwrite=overwrite, inputs=inputs,
-                provenance={"delta": str(delta_dir), "base_for_dense": str(b.path) if b else None},
+                base_model=recorded_name(base) if base else (d.manifest.get("base") or {}).get("spec"),
+                overwrite=overwrite, inputs=inputs,
+                provenance={"delta": recorded_name(delta_dir), "base_for_dense": str(b.path.absolute()) if b else None},
                 verify=verify, config=config)
 
 
@@ -676,7 +677,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
     the paper's Figure 2), figure3.png (share of the delta's parameters kept against τ, Figure 3).
     Returns the report; `summary(report)` is the terminal view.
     """
-    from readapt.delta import DeltaFolder, check_configs, is_delta_folder, shared_tensors
+    from readapt.delta import DeltaFolder, check_configs, is_delta_folder, recorded_name, shared_tensors
 
     if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
         raise ReadaptError(f"--tau {tau!r} is outside (0, 1]")
@@ -694,7 +695,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         names = d.ckpt.names
         floats = lambda n: ckpt.dtype(n).is_floating_point  # noqa: E731
         delta_of = lambda n: ckpt.read(n).float()  # noqa: E731
-        provenance = {"delta": str(source)}
+        provenance = {"delta": recorded_name(source)}
     else:
         b, t = Checkpoint.open(source, allow_pickle), Checkpoint.open(tuned, allow_pickle)
         check_configs(b, t.config, "the tuned model")
@@ -702,7 +703,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         config, ckpt, inputs = _need_config(b.config, b.path), b, [b.path, t.path]
         floats = lambda n: b.dtype(n).is_floating_point and t.dtype(n).is_floating_point  # noqa: E731
         delta_of = lambda n: difference(t, b, n)  # noqa: E731
-        provenance = {"base": str(source), "tuned": str(tuned)}
+        provenance = {"base": recorded_name(source), "tuned": recorded_name(tuned)}
     entries = classify(config, names, ckpt.shape, floats)
     policy.apply(entries, adapter=False)
     spectra: dict[str, torch.Tensor] = {}
