@@ -255,6 +255,12 @@ def test_tied_adapter_is_one_model_unmerged_merged_and_through_readapt_merge(tmp
                            read_all(tuned)["model.embed_tokens.weight"])
         assert emb["policy"] == "dense" and emb["rows"] == 64 and "trainable" in emb["note"]
         assert report["by_kind"]["embedding"]["params_kept"] == 64 * 16
+        from readapt.delta import extract  # compress writes the same adapter from a delta folder
+
+        compress(extract(base, tuned, tmp_path / "delta"), tmp_path / "c", rank=8, policy=Policy(embeddings=embeddings))
+        fa, fc = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "c" / "adapter_model.safetensors")
+        key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+        assert torch.equal(fa[key], fc[key])
 
 
 def test_lowrank_tied_embeddings_are_refused(tmp_path):

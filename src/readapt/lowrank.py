@@ -140,9 +140,9 @@ class Factorization:
 
 
 @contextmanager
-def _one_thread(device: torch.device):
+def _one_thread(device: torch.device, small: bool = True):
     """Run a stretch of small CPU ops on one thread (measured 5-10× faster on a busy 2-core machine)."""
-    if device.type != "cpu":
+    if device.type != "cpu" or not small:
         yield
         return
     n = torch.get_num_threads()
@@ -151,6 +151,24 @@ def _one_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+SMALL_EIG = 1024  # Gram matrices up to this size are decomposed on one thread (see gram_eig)
+
+
+def gram_eig(G: torch.Tensor, vectors: bool = True):
+    """Eigenvalues (and eigenvectors) of the symmetric s×s Gram matrix G, descending.
+
+    On the CPU, for s ≤ SMALL_EIG, on one thread: LAPACK's threaded eigh gains nothing at that size and
+    loses much when another process holds a core. Measured on the 2-core machine under load (s = 576, as
+    in SmolLM2): eigh 0.07 s on one thread, 0.2–8 s on two; eigvalsh 0.035 s vs 0.09–0.2 s. That was
+    most of `extract --tau`'s 80 s against the spectrum's 13 s (211 matrices). Larger matrices keep the
+    default threads, which pay for themselves there on a quiet machine."""
+    with _one_thread(G.device, G.shape[0] <= SMALL_EIG):
+        if not vectors:
+            return torch.linalg.eigvalsh(G).flip(0)
+        lam, Q = torch.linalg.eigh(G)  # ascending
+    return lam.flip(0), Q.flip(1)
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -191,8 +209,7 @@ def factorize(delta: torch.Tensor, *, tau: float | None = None, rank: int | None
     if not math.isfinite(energy):
         raise ReadaptError("the delta has NaN/Inf values")  # callers check first and name the tensor
     if svd == "gram" or (svd == "randomized" and 2 * (rank + max(16, rank)) >= min(m, n)):
-        lam, Q = torch.linalg.eigh(G)  # ascending
-        lam, Q = lam.flip(0), Q.flip(1)
+        lam, Q = gram_eig(G)
         S = lam.clamp_min(0).sqrt()
     elif svd == "randomized":
         # randomized subspace iteration on G (Halko, Martinsson & Tropp 2011, Alg. 4.4; each step on G is
@@ -722,7 +739,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
                 D = D.to(dev)
                 X = D if D.shape[0] <= D.shape[1] else D.T
                 S = (torch.linalg.svdvals(X) if svd == "exact"
-                     else torch.linalg.eigvalsh(X @ X.T).flip(0).clamp_min(0).sqrt()).cpu()
+                     else gram_eig(X @ X.T, vectors=False).clamp_min(0).sqrt()).cpu()
                 spectra[e.name] = S
                 e.rank = rank_at(S, tau)
                 e.kept = float(S[:e.rank].double().square().sum())
