@@ -15,7 +15,7 @@ Reading (what `merge` and `port` add to a base):
 Tied embeddings: PEFT saves, for an adapter made with `ensure_weight_tying=True`, a copy of the embedding
 LoRA on lm_head (lora_A = lora_embedding_Bᵀ, lora_B = lora_embedding_Aᵀ). Unmerged, PEFT applies the one
 ΔE to both sides of the shared matrix, so on a base that stores no lm_head (it is the embedding) that
-copy is the same tensor's same delta: `tied_copies` finds it and merge adds ΔE once. (PEFT's own
+copy is the same tensor's same delta: `drop_tied_copies` drops it and merge adds ΔE once. (PEFT's own
 merge_and_unload adds it twice, PEFT issue #2777.)
 
 The per-module r and alpha honour `rank_pattern` / `alpha_pattern` with PEFT's own matcher

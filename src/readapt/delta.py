@@ -15,8 +15,9 @@ where it is not (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|: 2 of 134.5M 
 fine-tune, 5 of 268M of Gemma-3), Φ + Δ in float32 is not Θ. extract finds these elements (bitwise
 Φ + Δ ≠ Θ in float32, the operation merge performs) and records their tuned values in the manifest
 (`exact`); merge gives them Θ at β=1 and lerp(Φ, Θ, β) otherwise: Φ at β=0 and, at any β,
-Φ + β(Θ − Φ) to float32 rounding (closer than Φ + βΔ). compress's dense tensors get Θ there too. `dtype="bfloat16"` halves the size and the
-round trip is then exact only for ~80-97% of elements (no exceptions are recorded for it).
+Φ + β(Θ − Φ) to float32 rounding (closer than Φ + βΔ). compress's dense tensors get Θ there too.
+`dtype="bfloat16"` halves the size and the round trip is then exact only for ~80-97% of elements (no
+exceptions are recorded for it).
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def recorded_name(spec: str | os.PathLike) -> str:
 
 def _describe(ckpt: Checkpoint, spec) -> dict:
     dtypes = sorted({str(ckpt.dtype(n)).removeprefix("torch.") for n in ckpt.names})
-    return {"spec": recorded_name(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes, "tensor_count": len(ckpt.names),
-            "model_type": (ckpt.config or {}).get("model_type")}
+    return {"spec": recorded_name(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes,
+            "tensor_count": len(ckpt.names), "model_type": (ckpt.config or {}).get("model_type")}
 
 
 def shared_tensors(base: Checkpoint, other: Checkpoint, other_label: str, skip_missing: bool) -> tuple[list[str], list[str]]:
@@ -240,7 +241,8 @@ class DeltaFolder(_StoredTensors):
         if not e:
             return None
         idx, val = torch.tensor(e["index"], dtype=torch.long), torch.tensor(e["tuned"], dtype=torch.float32)
-        if len(idx) != len(val) or (len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < math.prod(self.ckpt.shape(name))):
+        numel = math.prod(self.ckpt.shape(name))
+        if len(idx) != len(val) or (len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < numel):
             raise ReadaptError(f"{self.path / MANIFEST}: the `exact` entry of {name!r} is corrupt")
         return idx, val
 
