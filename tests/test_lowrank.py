@@ -261,6 +261,9 @@ def test_tied_adapter_is_one_model_unmerged_merged_and_through_readapt_merge(tmp
         fa, fc = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "c" / "adapter_model.safetensors")
         key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
         assert torch.equal(fa[key], fc[key])
+        # the spectrum counts the tied matrix as extract carries it
+        spec = spectrum(base, tuned, tmp_path / "s", policy=Policy(embeddings=embeddings))
+        assert spec["by_kind"]["embedding"]["params_kept"] == 64 * 16
 
 
 def test_lowrank_tied_embeddings_are_refused(tmp_path):

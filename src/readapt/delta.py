@@ -137,19 +137,19 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
         Δ, the elements where Φ + Δ (merge's operation at β=1) is not Θ bit for bit go to `exceptions`."""
         size = min(math.prod(b.shape(n)), checkpoint.BLOCK)
         buf = torch.empty(size) if t.dtype(n) != torch.float32 else None
+        p_buf = torch.empty(size) if b.dtype(n) != torch.float32 else None
         d_buf, r_buf = torch.empty(size), torch.empty(size)
         out = torch.empty(size, dtype=out_dtype) if out_dtype != torch.float32 else None
         start = 0
         for theta, phi in aligned_blocks(t.stored(n), b.stored(n)):
-            th = float32_view(theta, buf)
-            d = torch.sub(th, phi, out=d_buf[: th.numel()])  # Φ's block is widened to float32
-            if out is None:
-                miss = torch.add(phi, d, out=r_buf[: th.numel()]).view(torch.int32) != th.view(torch.int32)
-                if bool(miss.any()):
-                    idx = miss.nonzero().view(-1)
-                    e = exceptions.setdefault(n, {"index": [], "tuned": []})
-                    e["index"] += (idx + start).tolist()
-                    e["tuned"] += th[idx].tolist()
+            th, ph = float32_view(theta, buf), float32_view(phi, p_buf)
+            d = torch.sub(th, ph, out=d_buf[: th.numel()])
+            r = torch.add(ph, d, out=r_buf[: th.numel()]).view(torch.int32) if out is None else None
+            if r is not None and not torch.equal(r, th.view(torch.int32)):  # one pass, no mask, when exact
+                idx = (r != th.view(torch.int32)).nonzero().view(-1)
+                e = exceptions.setdefault(n, {"index": [], "tuned": []})
+                e["index"] += (idx + start).tolist()
+                e["tuned"] += th[idx].tolist()
             start += th.numel()
             yield d if out is None else out[: d.numel()].copy_(d)
 

@@ -735,6 +735,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
             e.energy = energy_of(D)
             if e.policy == "dense":
                 e.kept, e.rank = e.energy, -1
+                e.rows = int(D.ne(0).any(dim=1).sum()) if e.tied else 0  # as extract carries it
             else:
                 D = D.to(dev)
                 X = D if D.shape[0] <= D.shape[1] else D.T
