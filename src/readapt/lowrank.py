@@ -159,11 +159,12 @@ SMALL_EIG = 1024  # Gram matrices up to this size are decomposed on one thread (
 def gram_eig(G: torch.Tensor, vectors: bool = True):
     """Eigenvalues (and eigenvectors) of the symmetric s×s Gram matrix G, descending.
 
-    On the CPU, for s ≤ SMALL_EIG, on one thread: LAPACK's threaded eigh gains nothing at that size and
-    loses much when another process holds a core. Measured on the 2-core machine under load (s = 576, as
-    in SmolLM2): eigh 0.07 s on one thread, 0.2–8 s on two; eigvalsh 0.035 s vs 0.09–0.2 s. That was
-    most of `extract --tau`'s 80 s against the spectrum's 13 s (211 matrices). Larger matrices keep the
-    default threads, which pay for themselves there on a quiet machine."""
+    On the CPU, for s ≤ SMALL_EIG, on one thread (which also makes the factors independent of the
+    machine's thread count): at that size LAPACK's threads gain little and lose much when another process
+    holds a core. Measured on the 2-core machine (s = 576, SmolLM2): under load, eigh 0.07 s on one thread
+    and 0.2–8 s on two (eigvalsh 0.035 s vs 0.09–0.2 s), and `extract --tau 0.5` of the real SmolLM2 pair
+    69 s on two threads, 24 s on one; unloaded, 10.2–11.3 s on two, 11.4–12.3 s on one. Larger matrices
+    keep the default threads, which pay for themselves there on a quiet machine."""
     with _one_thread(G.device, G.shape[0] <= SMALL_EIG):
         if not vectors:
             return torch.linalg.eigvalsh(G).flip(0)
