@@ -9,6 +9,14 @@ Reading (what `merge` and `port` add to a base):
            embeddings), computed in float32 exactly as PEFT's merge does, so α·Ψ with α=1 gives PEFT's
            merge_and_unload and α=0 gives W.  Liu et al. 2024, "DoRA", eq. 5.
     lora_bias / modules_to_save tensors: their difference from the base tensor.
+    trainable tokens (`trainable_token_indices` R, `<module>.token_adapter.trainable_tokens_delta` = the new
+           rows V): W′ = W with W′[R] = V (PEFT's index_copy), Ψ = W′ − W.
+
+Tied embeddings: PEFT saves, for an adapter made with `ensure_weight_tying=True`, a copy of the embedding
+LoRA on lm_head (lora_A = lora_embedding_Bᵀ, lora_B = lora_embedding_Aᵀ). Unmerged, PEFT applies the one
+ΔE to both sides of the shared matrix, so on a base that stores no lm_head (it is the embedding) that
+copy is the same tensor's same delta: `drop_tied_copies` drops it and merge adds ΔE once. (PEFT's own
+merge_and_unload adds it twice, PEFT issue #2777.)
 
 The per-module r and alpha honour `rank_pattern` / `alpha_pattern` with PEFT's own matcher
 (`peft.utils.other.get_pattern_key`), so a key means here exactly what it means to PEFT.
@@ -35,9 +43,11 @@ from readapt.checkpoint import Checkpoint, write_file
 from readapt.errors import ReadaptError
 
 PREFIX = "base_model.model."
+_TOKENS = "token_adapter.trainable_tokens_delta"
 _FACTOR = re.compile(
     r"^(?P<mod>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector|base_layer\.weight|base_layer\.bias|modules_to_save\.[^.]+\.(?:weight|bias)|weight|bias)$"
+    r"lora_magnitude_vector|base_layer\.weight|base_layer\.bias|modules_to_save\.[^.]+\.(?:weight|bias)|"
+    r"token_adapter\.trainable_tokens_delta|weight|bias)$"
 )
 
 
@@ -150,6 +160,8 @@ class PeftAdapter:
                 shape = (a[1], b[0]) if self.config.get("fan_in_fan_out") else (b[0], a[1])
             elif "lora_embedding_A" in p:
                 shape = (self.ckpt.shape(p["lora_embedding_A"])[1], self.ckpt.shape(p["lora_embedding_B"])[0])
+            elif _TOKENS in p:
+                shape = None  # rows R of a matrix whose row count the adapter does not record
             else:
                 full = [k for part, k in p.items() if part.startswith(("base_layer", "modules_to_save")) or
                         part in ("weight", "bias")]
@@ -171,6 +183,8 @@ class PeftAdapter:
         mod = self.modules.get(name)
         if mod is None:
             return None
+        if _TOKENS in mod.parts:
+            return self._tokens(name, mod, base)
         saved = next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
                       or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
         if saved is not None:  # a full replacement tensor (bias="lora_only"/"all": PEFT loads base_layer.bias)
@@ -189,6 +203,42 @@ class PeftAdapter:
         del d
         norm = torch.linalg.norm(combined, dim=1)  # out; PEFT's get_weight_norm of the same W + d
         return combined.mul_((m / norm).view(-1, 1))
+
+    def _tokens(self, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor:
+        """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge)."""
+        spec = self.config.get("trainable_token_indices")
+        if isinstance(spec, dict):  # {layer name: R}: PEFT matches the module by name or name suffix
+            spec = next((v for k, v in spec.items() if mod.name == k or mod.name.endswith("." + k)), None)
+        values = self.ckpt.read(mod.parts[_TOKENS])
+        if not isinstance(spec, list) or len(spec) != values.shape[0]:
+            raise ReadaptError(f"{self.path}: {mod.name} has {values.shape[0]} trainable-token rows but "
+                               f"adapter_config.json's trainable_token_indices gives it {spec!r:.60}")
+        rows = torch.tensor(spec, dtype=torch.long)
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < base.shape[0]):
+            raise ReadaptError(f"{self.path}: trainable_token_indices of {mod.name} reach row {int(rows.max())}, "
+                               f"but the base's {name} has {base.shape[0]} rows: it was made for another base")
+        return base.clone().index_copy_(0, rows, values.to(base.dtype))
+
+    def drop_tied_copies(self, stored: Container[str]) -> list[str]:
+        """Drop the Linear LoRA modules that are PEFT's tied copy of an embedding LoRA of this adapter
+        (lora_A = lora_embedding_Bᵀ, lora_B = lora_embedding_Aᵀ, exactly) on a tensor the base does not
+        store (`stored`: the base's tensor names): the base ties it to that embedding, whose delta already
+        covers it. Returns their tensor names."""
+        embeddings = [m.parts for m in self.modules.values() if "lora_embedding_A" in m.parts]
+        found = []
+        for target, mod in self.modules.items():
+            p = mod.parts
+            if target in stored or "lora_A.weight" not in p or not embeddings:
+                continue
+            A, B = self.ckpt.read(p["lora_A.weight"]), self.ckpt.read(p["lora_B.weight"])
+            for e in embeddings:
+                eA, eB = self.ckpt.read(e["lora_embedding_A"]), self.ckpt.read(e["lora_embedding_B"])
+                if A.shape == eB.T.shape and B.shape == eA.T.shape and torch.equal(A, eB.T) and torch.equal(B, eA.T):
+                    found.append(target)
+                    break
+        for target in found:
+            del self.modules[target]
+        return found
 
     def _lora(self, name: str) -> torch.Tensor | None:
         """s·B·A for `name` (out×in; vocab×dim for embeddings), as PEFT's get_delta_weight computes it."""
@@ -238,8 +288,11 @@ def save_lora(folder: Path, factors: Iterable[tuple[str, torch.Tensor, torch.Ten
     if not ranks:
         raise ReadaptError("no module has a nonzero factor: there is nothing to write as an adapter")
     r = max(ranks.values())
+    revision = None
+    if base_model and "@" in base_model and not Path(base_model).expanduser().exists():
+        base_model, _, revision = base_model.partition("@")  # a model id with a revision: PEFT keeps them apart
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": revision,
         "r": r, "lora_alpha": r, "rank_pattern": dict(ranks), "alpha_pattern": dict(ranks),
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}), "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,

@@ -118,7 +118,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--svd", default="auto", choices=("auto", "exact", "gram", "randomized"),
                    help="LoRE SVD path (auto: gram for --tau, randomized for --rank)")
     p.add_argument("--device", default=None, type=_device, help="LoRE: where the SVDs run (cpu, cuda)")
-    p.add_argument("--embeddings", default="lowrank", choices=("lowrank", "dense", "skip"), help="LoRE: embeddings")
+    p.add_argument("--embeddings", default="auto", choices=("auto", "lowrank", "dense", "skip"),
+                   help="LoRE: embeddings (auto: lowrank, or dense when tied to lm_head)")
     p.add_argument("--lm-head", default="lowrank", choices=("lowrank", "dense", "skip"), help="LoRE: lm_head")
     p.add_argument("--norms", default="dense", choices=("dense", "skip"), help="LoRE: norms (modules_to_save)")
     p.add_argument("--biases", default="dense", choices=("dense", "skip"), help="LoRE: linear biases")
@@ -178,8 +179,9 @@ def _add_lowrank(sub) -> None:
         p.add_argument("--svd", default="auto", choices=("auto", "exact", "gram", "randomized"),
                        help="SVD path (auto: gram for --tau, randomized for --rank; spectrum: gram)")
         p.add_argument("--device", default=None, type=_device, help="where the SVDs run (cpu, cuda)")
-        p.add_argument("--embeddings", default="lowrank", choices=("lowrank", "dense", "skip"),
-                       help="embeddings: low rank (lora_embedding_A/B), dense, or skip (default lowrank)")
+        p.add_argument("--embeddings", default="auto", choices=("auto", "lowrank", "dense", "skip"),
+                       help="embeddings: low rank (lora_embedding_A/B), dense, or skip (default auto: lowrank, "
+                       "or dense, as PEFT trainable tokens, when tied to lm_head)")
         p.add_argument("--lm-head", default="lowrank", choices=("lowrank", "dense", "skip"),
                        help="lm_head (untied): low rank, dense or skip (default lowrank)")
         p.add_argument("--norms", default="dense", choices=("dense", "skip"),

@@ -9,9 +9,15 @@ and re-applied later to Φ (or to Φ plus a knowledge adapter) with any scale β
 
 A delta folder holds Δ as safetensors shards (`model*.safetensors` + index, the layout of a checkpoint)
 plus `readapt_delta.json`, the manifest of what it was made from. By default Δ is stored in float32:
-then Φ + 1.0·Δ gives back Θ bit for bit for float32, bfloat16 and float16 checkpoints (fp32(Θ) − fp32(Φ)
-is exact whenever the two values are within 2^16 of each other in magnitude, Sterbenz-like). `dtype=
-"bfloat16"` halves the size and the round trip is then exact only for ~80-97% of elements.
+then Φ + 1.0·Δ gives back Θ bit for bit for float32, bfloat16 and float16 checkpoints. For almost every
+element fp32(Θ) − fp32(Φ) is exact (it is whenever the two are within ~2^16 of each other in magnitude);
+where it is not (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|: 2 of 134.5M elements of a real SmolLM2
+fine-tune, 5 of 268M of Gemma-3), Φ + Δ in float32 is not Θ. extract finds these elements (bitwise
+Φ + Δ ≠ Θ in float32, the operation merge performs) and records their tuned values in the manifest
+(`exact`); merge gives them Θ at β=1 and lerp(Φ, Θ, β) otherwise: Φ at β=0 and, at any β,
+Φ + β(Θ − Φ) to float32 rounding (closer than Φ + βΔ). compress's dense tensors get Θ there too.
+`dtype="bfloat16"` halves the size and the round trip is then exact only for ~80-97% of elements (no
+exceptions are recorded for it).
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ from readapt.errors import ReadaptError
 MANIFEST = "readapt_delta.json"
 
 
+def precision(dtype: torch.dtype) -> int:
+    """Significand bits of a float dtype (bfloat16 8, float16 11, float32 24): which of two holds more."""
+    return round(-math.log2(torch.finfo(dtype).eps)) + 1
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def is_delta_folder(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -52,10 +67,18 @@ EXTRACT_FIX = ("BASE and TUNED must both be model checkpoints; to use an adapter
                "(`readapt merge MODEL --add ADAPTER -o FOLDER`)")
 
 
+def recorded_name(spec: str | os.PathLike) -> str:
+    """How an output records a model it was made from: a local folder's absolute path, or the model id
+    ("org/name", "org/name@revision") of one found in the Hugging Face cache, so that it resolves from
+    any working directory (PEFT's base_model_name_or_path, the delta manifest)."""
+    path = Path(spec).expanduser()
+    return str(path.absolute()) if path.exists() else str(spec)
+
+
 def _describe(ckpt: Checkpoint, spec) -> dict:
     dtypes = sorted({str(ckpt.dtype(n)).removeprefix("torch.") for n in ckpt.names})
-    return {"spec": str(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes, "tensor_count": len(ckpt.names),
-            "model_type": (ckpt.config or {}).get("model_type")}
+    return {"spec": recorded_name(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes,
+            "tensor_count": len(ckpt.names), "model_type": (ckpt.config or {}).get("model_type")}
 
 
 def shared_tensors(base: Checkpoint, other: Checkpoint, other_label: str, skip_missing: bool) -> tuple[list[str], list[str]]:
@@ -105,6 +128,12 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
     out_dtype = parse_dtype(dtype) or torch.float32
     floats = [n for n in names if b.dtype(n).is_floating_point and t.dtype(n).is_floating_point]
+    finer = [n for n in floats if precision(t.dtype(n)) > precision(b.dtype(n))]
+    if finer:
+        warnings.warn(f"the tuned model {tuned} stores {len(finer)} tensors in {_name(t.dtype(finer[0]))} over the "
+                      f"base's {_name(b.dtype(finer[0]))} (e.g. {finer[0]}): the delta keeps that precision, but "
+                      f"`readapt merge` writes the base's dtype by default, which rounds it away; pass "
+                      f"`merge --dtype {_name(t.dtype(finer[0]))}` to keep it", stacklevel=2)
     plan = [(n, out_dtype, b.shape(n)) for n in floats]
     manifest = {
         "format": "readapt-delta", "format_version": 1, "readapt_version": __version__,
@@ -115,13 +144,27 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
         "base_config": b.config,
     }
 
+    exceptions: dict[str, dict] = {}  # float32 Δ: elements where Φ + Δ ≠ Θ, with their tuned values
+
     def difference(n: str):
-        """Δ[n] = Θ[n] − Φ[n] in float32, block by block from both files (reused buffers)."""
+        """Δ[n] = Θ[n] − Φ[n] in float32, block by block from both files (reused buffers); for a float32
+        Δ, the elements where Φ + Δ (merge's operation at β=1) is not Θ bit for bit go to `exceptions`."""
         size = min(math.prod(b.shape(n)), checkpoint.BLOCK)
         buf = torch.empty(size) if t.dtype(n) != torch.float32 else None
+        p_buf = torch.empty(size) if b.dtype(n) != torch.float32 else None
+        d_buf, r_buf = torch.empty(size), torch.empty(size)
         out = torch.empty(size, dtype=out_dtype) if out_dtype != torch.float32 else None
+        start = 0
         for theta, phi in aligned_blocks(t.stored(n), b.stored(n)):
-            d = float32_view(theta, buf).sub_(phi)  # Φ's block is widened to float32 by the subtraction
+            th, ph = float32_view(theta, buf), float32_view(phi, p_buf)
+            d = torch.sub(th, ph, out=d_buf[: th.numel()])
+            r = torch.add(ph, d, out=r_buf[: th.numel()]).view(torch.int32) if out is None else None
+            if r is not None and not torch.equal(r, th.view(torch.int32)):  # one pass, no mask, when exact
+                idx = (r != th.view(torch.int32)).nonzero().view(-1)
+                e = exceptions.setdefault(n, {"index": [], "tuned": []})
+                e["index"] += (idx + start).tolist()
+                e["tuned"] += th[idx].tolist()
+            start += th.numel()
             yield d if out is None else out[: d.numel()].copy_(d)
 
     def tensors():
@@ -133,6 +176,11 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     with output_folder(out, overwrite, inputs=[b.path, t.path]) as tmp:
         write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size,
                       metadata={"readapt": "delta", "formula": manifest["formula"]})
+        if out_dtype == torch.float32:
+            manifest["exact"] = {
+                "rule": "where base + delta (float32) is not tuned bit for bit, merge uses lerp(base, tuned, scale)",
+                "elements": sum(len(e["index"]) for e in exceptions.values()),
+                "of": sum(math.prod(b.shape(n)) for n in floats), "tensors": exceptions}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(_card(manifest))
     return Path(out)
@@ -152,13 +200,21 @@ Made by readapt {m['readapt_version']} on {m['created']}:
 - base: `{m['base']['spec']}` ({', '.join(m['base']['dtypes'])}, {m['base']['tensor_count']} tensors)
 - tuned: `{m['tuned']['spec']}` ({', '.join(m['tuned']['dtypes'])}, {m['tuned']['tensor_count']} tensors)
 - tensors in the delta: {m['tensor_count']}; skipped: {len(m['skipped'])}
-
+{_exact_line(m)}
 Apply it with any scale (β=1 gives back the tuned model; β<1 is partial adaptation):
 
     readapt merge BASE --add THIS_FOLDER:0.5 -o OUT
 
 See `readapt_delta.json` for the full manifest.
 """
+
+
+def _exact_line(m: dict) -> str:
+    if "exact" not in m:
+        return "- stored in a 16-bit dtype: base + 1.0·delta is within one rounding of tuned, not exact\n"
+    e = m["exact"]
+    return (f"- base + 1.0·delta gives tuned bit for bit: {e['elements']} of {e['of']:,} elements, whose "
+            f"difference float32 cannot hold, are kept as tuned values in `{MANIFEST}` (`exact`)\n")
 
 
 class _StoredTensors:
@@ -195,6 +251,26 @@ class DeltaFolder(_StoredTensors):
 
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.ckpt.read(name).float() if name in self.ckpt else None
+
+    def exact(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat indices, tuned values in float32) of the elements where Φ + Δ is not Θ (see the module
+        docstring), or None."""
+        e = ((self.manifest.get("exact") or {}).get("tensors") or {}).get(name)
+        if not e:
+            return None
+        idx, val = torch.tensor(e["index"], dtype=torch.long), torch.tensor(e["tuned"], dtype=torch.float32)
+        numel = math.prod(self.ckpt.shape(name))
+        if len(idx) != len(val) or (len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < numel):
+            raise ReadaptError(f"{self.path / MANIFEST}: the `exact` entry of {name!r} is corrupt")
+        return idx, val
+
+    def tuned(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """Θ = Φ + Δ (float32), with the recorded exceptions: Θ bit for bit."""
+        t = base.float().add_(self.ckpt.read(name).float())
+        fix = self.exact(name)
+        if fix is not None:
+            t.view(-1)[fix[0]] = fix[1]
+        return t
 
 
 class CheckpointDifference(_StoredTensors):

@@ -13,7 +13,8 @@ rank_pattern = alpha_pattern (scale alpha/r = 1), one fully qualified key per mo
 How each kind of tensor is carried (flags of `extract`/`compress`; defaults first):
 
     linear weights      low rank (lora_A / lora_B)
-    embeddings          lowrank (lora_embedding_A/B) | dense | skip
+    embeddings          auto | lowrank (lora_embedding_A/B) | dense | skip    (auto: lowrank, or dense
+                        when tied to lm_head; see TIED below)
     lm_head             lowrank (lora_A/B on lm_head) | dense | skip      (tied to the embeddings: the
                         shared matrix is counted and written once, on the embeddings; see TIED below)
     norms, other        dense | skip       dense = PEFT `modules_to_save` (the tuned values; PEFT applies
@@ -27,10 +28,16 @@ How each kind of tensor is carried (flags of `extract`/`compress`; defaults firs
 "dense" tensors are stored as absolute tuned values (that is what PEFT's modules_to_save/bias mean), so
 `compress` needs the base checkpoint for them (found through the delta's manifest, or `base=`).
 
-TIED embeddings (tie_word_embeddings=True): the one shared matrix gets one embedding LoRA. PEFT's
-merge_and_unload then changes it once (right), but PEFT's unmerged forward adapts only the input side
-(PEFT's `ensure_weight_tying=True` fixes the forward but merges the delta twice, PEFT issue #2777), so
-use merged weights (`readapt merge` or merge_and_unload) for tied models.
+TIED embeddings (tie_word_embeddings=True: one matrix E is both the input embedding and lm_head). An
+adapter must mean one model whether PEFT runs it unmerged, after merge_and_unload, or readapt merges it.
+PEFT (0.21) cannot do that for a low-rank ΔE: an embedding LoRA alone adapts only the input side when
+unmerged (lm_head keeps E), and with `ensure_weight_tying=True` (the same factors on lm_head) the
+unmerged forward is right but merge_and_unload adds BA to the one shared tensor twice (PEFT issue #2777).
+So `--embeddings lowrank` is refused on tied models, and `dense` (the default there, `auto`) writes the
+changed rows R = {i : ΔE[i] ≠ 0} as PEFT trainable tokens: `trainable_token_indices` = R and
+`<embed>.token_adapter.trainable_tokens_delta` = Θ[R] (tuned rows). PEFT ties lm_head to them and
+merges them with index_copy (E[R] ← Θ[R]), which is idempotent, so the shared tensor is right however
+many times it is merged: E′ = E with rows R replaced, on both sides, in all three ways.
 
 SVD paths (`svd=`):
 
@@ -133,9 +140,9 @@ class Factorization:
 
 
 @contextmanager
-def _one_thread(device: torch.device):
+def _one_thread(device: torch.device, small: bool = True):
     """Run a stretch of small CPU ops on one thread (measured 5-10× faster on a busy 2-core machine)."""
-    if device.type != "cpu":
+    if device.type != "cpu" or not small:
         yield
         return
     n = torch.get_num_threads()
@@ -144,6 +151,25 @@ def _one_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+SMALL_EIG = 1024  # Gram matrices up to this size are decomposed on one thread (see gram_eig)
+
+
+def gram_eig(G: torch.Tensor, vectors: bool = True):
+    """Eigenvalues (and eigenvectors) of the symmetric s×s Gram matrix G, descending.
+
+    On the CPU, for s ≤ SMALL_EIG, on one thread (which also makes the factors independent of the
+    machine's thread count): at that size LAPACK's threads gain little and lose much when another process
+    holds a core. Measured on the 2-core machine (s = 576, SmolLM2): under load, eigh 0.07 s on one thread
+    and 0.2–8 s on two (eigvalsh 0.035 s vs 0.09–0.2 s), and `extract --tau 0.5` of the real SmolLM2 pair
+    69 s on two threads, 24 s on one; unloaded, 10.2–11.3 s on two, 11.4–12.3 s on one. Larger matrices
+    keep the default threads, which pay for themselves there on a quiet machine."""
+    with _one_thread(G.device, G.shape[0] <= SMALL_EIG):
+        if not vectors:
+            return torch.linalg.eigvalsh(G).flip(0)
+        lam, Q = torch.linalg.eigh(G)  # ascending
+    return lam.flip(0), Q.flip(1)
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -184,8 +210,7 @@ def factorize(delta: torch.Tensor, *, tau: float | None = None, rank: int | None
     if not math.isfinite(energy):
         raise ReadaptError("the delta has NaN/Inf values")  # callers check first and name the tensor
     if svd == "gram" or (svd == "randomized" and 2 * (rank + max(16, rank)) >= min(m, n)):
-        lam, Q = torch.linalg.eigh(G)  # ascending
-        lam, Q = lam.flip(0), Q.flip(1)
+        lam, Q = gram_eig(G)
         S = lam.clamp_min(0).sqrt()
     elif svd == "randomized":
         # randomized subspace iteration on G (Halko, Martinsson & Tropp 2011, Alg. 4.4; each step on G is
@@ -229,6 +254,8 @@ class Entry:
     module: str  # owning module path
     shape: tuple[int, ...]
     policy: str = "lowrank"  # lowrank | dense | skip
+    tied: bool = False  # the input embedding of a model that ties lm_head to it
+    rows: int = 0  # rows carried as PEFT trainable tokens (a tied embedding carried dense)
     rank: int = 0
     energy: float = 0.0
     kept: float = 0.0
@@ -262,6 +289,7 @@ def classify(config: dict, names: Sequence[str], shapes: Callable[[str], tuple],
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and out_emb is not None and \
         out_emb.weight is model.get_input_embeddings().weight
     params = dict(model.named_parameters(remove_duplicate=False))
+    in_emb = model.get_input_embeddings()
     entries = []
     for name in names:
         module, _, leaf = name.rpartition(".")
@@ -278,7 +306,7 @@ def classify(config: dict, names: Sequence[str], shapes: Callable[[str], tuple],
             entries.append(Entry(name, "tied", module, shape, "skip",
                                  note="tied to the input embeddings: carried once, by them"))
         elif isinstance(mod, nn.Embedding) and leaf == "weight":
-            entries.append(Entry(name, "embedding", module, shape))
+            entries.append(Entry(name, "embedding", module, shape, tied=tied and mod is in_emb))
         elif isinstance(mod, nn.Linear) and leaf == "weight":
             entries.append(Entry(name, "lm_head" if mod is out_emb else "linear", module, shape))
         elif isinstance(mod, nn.Linear) and leaf == "bias":
@@ -296,22 +324,36 @@ def classify(config: dict, names: Sequence[str], shapes: Callable[[str], tuple],
 class Policy:
     """How non-linear tensors are carried (see the module docstring)."""
 
-    embeddings: str = "lowrank"
+    embeddings: str = "auto"
     lm_head: str = "lowrank"
     norms: str = "dense"
     biases: str = "dense"
 
     def check(self) -> None:
-        for flag, value, allowed in (("--embeddings", self.embeddings, EMBEDDING_POLICIES),
+        for flag, value, allowed in (("--embeddings", self.embeddings, ("auto",) + EMBEDDING_POLICIES),
                                      ("--lm-head", self.lm_head, EMBEDDING_POLICIES),
                                      ("--norms", self.norms, VECTOR_POLICIES),
                                      ("--biases", self.biases, VECTOR_POLICIES)):
             if value not in allowed:
                 raise ReadaptError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
 
-    def of(self, kind: str) -> str:
-        return {"linear": "lowrank", "embedding": self.embeddings, "lm_head": self.lm_head,
-                "vector": self.norms, "bias": self.biases}.get(kind, "skip")
+    def of(self, e: Entry) -> str:
+        embeddings = ("dense" if e.tied else "lowrank") if self.embeddings == "auto" else self.embeddings
+        return {"linear": "lowrank", "embedding": embeddings, "lm_head": self.lm_head,
+                "vector": self.norms, "bias": self.biases}.get(e.kind, "skip")
+
+    def apply(self, entries: list[Entry], adapter: bool = True) -> None:
+        """Set each entry's policy; for an adapter (not a spectrum), refuse a low-rank tied embedding."""
+        self.check()
+        for e in entries:
+            if e.policy != "skip":
+                e.policy = self.of(e)
+            if adapter and e.tied and e.policy == "lowrank":
+                raise ReadaptError(
+                    f"--embeddings lowrank: {e.module} is tied to lm_head, and PEFT cannot load a low-rank delta of "
+                    f"a tied matrix as one model (unmerged it adapts the input side only; with ensure_weight_tying "
+                    f"merge_and_unload adds it twice, PEFT issue #2777): use --embeddings dense (exact: the changed "
+                    f"rows as PEFT trainable tokens, tied to lm_head) or --embeddings skip")
 
 
 def _device(device: str | None) -> torch.device:
@@ -334,6 +376,7 @@ def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of
     embeddings: set[str] = set()  # modules written as lora_embedding_A/B
     clamped: list[str] = []
     dense: list[Entry] = []  # 'dense' tensors whose delta is nonzero
+    rows: dict[str, torch.Tensor] = {}  # tied embeddings carried dense: the changed rows (trainable tokens)
     extra_config: dict = {}  # filled by extra(), read by save_lora once every tensor is written
 
     def factors() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -350,6 +393,9 @@ def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of
                     if e.policy == "dense" and e.energy > 0:
                         e.kept, e.rank = e.energy, -1
                         dense.append(e)
+                        if e.tied:
+                            rows[e.name] = d.ne(0).any(dim=1).nonzero().view(-1)
+                            e.rows = len(rows[e.name])
                     elif e.policy == "dense":
                         e.note = "unchanged: nothing to carry"
                     else:
@@ -371,7 +417,13 @@ def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of
         lora = {e.module for e in entries if e.policy == "lowrank" and e.rank > 0}
         to_save: list[str] = []
         for e in dense:
-            if e.kind == "bias" and e.module in lora:
+            if e.name in rows:  # PEFT trainable tokens: the tuned rows R, tied to lm_head by PEFT
+                r = rows.pop(e.name)
+                extra_config.setdefault("trainable_token_indices", {})[e.module] = r.tolist()
+                e.note = (f"tied to lm_head: its {len(r)} changed rows carried as the tuned rows (PEFT "
+                          f"trainable_token_indices, tied to lm_head)")
+                yield f"{PREFIX}{e.module}.token_adapter.trainable_tokens_delta", tuned_of(e.name)[r]
+            elif e.kind == "bias" and e.module in lora:
                 extra_config["bias"] = "lora_only"  # PEFT loads <module>.base_layer.bias into the layer
                 e.note = "carried as the tuned <module>.base_layer.bias (PEFT bias='lora_only')"
                 yield f"{PREFIX}{e.module}.base_layer.bias", tuned_of(e.name)
@@ -414,7 +466,7 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
     B = U_k S_k, A = V_kᵀ, saved with scale 1. One base/tuned tensor pair in memory at a time.
     Returns the report (also written to `out/lore_report.json`).
     """
-    from readapt.delta import EXTRACT_FIX, check_configs, open_model, shared_tensors
+    from readapt.delta import EXTRACT_FIX, check_configs, open_model, recorded_name, shared_tensors
 
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -424,14 +476,12 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
     names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
     config = _need_config(b.config, b.path)
     entries = classify(config, names, b.shape, lambda n: b.dtype(n).is_floating_point and t.dtype(n).is_floating_point)
-    for e in entries:
-        if e.policy != "skip":
-            e.policy = policy.of(e.kind)
-    provenance = {"base": str(base), "tuned": str(tuned), "skipped_missing": skipped}
+    policy.apply(entries)
+    provenance = {"base": recorded_name(base), "tuned": recorded_name(tuned), "skipped_missing": skipped}
 
     return _run(entries, lambda n: difference(t, b, n), t.read, lambda n: b.infos[n].end - b.infos[n].start, Path(out), tau=tau,
                 rank=rank, svd=svd, device=device, factor_dtype=parse_dtype(dtype) or torch.float32,
-                base_model=str(base), provenance=provenance, overwrite=overwrite, inputs=[b.path, t.path],
+                base_model=recorded_name(base), provenance=provenance, overwrite=overwrite, inputs=[b.path, t.path],
                 verify=verify, config=config)
 
 
@@ -444,7 +494,7 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
     Dense tensors (norms, biases, dense embeddings) are saved as tuned = base + Δ, so they need the base:
     `base`, else the base recorded in the delta's manifest; with --norms skip --biases skip none is needed.
     """
-    from readapt.delta import DeltaFolder, is_delta_folder
+    from readapt.delta import DeltaFolder, is_delta_folder, recorded_name
 
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -455,9 +505,7 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
     d = DeltaFolder(delta_dir)
     config = _need_config(d.config, d.path)
     entries = classify(config, d.ckpt.names, d.ckpt.shape, lambda n: d.ckpt.dtype(n).is_floating_point)
-    for e in entries:
-        if e.policy != "skip":
-            e.policy = policy.of(e.kind)
+    policy.apply(entries)
     b = None
     inputs = [d.path]
     if any(e.policy == "dense" for e in entries):
@@ -471,13 +519,14 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
 
     def tuned_of(n):
         base_t = b.read(n)
-        return base_t.float().add_(d.ckpt.read(n).float()).to(base_t.dtype)  # Θ = Φ + Δ
+        return d.tuned(n, base_t).to(base_t.dtype)  # Θ = Φ + Δ (with the delta's recorded exceptions)
 
     return _run(entries, lambda n: d.ckpt.read(n).float(), tuned_of,
                 lambda n: d.ckpt.infos[n].end - d.ckpt.infos[n].start, Path(out), tau=tau, rank=rank, svd=svd,
                 device=device, factor_dtype=parse_dtype(dtype) or torch.float32,
-                base_model=(d.manifest.get("base") or {}).get("spec"), overwrite=overwrite, inputs=inputs,
-                provenance={"delta": str(delta_dir), "base_for_dense": str(b.path) if b else None},
+                base_model=recorded_name(base) if base else (d.manifest.get("base") or {}).get("spec"),
+                overwrite=overwrite, inputs=inputs,
+                provenance={"delta": recorded_name(delta_dir), "base_for_dense": str(b.path.absolute()) if b else None},
                 verify=verify, config=config)
 
 
@@ -550,7 +599,7 @@ def _params(e: Entry) -> tuple[int, int]:
     """(parameters in the delta tensor, parameters the adapter spends on it)."""
     full = math.prod(e.shape)
     if e.policy == "dense" and e.rank == -1:
-        return full, full if e.energy > 0 else 0
+        return full, (e.rows * e.shape[1] if e.rows else full) if e.energy > 0 else 0
     if e.policy == "lowrank" and len(e.shape) == 2:
         return full, e.rank * sum(e.shape)
     return full, 0
@@ -643,7 +692,8 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
     the paper's Figure 2), figure3.png (share of the delta's parameters kept against τ, Figure 3).
     Returns the report; `summary(report)` is the terminal view.
     """
-    from readapt.delta import EXTRACT_FIX, DeltaFolder, check_configs, is_delta_folder, open_model, shared_tensors
+    from readapt.delta import (EXTRACT_FIX, DeltaFolder, check_configs, is_delta_folder, open_model, recorded_name,
+                               shared_tensors)
 
     if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
         raise ReadaptError(f"--tau {tau!r} is outside (0, 1]")
@@ -661,7 +711,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         names = d.ckpt.names
         floats = lambda n: ckpt.dtype(n).is_floating_point  # noqa: E731
         delta_of = lambda n: ckpt.read(n).float()  # noqa: E731
-        provenance = {"delta": str(source)}
+        provenance = {"delta": recorded_name(source)}
     else:
         b, t = open_model(source, allow_pickle, fix=EXTRACT_FIX), open_model(tuned, allow_pickle, fix=EXTRACT_FIX)
         check_configs(b, t.config, "the tuned model")
@@ -669,7 +719,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         config, ckpt, inputs = _need_config(b.config, b.path), b, [b.path, t.path]
         floats = lambda n: b.dtype(n).is_floating_point and t.dtype(n).is_floating_point  # noqa: E731
         delta_of = lambda n: difference(t, b, n)  # noqa: E731
-        provenance = {"base": str(source), "tuned": str(tuned)}
+        provenance = {"base": recorded_name(source), "tuned": recorded_name(tuned)}
     entries = classify(config, names, ckpt.shape, floats)
     depths = sorted({ly for e in entries if (ly := _layer_of(e.name)) is not None})
     missing = [ly for ly in layers or () if ly not in depths]
@@ -677,9 +727,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         have = ("not numbered" if not depths else f"{depths[0]} to {depths[-1]}"
                 if depths == list(range(depths[0], depths[-1] + 1)) else ", ".join(map(str, depths)))
         raise ReadaptError(f"--layers {','.join(map(str, missing))}: no such layer; this model's layers are {have}")
-    for e in entries:
-        if e.policy != "skip":
-            e.policy = policy.of(e.kind)
+    policy.apply(entries, adapter=False)
     spectra: dict[str, torch.Tensor] = {}
     with progress(sum(ckpt.infos[e.name].end - ckpt.infos[e.name].start for e in entries if e.policy != "skip"),
                   "spectrum") as bar:
@@ -692,11 +740,12 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
             e.energy = energy_of(D)
             if e.policy == "dense":
                 e.kept, e.rank = e.energy, -1
+                e.rows = int(D.ne(0).any(dim=1).sum()) if e.tied else 0  # as extract carries it
             else:
                 D = D.to(dev)
                 X = D if D.shape[0] <= D.shape[1] else D.T
                 S = (torch.linalg.svdvals(X) if svd == "exact"
-                     else torch.linalg.eigvalsh(X @ X.T).flip(0).clamp_min(0).sqrt()).cpu()
+                     else gram_eig(X @ X.T, vectors=False).clamp_min(0).sqrt()).cpu()
                 spectra[e.name] = S
                 e.rank = rank_at(S, tau)
                 e.kept = float(S[:e.rank].double().square().sum())

@@ -31,7 +31,8 @@ from readapt.adapters import PeftAdapter, is_peft_folder
 from readapt import checkpoint
 from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, copy_side_files, float32_view,
                                 is_finite, output_folder, parse_dtype, progress, resolve_model, write_tensors)
-from readapt.delta import CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, open_model, shared_tensors
+from readapt.delta import (CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, open_model, precision,
+                           shared_tensors)
 from readapt.errors import ReadaptError
 
 
@@ -110,6 +111,7 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
         check_configs(base, addend.config, f"the base the delta {spec} was made from")
     elif is_peft_folder(path):
         addend = PeftAdapter(path, label=str(spec), allow_pickle=allow_pickle)
+        addend.drop_tied_copies(base.infos)  # PEFT's ensure_weight_tying copy: the embedding's own delta
     elif (path / "config.json").is_file():
         other = Checkpoint.open(path, allow_pickle)
         check_configs(base, other.config, str(spec))
@@ -184,18 +186,28 @@ def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, floa
     """Ω[name] block by block for addends stored elementwise (delta folders: Ψ = D; checkpoints:
     Ψ = Φ′ − Φ): `_apply`'s operations in the same order on BLOCK-element float32 blocks read side by
     side from the base's and the addends' files. Memory: one block of each input, reused, whatever
-    the tensor's size. Each output block is finite-checked while it is in cache."""
+    the tensor's size. Each output block is finite-checked while it is in cache. A single delta folder's
+    recorded exceptions (`DeltaFolder.exact`: Φ + Δ ≠ Θ there) are blended as lerp(Φ, Θ, s) instead."""
     out_dtype = dtype or base.dtype(name)
     sources = [base.stored(name)] + [a.stored(name) for a, _ in terms]
     n = min(math.prod(base.shape(name)), checkpoint.BLOCK)
     bufs = [torch.empty(n) if s.dtype != torch.float32 else None for s in sources]  # float32 work buffers
     out = torch.empty(n, dtype=out_dtype) if out_dtype != torch.float32 else None
     scales = [(s, hasattr(a, "target")) for a, s in terms]  # target: the addend stores Φ′, else Ψ
+    fix = terms[0][0].exact(name) if len(terms) == 1 and hasattr(terms[0][0], "exact") else None
+    start = 0
     for blocks in aligned_blocks(*sources):
         W, *xs = [float32_view(b, buf) for b, buf in zip(blocks, bufs)]
         if len(xs) == 1:
             (s, is_target), x = scales[0], xs[0]
+            if fix is not None:  # Θ at these elements at s=1, else Φ + s·(Θ − Φ) as lerp (Φ at s=0)
+                sel = (fix[0] >= start) & (fix[0] < start + W.numel())
+                at, theta = fix[0][sel] - start, fix[1][sel]
+                phi = W[at]
+            start += W.numel()
             W = W.lerp_(x, s) if is_target else W.add_(x, alpha=s)
+            if fix is not None and len(at):
+                W[at] = theta if s == 1 else phi.lerp_(theta, s)  # (lerp at 1 turns Θ = -0.0 into +0.0)
         else:
             acc = None
             for (s, is_target), d in zip(scales, xs):
@@ -251,6 +263,8 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
     if not addends:
         raise ReadaptError("nothing to merge: give at least one adapter with its scale")
     out_dtype = parse_dtype(dtype)
+    if out_dtype is None:
+        _warn_rounding(b, addends)
     plan = [(n, (out_dtype or b.dtype(n)) if b.dtype(n).is_floating_point else b.dtype(n), b.shape(n))
             for n in b.names]
     inputs = [b.path] + [a.path for a, _ in addends]
@@ -276,6 +290,27 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     return Path(out)
+
+
+def _warn_rounding(base: Checkpoint, addends: Sequence[tuple[Addend, float]]) -> None:
+    """Warn when the output (the base's dtype) holds fewer significand bits than an addend carries: a delta
+    extracted from a tuned model stored in a finer dtype (its manifest), or such a checkpoint itself."""
+    narrowest = min((base.dtype(n) for n in base.names if base.dtype(n).is_floating_point), key=precision,
+                    default=None)
+    for a, _ in addends:
+        if a.kind == "delta":
+            carried = [getattr(torch, d, None) for d in (a.manifest.get("tuned") or {}).get("dtypes", [])]
+        elif a.kind == "checkpoint":
+            carried = [a.ckpt.dtype(n) for n in a.ckpt.names]
+        else:
+            continue  # a PEFT adapter's factor dtype says nothing about the model it stands for
+        finest = max((d for d in carried if isinstance(d, torch.dtype) and d.is_floating_point), key=precision,
+                     default=None)
+        if narrowest is not None and finest is not None and precision(finest) > precision(narrowest):
+            name = str(finest).removeprefix("torch.")
+            warnings.warn(f"{a.label} carries {name} weights but the merged model is written in the base's "
+                          f"{str(narrowest).removeprefix('torch.')}, which rounds them; pass --dtype {name} "
+                          f"(dtype='{name}') to keep them", stacklevel=3)
 
 
 def _card(base, addends, dtype) -> str:
