@@ -12,7 +12,7 @@ import signal
 import sys
 import warnings
 
-from readapt import __version__
+from readapt._version import __version__
 from readapt.errors import ReadaptError
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from readapt import __version__
+from readapt._version import __version__
 from readapt import checkpoint
 from readapt.adapters import is_peft_folder
 from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, compare_configs, float32_view,

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from readapt import __version__
+from readapt._version import __version__
 from readapt.checkpoint import Checkpoint, output_folder, parse_dtype, progress, write_file
 from readapt.errors import ReadaptError
 

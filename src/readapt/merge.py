@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from readapt import __version__
+from readapt._version import __version__
 from readapt.adapters import PeftAdapter, is_peft_folder
 from readapt import checkpoint
 from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, copy_side_files, float32_view,

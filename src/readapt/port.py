@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from readapt import __version__
+from readapt._version import __version__
 from readapt.adapters import PREFIX, PeftAdapter, is_peft_folder
 from readapt import checkpoint
 from readapt.checkpoint import (Checkpoint, TensorInfo, aligned_blocks, compare_configs, is_finite, output_folder,
