@@ -42,13 +42,12 @@ def ensure_pair(work: Path) -> tuple[Path, Path]:
 
 
 def matrices(base: Path, inst: Path):
-    from readapt.checkpoint import Checkpoint
-    from readapt.lowrank import difference
+    from readapt.checkpoint import Checkpoint, Pair
 
-    b, t = Checkpoint.open(base), Checkpoint.open(inst)
-    for n in b.names:
-        if len(b.shape(n)) == 2:
-            yield n, difference(t, b, n)
+    pair = Pair(Checkpoint.open(base), Checkpoint.open(inst))
+    for n in pair.names:
+        if len(pair.base.shape(n)) == 2:
+            yield n, pair.delta(n)
 
 
 def bench_svd(work: Path, rank: int, tau: float, layers: int | None = None) -> dict:
@@ -129,17 +128,17 @@ def timed(cmd: list[str], log: Path) -> dict:
 def adapter_error(base: Path, inst: Path, adapter: Path) -> dict:
     """‖Δ − Ψ‖/‖Δ‖ over the decoder linear weights, and whether every one of them got a low-rank term."""
     from readapt.adapters import PeftAdapter
-    from readapt.checkpoint import Checkpoint
-    from readapt.lowrank import difference
+    from readapt.checkpoint import Checkpoint, Pair
 
-    b, t = Checkpoint.open(base), Checkpoint.open(inst)
+    pair = Pair(Checkpoint.open(base), Checkpoint.open(inst))
+    b = pair.base
     ad = PeftAdapter(adapter)
     err2 = en2 = 0.0
     covered = total = 0
     for n in b.names:
         if ".layers." not in n or len(b.shape(n)) != 2:
             continue
-        D = difference(t, b, n)
+        D = pair.delta(n)
         psi = ad.delta(n, b.read(n).float())
         total += 1
         covered += psi is not None

@@ -452,9 +452,7 @@ def test_tiny_model_logits_after_merge(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, dtype):
     """Extract and delta/checkpoint merges run in float32 blocks; block size must not change a single bit."""
-    import importlib
-
-    ck = importlib.import_module("readapt.checkpoint")
+    import readapt.checkpoint.reader as ck
 
     base = save_tiny(tmp_path / "base", "qwen2", dtype=dtype)
     inst = perturb(base, tmp_path / "inst", scale=0.05)
@@ -480,11 +478,10 @@ def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, 
 def test_untouched_tensors_are_copied_in_blocks(tmp_path, monkeypatch):
     """A LoRA touching two modules: every other tensor is copied byte for byte, block by block, and a
     NaN found in a copied base tensor is still refused."""
-    import importlib
-
     from safetensors.torch import load_file, save_file
 
-    ck = importlib.import_module("readapt.checkpoint")
+    import readapt.checkpoint.reader as ck
+
     monkeypatch.setattr(ck, "COPY_BLOCK", 24)
     base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
     got = read_all(readapt.merge(base, tmp_path / "out", [(adapter, 1.0)]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
@@ -11,6 +10,7 @@ import pytest
 import torch
 from tiny import VOCAB, config_of, perturb, read_all, save_tiny
 
+import readapt.checkpoint.reader as reader
 from readapt.cli import main
 from readapt.delta import extract
 from readapt.errors import ReadaptError
@@ -116,7 +116,7 @@ def test_merged_port_is_new_base_plus_sBA_exactly_and_equals_peft(versions, tmp_
 def test_drift_statistics_match_a_direct_computation(versions, chunk, monkeypatch):
     """Patched tensors are compared whole, unpatched ones in blocks read from disk: both give the direct
     float64 computation (chunk=7 runs every tensor through several partial blocks)."""
-    monkeypatch.setattr(importlib.import_module("readapt.checkpoint"), "BLOCK", chunk)
+    monkeypatch.setattr(reader, "BLOCK", chunk)
     v1, v2, ad = versions
     report = port(ad, v2, None, from_=v1)  # report only
     W1, W2, F = read_all(v1), read_all(v2), factors(ad)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from readapt.checkpoint import Checkpoint, write_file
+from readapt.checkpoint import Checkpoint, ReadOptions, write_file
 from readapt.errors import ReadaptError
 
 PREFIX = "base_model.model."
@@ -57,10 +57,6 @@ class _Module:
 
     name: str
     parts: dict[str, str] = field(default_factory=dict)
-
-
-def is_peft_folder(path: Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
 
 
 def read_adapter_config(file: Path) -> dict:
@@ -89,7 +85,7 @@ class PeftAdapter:
 
     kind = "peft-lora"
 
-    def __init__(self, folder: str | Path, label: str | None = None, allow_pickle: bool = False):
+    def __init__(self, folder: str | Path, label: str | None = None, read: ReadOptions | None = None):
         self.path = Path(folder)
         self.label = label or str(folder)
         cfg_file = self.path / "adapter_config.json"
@@ -98,7 +94,7 @@ class PeftAdapter:
             raise ReadaptError(f"{cfg_file}: peft_type {self.config.get('peft_type')!r} is not supported "
                                f"(readapt reads LoRA and DoRA adapters)")
         self.dora = bool(self.config.get("use_dora"))
-        self.ckpt = Checkpoint.open(self.path, allow_pickle)  # adapter_model.safetensors (or .bin, if allowed)
+        self.ckpt = Checkpoint.open(self.path, read)  # adapter_model.safetensors (or .bin, if allowed)
         self.modules: dict[str, _Module] = {}  # base tensor name -> pieces
         for key in self.ckpt.names:
             rest = key[len(PREFIX):] if key.startswith(PREFIX) else key

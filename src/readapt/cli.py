@@ -55,7 +55,7 @@ def _size(text: str) -> int:
 
 def _device(text: str) -> str:
     """--device: one torch can use here (checked before any model is loaded)."""
-    from readapt.checkpoint import parse_device
+    from readapt.numerics import parse_device
 
     try:
         parse_device(text)
@@ -66,7 +66,7 @@ def _device(text: str) -> str:
 
 def _dtype(text: str) -> str:
     """--dtype: one readapt computes in and writes (float8 variants are refused with the allowed ones)."""
-    from readapt.checkpoint import parse_dtype
+    from readapt.numerics import parse_dtype
 
     try:
         parse_dtype(text)

@@ -228,14 +228,6 @@ def build_prompts(tokenizer, questions: list[dict], contexts: list[str | None],
 # --- model and generation ------------------------------------------------------------------------------
 
 
-def _device(device: str | None) -> str:
-    import torch
-
-    from readapt.checkpoint import parse_device
-
-    return str(parse_device(device, "cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | None = None,
                tokenizer: str | None = None, device: str | None = None):
     """(model, tokenizer) on `device`: MODEL + sum(scale_i * adapter_i) built in memory by
@@ -251,6 +243,7 @@ def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | 
     from transformers import AutoTokenizer
 
     from readapt.merge import load_merged
+    from readapt.numerics import parse_device
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no tokenizer in")
@@ -264,8 +257,8 @@ def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | 
                 f"no usable tokenizer in {source!r} ({type(err).__name__}); pass --tokenizer FOLDER_OR_ID "
                 "(e.g. the model it was fine-tuned from)"
             ) from None
-    device = _device(device)
-    if dtype is None and device == "cpu" and net.dtype in (torch.bfloat16, torch.float16):
+    device = parse_device(device, "auto")
+    if dtype is None and device.type == "cpu" and net.dtype in (torch.bfloat16, torch.float16):
         net = net.float()  # exact upcast of the stored weights; float32 arithmetic
     return net.to(device).eval(), tok
 
@@ -532,8 +525,9 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
     The model is built once; each cell rewrites its parameters with readapt.merge.copy_merged (base and
     adapters re-read, only the tensors the adapters touch, one at a time: exact, and the memory of one model).
     """
-    from readapt.checkpoint import Checkpoint, output_folder, parse_dtype
+    from readapt.checkpoint import Checkpoint, output_folder
     from readapt.merge import copy_merged, open_addend
+    from readapt.numerics import parse_dtype
 
     names = check_metrics(metrics)
     check_metrics([select])

@@ -67,8 +67,10 @@ from pathlib import Path
 import torch
 
 from readapt._version import __version__
-from readapt.checkpoint import Checkpoint, output_folder, parse_dtype, progress, write_file
+from readapt.checkpoint import (Checkpoint, Pair, ReadOptions, is_delta_folder, output_folder, progress, recorded_name,
+                                write_file)
 from readapt.errors import ReadaptError
+from readapt.numerics import is_finite, parse_device, parse_dtype
 
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
 EMBEDDING_POLICIES = ("lowrank", "dense", "skip")
@@ -112,11 +114,6 @@ def rank_at(sigma: torch.Tensor, tau: float) -> int:
 def energy_of(d: torch.Tensor, block: int = 1 << 22) -> float:
     """‖d‖_F² accumulated in float64, in blocks (no full-size float64 copy)."""
     return sum(float(c.double().square().sum()) for c in d.reshape(-1).split(block))
-
-
-def all_finite(d: torch.Tensor, block: int = 1 << 22) -> bool:
-    """No NaN/Inf in d (checked in blocks: no full-size boolean mask)."""
-    return all(bool(torch.isfinite(c).all()) for c in d.reshape(-1).split(block))
 
 
 def numerical_rank(sigma: torch.Tensor, shape: Sequence[int]) -> int:
@@ -356,12 +353,6 @@ class Policy:
                     f"rows as PEFT trainable tokens, tied to lm_head) or --embeddings skip")
 
 
-def _device(device: str | None) -> torch.device:
-    from readapt.checkpoint import parse_device
-
-    return parse_device(device)
-
-
 def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of: Callable[[str], torch.Tensor],
          nbytes: Callable[[str], int], out: Path, *, tau, rank, svd, device, factor_dtype, base_model,
          provenance: dict, overwrite: bool, inputs: Sequence[Path], verify: bool, config: dict) -> dict:
@@ -372,7 +363,7 @@ def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of
     """
     from readapt.adapters import PREFIX, save_lora
 
-    dev = _device(device)
+    dev = parse_device(device)
     embeddings: set[str] = set()  # modules written as lora_embedding_A/B
     clamped: list[str] = []
     dense: list[Entry] = []  # 'dense' tensors whose delta is nonzero
@@ -384,7 +375,7 @@ def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of
         with progress(sum(nbytes(e.name) for e in todo), "lowrank") as bar:
             for e in todo:
                 d = delta_of(e.name)  # float32 Δ, one tensor in memory
-                if not all_finite(d):
+                if not is_finite(d):
                     raise ReadaptError(f"tensor {e.name!r} has NaN/Inf values in the delta (they come from the "
                                        f"inputs); nothing was written")
                 bar.update(nbytes(e.name))
@@ -459,27 +450,24 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
                     tau: float | None = None, rank: int | None = None, svd: str = "auto",
                     device: str | None = None, policy: Policy | None = None, dtype: str | None = None,
                     skip_missing: bool = False, overwrite: bool = False, allow_pickle: bool = False,
-                    verify: bool = True) -> dict:
+                    verify: bool = True, read: ReadOptions | None = None) -> dict:
     """LoRE-Adapter of TUNED − BASE in one streaming pass (no delta written): a PEFT LoRA at `out`.
 
     Per 2-D weight Δ = U S Vᵀ, keep k(τ) = min{k : Σ_{i≤k}σᵢ²/Σσⱼ² ≥ τ} (or k = rank) directions:
     B = U_k S_k, A = V_kᵀ, saved with scale 1. One base/tuned tensor pair in memory at a time.
     Returns the report (also written to `out/lore_report.json`).
     """
-    from readapt.delta import EXTRACT_FIX, check_configs, open_model, recorded_name, shared_tensors
-
     check_rule(tau, rank)
     policy = policy or Policy()
     policy.check()
-    b, t = open_model(base, allow_pickle, fix=EXTRACT_FIX), open_model(tuned, allow_pickle, fix=EXTRACT_FIX)
-    check_configs(b, t.config, "the tuned model")
-    names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
+    pair = Pair.open(base, tuned, ReadOptions.of(read, allow_pickle), skip_missing=skip_missing)
+    b, t = pair.base, pair.tuned
     config = _need_config(b.config, b.path)
-    entries = classify(config, names, b.shape, lambda n: b.dtype(n).is_floating_point and t.dtype(n).is_floating_point)
+    entries = classify(config, pair.names, b.shape, pair.floating)
     policy.apply(entries)
-    provenance = {"base": recorded_name(base), "tuned": recorded_name(tuned), "skipped_missing": skipped}
+    provenance = {"base": recorded_name(base), "tuned": recorded_name(tuned), "skipped_missing": pair.skipped}
 
-    return _run(entries, lambda n: difference(t, b, n), t.read, lambda n: b.infos[n].end - b.infos[n].start, Path(out), tau=tau,
+    return _run(entries, pair.delta, t.read, lambda n: b.infos[n].end - b.infos[n].start, Path(out), tau=tau,
                 rank=rank, svd=svd, device=device, factor_dtype=parse_dtype(dtype) or torch.float32,
                 base_model=recorded_name(base), provenance=provenance, overwrite=overwrite, inputs=[b.path, t.path],
                 verify=verify, config=config)
@@ -488,13 +476,13 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
 def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float | None = None,
              rank: int | None = None, svd: str = "auto", device: str | None = None, policy: Policy | None = None,
              base: str | os.PathLike | None = None, dtype: str | None = None, overwrite: bool = False,
-             verify: bool = True) -> dict:
+             verify: bool = True, allow_pickle: bool = False, read: ReadOptions | None = None) -> dict:
     """LoRE-Adapter of a delta folder (readapt extract): a PEFT LoRA at `out` (same rule as extract_lowrank).
 
     Dense tensors (norms, biases, dense embeddings) are saved as tuned = base + Δ, so they need the base:
     `base`, else the base recorded in the delta's manifest; with --norms skip --biases skip none is needed.
     """
-    from readapt.delta import DeltaFolder, is_delta_folder, recorded_name
+    from readapt.delta import DeltaFolder
 
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -514,7 +502,7 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
             raise ReadaptError(f"norms/biases/dense embeddings are saved as tuned values (PEFT modules_to_save), "
                                f"which needs the base checkpoint; the one in {d.path}'s manifest ({spec}) is gone. "
                                f"Pass --base BASE, or --norms skip --biases skip (and no dense embeddings)")
-        b = Checkpoint.open(spec)
+        b = Checkpoint.open(spec, ReadOptions.of(read, allow_pickle))
         inputs.append(b.path)
 
     def tuned_of(n):
@@ -528,25 +516,6 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
                 overwrite=overwrite, inputs=inputs,
                 provenance={"delta": recorded_name(delta_dir), "base_for_dense": str(b.path.absolute()) if b else None},
                 verify=verify, config=config)
-
-
-def difference(tuned: Checkpoint, base: Checkpoint, name: str, block_bytes: int = 1 << 24) -> torch.Tensor:
-    """Δ = Θ − Φ in float32, with Φ read in blocks of rows (peak: Δ plus one block, not two full tensors)."""
-    D = tuned.read(name).float()
-    info = base.infos[name]
-    if base.pickled or D.dim() < 2 or info.end - info.start <= block_bytes:
-        return D.sub_(base.read(name).float())
-    row_bytes = (info.end - info.start) // info.shape[0]
-    rows = max(1, block_bytes // row_bytes)
-    with open(info.file, "rb") as f:
-        for r0 in range(0, info.shape[0], rows):
-            r1 = min(r0 + rows, info.shape[0])
-            buf = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
-            f.seek(info.start + r0 * row_bytes)
-            if f.readinto(buf.numpy()) != buf.numel():
-                raise ReadaptError(f"{info.file} was truncated while reading tensor {name!r}")
-            D[r0:r1].sub_(buf.view(info.dtype).view(r1 - r0, *info.shape[1:]).float())
-    return D
 
 
 def _need_config(config: dict | None, where: Path) -> dict:
@@ -569,7 +538,7 @@ def verify_peft(folder: Path, config: dict) -> None:
 
     cfg = LoraConfig.from_pretrained(str(folder))
     model = meta_model(config)
-    written = Checkpoint.open(folder, allow_pickle=False)
+    written = Checkpoint.open(folder)
     sd = {n: torch.empty(written.shape(n), dtype=written.dtype(n), device="meta") for n in written.names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -684,7 +653,7 @@ Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)`, or merge wi
 def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: str | os.PathLike, *,
              tau: float = 0.5, svd: str = "gram", device: str | None = None, policy: Policy | None = None,
              layers: Sequence[int] | None = None, skip_missing: bool = False, overwrite: bool = False,
-             allow_pickle: bool = False) -> dict:
+             allow_pickle: bool = False, read: ReadOptions | None = None) -> dict:
     """Singular-value spectrum of every 2-D delta tensor (delta folder, or TUNED − BASE) → report at `out`:
 
     spectrum.json (per tensor: shape, ‖Δ‖², k(τ), v_k, parameters kept k·(m+n); whole model at each τ of
@@ -692,8 +661,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
     the paper's Figure 2), figure3.png (share of the delta's parameters kept against τ, Figure 3).
     Returns the report; `summary(report)` is the terminal view.
     """
-    from readapt.delta import (EXTRACT_FIX, DeltaFolder, check_configs, is_delta_folder, open_model, recorded_name,
-                               shared_tensors)
+    from readapt.delta import DeltaFolder
 
     if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
         raise ReadaptError(f"--tau {tau!r} is outside (0, 1]")
@@ -702,7 +670,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
     svd = "gram" if svd == "auto" else svd
     policy = policy or Policy()
     policy.check()
-    dev = _device(device)
+    dev = parse_device(device)
     if tuned is None:
         if not is_delta_folder(Path(source)):
             raise ReadaptError(f"{source} is not a delta folder: give a delta folder, or BASE and TUNED")
@@ -713,12 +681,10 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
         delta_of = lambda n: ckpt.read(n).float()  # noqa: E731
         provenance = {"delta": recorded_name(source)}
     else:
-        b, t = open_model(source, allow_pickle, fix=EXTRACT_FIX), open_model(tuned, allow_pickle, fix=EXTRACT_FIX)
-        check_configs(b, t.config, "the tuned model")
-        names, _ = shared_tensors(b, t, "the tuned model", skip_missing)
-        config, ckpt, inputs = _need_config(b.config, b.path), b, [b.path, t.path]
-        floats = lambda n: b.dtype(n).is_floating_point and t.dtype(n).is_floating_point  # noqa: E731
-        delta_of = lambda n: difference(t, b, n)  # noqa: E731
+        pair = Pair.open(source, tuned, ReadOptions.of(read, allow_pickle), skip_missing=skip_missing)
+        b, names = pair.base, pair.names
+        config, ckpt, inputs = _need_config(b.config, b.path), b, [b.path, pair.tuned.path]
+        floats, delta_of = pair.floating, pair.delta
         provenance = {"base": recorded_name(source), "tuned": recorded_name(tuned)}
     entries = classify(config, names, ckpt.shape, floats)
     depths = sorted({ly for e in entries if (ly := _layer_of(e.name)) is not None})
@@ -735,7 +701,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
             if e.policy == "skip":
                 continue
             D = delta_of(e.name)
-            if not all_finite(D):
+            if not is_finite(D):
                 raise ReadaptError(f"tensor {e.name!r} has NaN/Inf values in the delta (in the inputs)")
             e.energy = energy_of(D)
             if e.policy == "dense":

@@ -27,13 +27,13 @@ from typing import Protocol
 import torch
 
 from readapt._version import __version__
-from readapt.adapters import PeftAdapter, is_peft_folder
-from readapt import checkpoint
-from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, copy_side_files, float32_view,
-                                is_finite, output_folder, parse_dtype, progress, resolve_model, write_tensors)
-from readapt.delta import (CheckpointDifference, DeltaFolder, check_configs, is_delta_folder, open_model, precision,
-                           shared_tensors)
+from readapt.adapters import PeftAdapter
+from readapt.checkpoint import (Blocks, Checkpoint, Pair, ReadOptions, TensorInfo, aligned_blocks, check_configs,
+                                copy_side_files, float32_view, is_delta_folder, is_peft_folder, open_model,
+                                output_folder, progress, read_config, reader, resolve_model, write_tensors)
+from readapt.delta import CheckpointDifference, DeltaFolder
 from readapt.errors import ReadaptError
+from readapt.numerics import is_finite, parse_dtype, precision
 
 
 class Addend(Protocol):
@@ -87,7 +87,7 @@ def _check_origin(addend, base: Checkpoint, spec) -> None:
         origin = resolve_model(recorded)
     except ReadaptError:
         return  # not available here: nothing to compare
-    other = checkpoint.read_config(origin) or {}
+    other = read_config(origin) or {}
     if other.get("model_type") and base.config and other["model_type"] != base.config.get("model_type"):
         raise ReadaptError(f"{spec} was made on {recorded}, a {other['model_type']!r} model, but the base is a "
                            f"{base.config.get('model_type')!r} model: it was made for another architecture")
@@ -98,7 +98,7 @@ def _check_origin(addend, base: Checkpoint, spec) -> None:
 
 
 def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool = False,
-                allow_pickle: bool = False) -> Addend:
+                read: ReadOptions | None = None) -> Addend:
     """Open `spec` as a delta folder, PEFT adapter or full checkpoint and check it fits `base`.
 
     Checks: every tensor it touches exists in the base with the shape it expects (else: made for a
@@ -110,13 +110,11 @@ def open_addend(spec: str | os.PathLike, base: Checkpoint, *, skip_missing: bool
         addend: Addend = DeltaFolder(path, label=str(spec))
         check_configs(base, addend.config, f"the base the delta {spec} was made from")
     elif is_peft_folder(path):
-        addend = PeftAdapter(path, label=str(spec), allow_pickle=allow_pickle)
+        addend = PeftAdapter(path, label=str(spec), read=read)
         addend.drop_tied_copies(base.infos)  # PEFT's ensure_weight_tying copy: the embedding's own delta
     elif (path / "config.json").is_file():
-        other = Checkpoint.open(path, allow_pickle)
-        check_configs(base, other.config, str(spec))
-        shared_tensors(base, other, str(spec), skip_missing)
-        addend = CheckpointDifference(other, label=str(spec))
+        pair = Pair(base, Checkpoint.open(path, read), label=str(spec), skip_missing=skip_missing)
+        addend = CheckpointDifference(pair.tuned, label=str(spec))
     else:
         raise ReadaptError(f"{spec} is not an adapter: expected a delta folder (readapt_delta.json), a PEFT "
                            f"adapter (adapter_config.json) or a model checkpoint (config.json)")
@@ -190,7 +188,7 @@ def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, floa
     recorded exceptions (`DeltaFolder.exact`: Φ + Δ ≠ Θ there) are blended as lerp(Φ, Θ, s) instead."""
     out_dtype = dtype or base.dtype(name)
     sources = [base.stored(name)] + [a.stored(name) for a, _ in terms]
-    n = min(math.prod(base.shape(name)), checkpoint.BLOCK)
+    n = min(math.prod(base.shape(name)), reader.BLOCK)
     bufs = [torch.empty(n) if s.dtype != torch.float32 else None for s in sources]  # float32 work buffers
     out = torch.empty(n, dtype=out_dtype) if out_dtype != torch.float32 else None
     scales = [(s, hasattr(a, "target")) for a, s in terms]  # target: the addend stores Φ′, else Ψ
@@ -239,10 +237,10 @@ def _apply(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]]) ->
     return W if acc is None else W.add_(acc)
 
 
-def _open_all(base_spec, adds, skip_missing, allow_pickle):
-    base = open_model(base_spec, allow_pickle, fix="pass the model it applies to as the base and this folder with --add")
+def _open_all(base_spec, adds, skip_missing, read: ReadOptions):
+    base = open_model(base_spec, read, fix="pass the model it applies to as the base and this folder with --add")
     addends = [(spec if not isinstance(spec, str) else
-                open_addend(spec, base, skip_missing=skip_missing, allow_pickle=allow_pickle), s)
+                open_addend(spec, base, skip_missing=skip_missing, read=read), s)
                for spec, s in _normalise(adds)]
     return base, addends
 
@@ -250,7 +248,7 @@ def _open_all(base_spec, adds, skip_missing, allow_pickle):
 def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec], *,
           dtype: str | torch.dtype | None = None, skip_missing: bool = False, overwrite: bool = False,
           max_shard_size: int | str = "5GB", allow_pickle: bool = False,
-          extra_files: dict[str, str] | None = None) -> Path:
+          extra_files: dict[str, str] | None = None, read: ReadOptions | None = None) -> Path:
     """Write Ω = Φ + Σᵢ sᵢ·Ψᵢ as a complete Hugging Face model folder at `out`.
 
     adds: [(adapter, scale), ...] or plain adapter paths (scale 1.0); any real scale, negative subtracts.
@@ -259,7 +257,7 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
     An entry of `adds` may be an already opened Addend (e.g. port's ported patch); `extra_files`
     ({name: text}) are written into the folder too (e.g. port_report.json).
     """
-    b, addends = _open_all(base, adds, skip_missing, allow_pickle)
+    b, addends = _open_all(base, adds, skip_missing, ReadOptions.of(read, allow_pickle))
     if not addends:
         raise ReadaptError("nothing to merge: give at least one adapter with its scale")
     out_dtype = parse_dtype(dtype)
@@ -360,14 +358,14 @@ def copy_merged(model, base: Checkpoint, addends: Sequence[tuple[Addend, float]]
 
 
 def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: str | torch.dtype | None = None,
-                *, skip_missing: bool = False, allow_pickle: bool = False):
+                *, skip_missing: bool = False, allow_pickle: bool = False, read: ReadOptions | None = None):
     """Build Ω = Φ + Σᵢ sᵢ·Ψᵢ in memory (no checkpoint written) -> (model in eval mode, tokenizer or None).
 
     Used by eval/sweep/demo. `dtype` defaults to the base checkpoint's dtype.
     """
     from transformers import AutoModelForCausalLM
 
-    b, addends = _open_all(base, adds, skip_missing, allow_pickle)
+    b, addends = _open_all(base, adds, skip_missing, ReadOptions.of(read, allow_pickle))
     out_dtype = parse_dtype(dtype)
     # transformers builds the module (buffers, tying, dtype) from the base; then each merged tensor is
     # copied over its parameter, one at a time

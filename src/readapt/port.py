@@ -50,12 +50,13 @@ from pathlib import Path
 import torch
 
 from readapt._version import __version__
-from readapt.adapters import PREFIX, PeftAdapter, is_peft_folder
-from readapt import checkpoint
-from readapt.checkpoint import (Checkpoint, TensorInfo, aligned_blocks, compare_configs, is_finite, output_folder,
-                                progress, resolve_model, write_file, write_tensors)
-from readapt.delta import MANIFEST, DeltaFolder, is_delta_folder
+from readapt.adapters import PREFIX, PeftAdapter
+from readapt.checkpoint import (Checkpoint, ReadOptions, TensorInfo, check_output, compare_configs, difference_blocks,
+                                is_delta_folder, is_peft_folder, open_model, output_folder, progress, reader,
+                                resolve_model, write_file, write_tensors)
+from readapt.delta import MANIFEST, DeltaFolder
 from readapt.errors import ReadaptError
+from readapt.numerics import is_finite
 from readapt.vocab import Tokens, comparable, match
 
 REPORT = "port_report.json"
@@ -274,21 +275,17 @@ def _config_warnings(old_cfg: dict | None, new_cfg: dict | None) -> list[str]:
             for e in errors] + warns
 
 
-def _open_old(spec, source: str, allow_pickle: bool) -> tuple[Checkpoint | None, str]:
+def _open_old(spec, source: str, read: ReadOptions) -> tuple[Checkpoint | None, str]:
     try:
-        return Checkpoint.open(spec, allow_pickle), source
+        return Checkpoint.open(spec, read), source
     except ReadaptError as err:
         return None, f"{spec} recorded in the patch could not be opened ({err})"
 
 
-def _open_model(spec, flag: str, allow_pickle: bool) -> Checkpoint:
+def _open_model(spec, flag: str, read: ReadOptions) -> Checkpoint:
     """The checkpoint `spec` given with `flag`: errors name the flag; adapters and deltas are refused."""
     try:
-        path = resolve_model(spec)
-        if is_peft_folder(path) or is_delta_folder(path):
-            what = "a PEFT adapter" if is_peft_folder(path) else "a delta folder"
-            raise ReadaptError(f"{spec} is {what}, not a model: pass the model folder (or model id) of that version")
-        return Checkpoint.open(path, allow_pickle)
+        return open_model(spec, read, fix="pass the model folder (or model id) of that version")
     except ReadaptError as err:
         raise ReadaptError(f"{flag} {spec}: {err}") from None
 
@@ -312,7 +309,7 @@ def _same_folder(a: Path, b: Path) -> bool:
 def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike | None, *,
          from_: str | os.PathLike | None = None, merge: bool = False, strict: bool = False,
          overwrite: bool = False, dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
-         allow_pickle: bool = False) -> dict:
+         allow_pickle: bool = False, read: ReadOptions | None = None) -> dict:
     """Carry `patch` (a PEFT LoRA/DoRA adapter or a delta folder made on an old version) to the new base `to`.
 
     Writes at `out`: θ′ + P as a complete model folder (merge=True, the folder `readapt merge` writes), or
@@ -325,19 +322,20 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     """
     if dtype is not None and not merge:
         raise ReadaptError("--dtype (dtype=) applies only with --merge: a retargeted patch keeps its own dtype")
-    new = _open_model(to, "--to", allow_pickle)
+    read = ReadOptions.of(read, allow_pickle)
+    new = _open_model(to, "--to", read)
     new_cfg = new.config or {}
     try:
         patch_path = resolve_model(patch)
     except ReadaptError as err:
         raise ReadaptError(f"PATCH {patch}: {err}") from None
-    old, old_source = (_open_model(from_, "--from", allow_pickle), "--from") if from_ is not None else (None, "")
+    old, old_source = (_open_model(from_, "--from", read), "--from") if from_ is not None else (None, "")
     if is_peft_folder(patch_path):
-        src = PeftAdapter(patch_path, label=str(patch), allow_pickle=allow_pickle)
+        src = PeftAdapter(patch_path, label=str(patch), read=read)
         recorded = _recorded_base(src)
         if old is None and recorded:
             old, old_source = _open_old(recorded, f"base_model_name_or_path in {patch_path / 'adapter_config.json'}",
-                                        allow_pickle)
+                                        read)
         targets = src.targets()
         old_cfg = old.config if old is not None else None
         old_class = (src.config.get("auto_mapping") or {}).get("base_model_class")
@@ -346,7 +344,7 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
         src = DeltaFolder(patch_path, label=str(patch))
         recorded = _recorded_base(src)
         if old is None and recorded:
-            old, old_source = _open_old(recorded, f"the base recorded in {patch_path / MANIFEST}", allow_pickle)
+            old, old_source = _open_old(recorded, f"the base recorded in {patch_path / MANIFEST}", read)
         targets = src.targets()
         old_cfg = old.config if old is not None else src.config
         old_class, kind = None, "delta"
@@ -356,13 +354,7 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
                            f"first: readapt extract OLD_BASE TUNED -o DELTA")
 
     if out is not None:  # before any long work: the checks output_folder makes again at the end
-        o = Path(out).expanduser().resolve()
-        for i in [patch_path, new.path] + ([old.path] if old else []):
-            i = i.resolve()
-            if o == i or i in o.parents or o in i.parents:
-                raise ReadaptError(f"output folder {o} overlaps the input {i}; choose another -o")
-        if o.exists() and not overwrite:
-            raise ReadaptError(f"output folder {o} already exists; pass --overwrite (overwrite=True) to replace it")
+        check_output(out, overwrite, inputs=[patch_path, new.path] + ([old.path] if old else []))
 
     # -- architecture ------------------------------------------------------------------------------------
     old_type, new_type = (old_cfg or {}).get("model_type"), new_cfg.get("model_type")
@@ -482,7 +474,7 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
             from readapt.merge import merge as merge_fn
 
             merge_fn(to, out, [(ported, 1.0)], dtype=dtype, overwrite=overwrite,
-                     max_shard_size=max_shard_size, allow_pickle=allow_pickle, extra_files={REPORT: text})
+                     max_shard_size=max_shard_size, read=read, extra_files={REPORT: text})
             return report
         with output_folder(out, overwrite, inputs=[patch_path, new.path] + ([old.path] if old else [])) as dst:
             if kind == "delta":
@@ -636,12 +628,12 @@ class _Dots:
     float64 copy of a whole tensor, and no fresh allocation per chunk)."""
 
     def __init__(self):
-        n = checkpoint.BLOCK
+        n = reader.BLOCK
         self.x, self.y = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> float:
         total, same = 0.0, a.data_ptr() == b.data_ptr() and a.dtype == b.dtype  # ‖a‖²: widen once
-        for u, v in zip(a.reshape(-1).split(checkpoint.BLOCK), b.reshape(-1).split(checkpoint.BLOCK)):
+        for u, v in zip(a.reshape(-1).split(reader.BLOCK), b.reshape(-1).split(reader.BLOCK)):
             x = self.x[: u.numel()].copy_(u)
             total += float(x.dot(x if same else self.y[: v.numel()].copy_(v)))
         return total
@@ -652,12 +644,10 @@ class _Dots:
         in BLOCK-element blocks, never loaded whole) or tensors, P the patch on it (0 if None): the same
         float32 difference and float64 sums as the whole-tensor path."""
         d2 = w2 = p2 = pd = 0.0
-        diff = torch.empty(checkpoint.BLOCK)
-        ps = P.reshape(-1).split(checkpoint.BLOCK) if P is not None else itertools.repeat(None)
-        for (a, b), p in zip(aligned_blocks(new, old), ps):
-            d = diff[: a.numel()].copy_(a).sub_(b)  # θ′ − θ in float32
+        ps = P.reshape(-1).split(reader.BLOCK) if P is not None else itertools.repeat(None)
+        for (_, theta, d), p in zip(difference_blocks(new, old), ps):  # θ′ − θ in float32
             d2 += self(d, d)
-            w2 += self(b, b)
+            w2 += self(theta, theta)
             if p is not None:
                 p2 += self(p, p)
                 pd += self(p, d)

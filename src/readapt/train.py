@@ -419,7 +419,8 @@ def train(
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from readapt.checkpoint import is_finite, output_folder, resolve_model
+    from readapt.checkpoint import output_folder, resolve_model
+    from readapt.numerics import is_finite
 
     # ---- check everything cheap before loading anything heavy
     files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
