@@ -12,7 +12,7 @@ mergekit: side by side, each as its own process under `/usr/bin/time -v` (wall t
 `readapt extract BASE INSTRUCT -o OUT --rank 32` (defaults: embeddings and lm_head low rank), and
 `... --embeddings dense --lm-head dense` (what mergekit writes for them: full copies). Error: the relative
 Frobenius error ‖Δ − Ψ‖/‖Δ‖ over the decoder's linear weights (low rank in all three), with Ψ read from
-each adapter folder by readapt.adapters.PeftAdapter (which honours rank_pattern/alpha_pattern).
+each adapter folder by readapt.addends.LoraAdapter (which honours rank_pattern/alpha_pattern).
 Prints a table and writes DIR/bench_lowrank_<part>.json.
 """
 
@@ -127,12 +127,12 @@ def timed(cmd: list[str], log: Path) -> dict:
 
 def adapter_error(base: Path, inst: Path, adapter: Path) -> dict:
     """‖Δ − Ψ‖/‖Δ‖ over the decoder linear weights, and whether every one of them got a low-rank term."""
-    from readapt.adapters import PeftAdapter
+    from readapt.addends import LoraAdapter
     from readapt.checkpoint import Checkpoint, Pair
 
     pair = Pair(Checkpoint.open(base), Checkpoint.open(inst))
     b = pair.base
-    ad = PeftAdapter(adapter)
+    ad = LoraAdapter(adapter)
     err2 = en2 = 0.0
     covered = total = 0
     for n in b.names:

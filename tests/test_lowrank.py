@@ -161,7 +161,7 @@ def test_peft_merge_and_unload_reproduces_base_plus_BA_exactly(pair):
 
 
 def test_readapt_merge_applies_the_adapter_like_peft(pair):
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     root, base, tuned = pair
     out = root / "lore_rank"
@@ -193,7 +193,7 @@ def test_qwen2_bias_deltas_are_carried_so_peft_applies_them(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, before, atol=1e-5, rtol=0)
     # readapt merge reads the same file and applies the biases too
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     merge(base, tmp_path / "m", [(out, 1.0)])
     assert torch.equal(read_all(tmp_path / "m")["model.layers.0.self_attn.q_proj.bias"],
@@ -236,7 +236,7 @@ def test_tied_adapter_is_one_model_unmerged_merged_and_through_readapt_merge(tmp
     (the embedding LoRA used to adapt only the input side unmerged: 0.66 logits off here, 0.7-1.0 on SmolLM2)."""
     from transformers import AutoModelForCausalLM
 
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     base = save_tiny(tmp_path / "base", "gemma2")
     tuned = perturb(base, tmp_path / "tuned", scale=0.05)
@@ -294,7 +294,7 @@ def test_readapt_merge_applies_a_peft_tied_lora_once(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     base = save_tiny(tmp_path / "base", "gemma2")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -421,7 +421,7 @@ def test_recorded_base_is_absolute_so_the_adapter_loads_from_any_folder(tmp_path
     manifest = json.loads((work / "delta" / "readapt_delta.json").read_text())
     assert manifest["base"]["spec"] == str(base.absolute()) and manifest["tuned"]["spec"] == str(work / "tuned")
     # a model id from the Hugging Face cache is recorded as the id, its revision apart (as PEFT keeps them)
-    from readapt.adapters import save_lora
+    from readapt.addends import save_lora
 
     (tmp_path / "ad").mkdir()
     cfg = save_lora(tmp_path / "ad", [("m.q", torch.ones(2, 1), torch.ones(1, 2))], base_model="org/name@v2")

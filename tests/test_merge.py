@@ -496,9 +496,9 @@ def test_untouched_tensors_are_copied_in_blocks(tmp_path, monkeypatch):
 
 
 def test_nan_in_a_touched_base_tensor_is_named(tmp_path):
-    import importlib
-
     from safetensors.torch import load_file, save_file
+
+    from readapt.merging import iter_merged
 
     base = save_tiny(tmp_path / "base")
     delta = readapt.extract(base, perturb(base, tmp_path / "t"), tmp_path / "d")
@@ -511,7 +511,6 @@ def test_nan_in_a_touched_base_tensor_is_named(tmp_path):
     save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after adding"):
         readapt.merge(base, tmp_path / "out", [(delta, 0.0)], dtype="float16")
-    iter_merged = importlib.import_module("readapt.merge").iter_merged
     with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after casting to torch.float16"):
         list(iter_merged(readapt.Checkpoint.open(base), [], torch.float16))
     assert not (tmp_path / "out").exists()

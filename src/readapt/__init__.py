@@ -22,10 +22,10 @@ from readapt._version import __version__
 from readapt.errors import ReadaptError
 from readapt.checkpoint import Checkpoint
 from readapt.delta import extract
-from readapt.merge import load_merged, merge
+from readapt.merging import load_merged, merge
 from readapt.lowrank import compress, extract_lowrank, spectrum
 from readapt.train import train
-from readapt.port import port
+from readapt.porting import port
 from readapt.metrics import contains_em, rouge_l_recall
 from readapt.evaluate import evaluate, score, sweep
 from readapt.demo import demo

@@ -159,7 +159,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
 
     def run(a):
-        from readapt.merge import merge
+        from readapt.merging import merge
 
         if not a.add:
             raise ReadaptError("merge needs at least one --add ADAPTER[:SCALE]")
@@ -261,7 +261,8 @@ def _add_port(sub) -> None:
     _common_inputs(p)
 
     def run(a):
-        from readapt.port import port, summary
+        from readapt.cards import port_summary
+        from readapt.porting import port
 
         if a.output is None and not a.dry_run:
             raise ReadaptError("port needs -o OUTPUT (or --dry-run to print the report only)")
@@ -269,7 +270,7 @@ def _add_port(sub) -> None:
             a.patch, a.to, None if a.dry_run else a.output, from_=a.from_, merge=a.merge, strict=a.strict,
             overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size, allow_pickle=a.allow_pickle,
         )
-        print(summary(report))
+        print(port_summary(report))
         if a.dry_run:
             print("  dry run: nothing written" + (f" (-o {a.output} ignored)" if a.output else ""))
 

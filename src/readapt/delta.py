@@ -1,4 +1,4 @@
-"""Delta algebra: the RE-Adapter Δ = Θ − Φ, stored as a delta folder, and full checkpoints as addends.
+"""Extract: the RE-Adapter Δ = Θ − Φ of two checkpoints, written as a delta folder (a readapt.addends.DeltaFolder).
 
 RE-Adapt (Fleshman & Van Durme, 2024, §3): the instruction tuning of an instruct model Θ is isolated as
 its difference from the pretrained model Φ it was tuned from,
@@ -33,13 +33,10 @@ from pathlib import Path
 import torch
 
 from readapt._version import __version__
-from readapt.checkpoint import (CONFIG_FIELDS, DELTA_MANIFEST, Blocks, Checkpoint, Pair, ReadOptions, TensorInfo,
-                                output_folder, progress, recorded_name, write_tensors)
-from readapt.checkpoint import reader
-from readapt.errors import ReadaptError
+from readapt.cards import delta_card
+from readapt.checkpoint import (DELTA_MANIFEST, Blocks, Checkpoint, Pair, ReadOptions, output_folder, progress,
+                                reader, recorded_name, write_tensors)
 from readapt.numerics import parse_dtype, precision
-
-MANIFEST = DELTA_MANIFEST
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -83,8 +80,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 "rule": "where base + delta (float32) is not tuned bit for bit, merge uses lerp(base, tuned, scale)",
                 "elements": sum(len(e["index"]) for e in exceptions.values()),
                 "of": sum(math.prod(pair.base.shape(n)) for n in floats), "tensors": exceptions}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "README.md").write_text(_card(manifest))
+        (tmp / DELTA_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "README.md").write_text(delta_card(manifest))
     return Path(out)
 
 
@@ -128,110 +125,3 @@ def _manifest(pair: Pair, base, tuned, out_dtype: torch.dtype, floats: list[str]
         "skipped": sorted(pair.skipped + [n for n in pair.names if n not in floats]),
         "base_config": pair.base.config,
     }
-
-
-def _card(m: dict) -> str:
-    return f"""---
-library_name: readapt
-tags: [readapt, re-adapter, weight-delta]
----
-# RE-Adapter (weight delta)
-
-Made by readapt {m['readapt_version']} on {m['created']}:
-
-    delta = tuned - base        (float32 arithmetic, stored as {m['delta_dtype']})
-
-- base: `{m['base']['spec']}` ({', '.join(m['base']['dtypes'])}, {m['base']['tensor_count']} tensors)
-- tuned: `{m['tuned']['spec']}` ({', '.join(m['tuned']['dtypes'])}, {m['tuned']['tensor_count']} tensors)
-- tensors in the delta: {m['tensor_count']}; skipped: {len(m['skipped'])}
-{_exact_line(m)}
-Apply it with any scale (β=1 gives back the tuned model; β<1 is partial adaptation):
-
-    readapt merge BASE --add THIS_FOLDER:0.5 -o OUT
-
-See `readapt_delta.json` for the full manifest.
-"""
-
-
-def _exact_line(m: dict) -> str:
-    if "exact" not in m:
-        return "- stored in a 16-bit dtype: base + 1.0·delta is within one rounding of tuned, not exact\n"
-    e = m["exact"]
-    return (f"- base + 1.0·delta gives tuned bit for bit: {e['elements']} of {e['of']:,} elements, whose "
-            f"difference float32 cannot hold, are kept as tuned values in `{MANIFEST}` (`exact`)\n")
-
-
-class _StoredTensors:
-    """An addend whose tensors are stored whole in a checkpoint-layout folder (`self.ckpt`)."""
-
-    ckpt: Checkpoint
-
-    def targets(self) -> dict[str, tuple[int, ...]]:
-        return {n: self.ckpt.shape(n) for n in self.ckpt.names}
-
-    def stored(self, name: str) -> torch.Tensor | TensorInfo:
-        """Where the tensor is stored (merge reads it block by block and combines it elementwise)."""
-        return self.ckpt.stored(name)
-
-
-class DeltaFolder(_StoredTensors):
-    """A delta folder as an addend: Ψ[name] = Δ[name]."""
-
-    kind = "delta"
-
-    def __init__(self, folder: str | os.PathLike, label: str | None = None):
-        self.path = Path(folder)
-        self.label = label or str(folder)
-        from readapt.userfiles import OBJECT, STRING, check_fields, load
-
-        file = self.path / MANIFEST
-        self.manifest = check_fields(load(file), file, {"base": OBJECT, "tuned": OBJECT, "base_config": OBJECT,
-                                                        "formula": STRING})
-        for part in ("base", "tuned"):
-            check_fields(self.manifest.get(part) or {}, f"{file} ({part})", {"path": STRING, "spec": STRING})
-        check_fields(self.manifest.get("base_config") or {}, f"{file} (base_config)", CONFIG_FIELDS)
-        self.ckpt = Checkpoint.open(self.path)
-        self.config = self.manifest.get("base_config")
-
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.ckpt.read(name).float() if name in self.ckpt else None
-
-    def exact(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(flat indices, tuned values in float32) of the elements where Φ + Δ is not Θ (see the module
-        docstring), or None."""
-        e = ((self.manifest.get("exact") or {}).get("tensors") or {}).get(name)
-        if not e:
-            return None
-        idx, val = torch.tensor(e["index"], dtype=torch.long), torch.tensor(e["tuned"], dtype=torch.float32)
-        numel = math.prod(self.ckpt.shape(name))
-        if len(idx) != len(val) or (len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < numel):
-            raise ReadaptError(f"{self.path / MANIFEST}: the `exact` entry of {name!r} is corrupt")
-        return idx, val
-
-    def tuned(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        """Θ = Φ + Δ (float32), with the recorded exceptions: Θ bit for bit."""
-        t = base.float().add_(self.ckpt.read(name).float())
-        fix = self.exact(name)
-        if fix is not None:
-            t.view(-1)[fix[0]] = fix[1]
-        return t
-
-
-class CheckpointDifference(_StoredTensors):
-    """A full checkpoint Θ as an addend: Ψ[name] = Θ[name] − Φ[name] (no delta written)."""
-
-    kind = "checkpoint"
-
-    def __init__(self, ckpt: Checkpoint, label: str | None = None):
-        self.ckpt = ckpt
-        self.path = ckpt.path
-        self.label = label or str(ckpt.path)
-        self.config = ckpt.config
-
-    def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """Θ[name]: merge blends Φ towards it with lerp."""
-        return self.ckpt.read(name).float() if name in self.ckpt else None
-
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        target = self.target(name, base)
-        return None if target is None else target.sub_(base)

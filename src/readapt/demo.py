@@ -629,7 +629,7 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
 
     from transformers import AutoModelForCausalLM
 
-    from readapt.merge import load_merged
+    from readapt.merging import load_merged
 
     root = cache / s.key(seed)
     world = make_world(seed, dict(s.sizes))

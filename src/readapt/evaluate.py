@@ -231,7 +231,7 @@ def build_prompts(tokenizer, questions: list[dict], contexts: list[str | None],
 def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | None = None,
                tokenizer: str | None = None, device: str | None = None):
     """(model, tokenizer) on `device`: MODEL + sum(scale_i * adapter_i) built in memory by
-    readapt.merge.load_merged (MODEL as is without adds); `tokenizer` overrides MODEL's tokenizer.
+    readapt.merging.load_merged (MODEL as is without adds); `tokenizer` overrides MODEL's tokenizer.
 
     The weights are those of the checkpoint `readapt merge` would write (the checkpoint's dtype, or `dtype`).
     On CPU a bfloat16/float16 checkpoint computes in float32 unless `dtype` says otherwise: the same weights,
@@ -242,7 +242,7 @@ def load_model(model: str, adds: Sequence[tuple[str, float]] = (), dtype: str | 
     import torch
     from transformers import AutoTokenizer
 
-    from readapt.merge import load_merged
+    from readapt.merging import load_merged
     from readapt.numerics import parse_device
 
     with warnings.catch_warnings():
@@ -405,7 +405,7 @@ def evaluate(model: str, questions: str | Path, output: str | Path, *,
              quiet: bool = False) -> dict:
     """Answer `questions` with MODEL (+ sum scale_i * adapter_i, merged in memory) and score the answers.
 
-    adds: [(adapter, scale), ...] (a bare adapter path means scale 1), as for readapt.merge.
+    adds: [(adapter, scale), ...] (a bare adapter path means scale 1), as for readapt.merging.merge.
     template_kwargs: options for the chat template over chat_template_kwargs' defaults (reasoning off),
     e.g. {"enable_thinking": True}.
 
@@ -522,11 +522,12 @@ def sweep(base: str, adds: Sequence[str], questions: str | Path, output: str | P
     (every cell, every split), OUTPUT/heatmap_<metric>.png, OUTPUT/predictions/<cell>.jsonl and
     OUTPUT/summary.json (the chosen scales; rouge_l_recall, contains_em and n on the test split; the
     generation settings as in `evaluate`).
-    The model is built once; each cell rewrites its parameters with readapt.merge.copy_merged (base and
+    The model is built once; each cell rewrites its parameters with readapt.merging.copy_merged (base and
     adapters re-read, only the tensors the adapters touch, one at a time: exact, and the memory of one model).
     """
     from readapt.checkpoint import Checkpoint, output_folder
-    from readapt.merge import copy_merged, open_addend
+    from readapt.addends import open_addend
+    from readapt.merging import copy_merged
     from readapt.numerics import parse_dtype
 
     names = check_metrics(metrics)

@@ -361,7 +361,7 @@ def _run(entries: list[Entry], delta_of: Callable[[str], torch.Tensor], tuned_of
     Pass 1 (one delta tensor in memory at a time) yields the factors into the adapter file and records
     which dense tensors changed; pass 2 re-reads only those (norms, biases, dense embeddings) as tuned values.
     """
-    from readapt.adapters import PREFIX, save_lora
+    from readapt.addends import PREFIX, save_lora
 
     dev = parse_device(device)
     embeddings: set[str] = set()  # modules written as lora_embedding_A/B
@@ -482,7 +482,7 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
     Dense tensors (norms, biases, dense embeddings) are saved as tuned = base + Δ, so they need the base:
     `base`, else the base recorded in the delta's manifest; with --norms skip --biases skip none is needed.
     """
-    from readapt.delta import DeltaFolder
+    from readapt.addends import DeltaFolder
 
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -661,7 +661,7 @@ def spectrum(source: str | os.PathLike, tuned: str | os.PathLike | None, out: st
     the paper's Figure 2), figure3.png (share of the delta's parameters kept against τ, Figure 3).
     Returns the report; `summary(report)` is the terminal view.
     """
-    from readapt.delta import DeltaFolder
+    from readapt.addends import DeltaFolder
 
     if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
         raise ReadaptError(f"--tau {tau!r} is outside (0, 1]")

@@ -1,0 +1,156 @@
+"""What readapt writes for people to read: the model cards (README.md) of its output folders and the text
+summaries of its reports, one function each, with the names of the report files they point to.
+
+    delta_card(manifest)          extract        merge_card(base, addends, dtype)     merge
+    lore_card(report)             extract --tau, compress (embeds lore_summary)
+    spectrum_readme(report, ...)  spectrum       port_card(report), port_summary(report)  port
+    train_card(...)               train
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from readapt._version import __version__
+
+PORT_REPORT = "port_report.json"
+
+
+def delta_card(m: dict) -> str:
+    """README.md of a delta folder, from its manifest `m`."""
+    return f"""---
+library_name: readapt
+tags: [readapt, re-adapter, weight-delta]
+---
+# RE-Adapter (weight delta)
+
+Made by readapt {m['readapt_version']} on {m['created']}:
+
+    delta = tuned - base        (float32 arithmetic, stored as {m['delta_dtype']})
+
+- base: `{m['base']['spec']}` ({', '.join(m['base']['dtypes'])}, {m['base']['tensor_count']} tensors)
+- tuned: `{m['tuned']['spec']}` ({', '.join(m['tuned']['dtypes'])}, {m['tuned']['tensor_count']} tensors)
+- tensors in the delta: {m['tensor_count']}; skipped: {len(m['skipped'])}
+{_exact_line(m)}
+Apply it with any scale (β=1 gives back the tuned model; β<1 is partial adaptation):
+
+    readapt merge BASE --add THIS_FOLDER:0.5 -o OUT
+
+See `readapt_delta.json` for the full manifest.
+"""
+
+
+def _exact_line(m: dict) -> str:
+    if "exact" not in m:
+        return "- stored in a 16-bit dtype: base + 1.0·delta is within one rounding of tuned, not exact\n"
+    e = m["exact"]
+    return (f"- base + 1.0·delta gives tuned bit for bit: {e['elements']} of {e['of']:,} elements, whose "
+            f"difference float32 cannot hold, are kept as tuned values in `readapt_delta.json` (`exact`)\n")
+
+
+def merge_card(base, addends, dtype) -> str:
+    """README.md of a merged model folder: Ω = Φ + Σ sᵢ·Ψᵢ with each addend, its kind and scale."""
+    rows = "\n".join(f"| `{a.label}` | {a.kind} | {s:g} |" for a, s in addends)
+    terms = " + ".join(f"{s:g}·Ψ{i + 1}" for i, (_, s) in enumerate(addends))
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"""---
+library_name: transformers
+tags: [readapt, merge, partial-adaptation]
+---
+# Merged model
+
+Made by readapt {__version__} on {now}:
+
+    Ω = Φ + {terms}        (float32 arithmetic, saved in {str(dtype).removeprefix("torch.")} dtype)
+
+Φ (base): `{base}`
+
+| adapter | kind | scale |
+|---|---|---|
+{rows}
+
+A checkpoint adapter means its difference from the base; a delta folder is a RE-Adapter; a PEFT adapter
+contributes s·B·A (DoRA: W′ − W). Load with `transformers.AutoModelForCausalLM.from_pretrained`.
+"""
+
+
+def vocabulary_matched(st: dict, details: bool = True) -> str:
+    """How the vocabulary rows were matched, in words (the report's `vocabulary`)."""
+    if st["same_convention"] and not st["matched_by_text"]:
+        how = "matched by token string"
+    else:
+        how = (f"matched by the text each token stands for ({st['matched_by_string']} by identical string, "
+               f"{st['matched_by_text']} by identical text under another string)")
+    if not details:
+        return how
+    if not st["same_convention"]:
+        how += (f"; the tokenizers use different conventions (old: {st['old_convention']}; new: "
+                f"{st['new_convention']})")
+    if st["same_string_other_text"]:
+        how += (f"; {st['same_string_other_text']} tokens with the same string stand for other text and were not "
+                f"matched to each other ({st['other_text_matched_by_text']} of them found their text elsewhere)")
+    if st["same_text_not_paired"]:
+        how += (f"; {st['same_text_not_paired']} new tokens share their text with an old token already carried to "
+                f"another new token of that text: no patch")
+    return how
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def port_summary(report: dict) -> str:
+    """The terminal summary of a port report: counts, every adjusted and skipped tensor, warnings, drift."""
+    c, p = report["counts"], report["patch"]
+    lines = [f"port {p['spec']} ({p['kind']}) -> {report['new_base']['spec']}: {c['carried']} carried, "
+             f"{c['adjusted']} carried with adjustment, {c['skipped']} skipped "
+             f"(old base: {report['old_base']['spec'] or 'unknown'}; {report['old_base']['source']})"]
+    rest = [m for m in report["modules"] if m["status"] != "carried"]
+    for m in rest[:40]:
+        lines.append(f"  {m['status']:9s} {m['name']}: {m['why']}")
+    if len(rest) > 40:
+        lines.append(f"  ... {len(rest) - 40} more adjusted/skipped tensors in {PORT_REPORT}")
+    renamed = [m for m in report["modules"] if m["new_name"] and m["new_name"] != m["name"]]
+    if renamed:
+        m = renamed[0]
+        lines.append(f"  re-keyed: {len(renamed)} tensor{'s' * (len(renamed) != 1)} matched to a new name by their "
+                     f"common suffix, e.g. {m['name']} -> {m['new_name']} (all in {PORT_REPORT})")
+    v = report.get("vocabulary")
+    if v:
+        lines.append(f"  vocabulary: {v['old_rows']} -> {v['new_rows']} rows, {v['shared_tokens']} shared tokens "
+                     f"carried ({v['moved_tokens']} of them moved to another id), "
+                     f"{v['new_tokens']} new token{'s' * (v['new_tokens'] != 1)} without patch; rows {vocabulary_matched(v)}")
+    for w in report["warnings"]:
+        lines.append(f"  warning: {w}")
+    d = report.get("drift")
+    if d:
+        lines.append(f"  drift vs the old base (total): drift {_fmt(d['total']['drift'])}, patch/drift "
+                     f"{_fmt(d['total']['patch_to_drift'])}, cos {_fmt(d['total']['cos_patch_drift'])}")
+        lines.append("    drift = ‖θ′−θ‖/‖θ‖ (how far the new version moved); patch/drift = ‖P‖/‖θ′−θ‖ (the patch "
+                     "is small next to the move when ≪ 1); cos = cos(P, θ′−θ) (≈ 0: unrelated directions)")
+        lines.append(f"    {'layer':28s} {'drift':>9s} {'patch/drift':>12s} {'cos':>9s}")
+        for k, r in d["layers"].items():
+            lines.append(f"    {k:28s} {_fmt(r['drift']):>9s} {_fmt(r['patch_to_drift']):>12s} "
+                         f"{_fmt(r['cos_patch_drift']):>9s}")
+    if report.get("output"):
+        lines.append(f"  wrote {report['output']['path']} (details: {PORT_REPORT})")
+    return "\n".join(lines)
+
+
+def port_card(report: dict) -> str:
+    """README.md of a port's output folder (a retargeted adapter or delta)."""
+    c = report["counts"]
+    what = "LoRA/DoRA adapter (PEFT)" if report["patch"]["kind"] != "delta" else "weight delta"
+    return f"""---
+library_name: {'peft' if report['patch']['kind'] != 'delta' else 'readapt'}
+tags: [readapt, portllm, port]
+---
+# Ported {what}
+
+Made by readapt {__version__} on {report['created']}: the patch `{report['patch']['spec']}` (made on
+`{report['old_base']['spec'] or 'an older version'}`) retargeted to `{report['new_base']['spec']}` with no training
+(PortLLM: θ′ + P).
+
+{c['carried']} tensors carried, {c['adjusted']} carried with adjustment (vocabulary rows matched by the text each
+token stands for, DoRA magnitudes rescaled), {c['skipped']} skipped. Every tensor and the reason: `{PORT_REPORT}`.
+"""
