@@ -51,7 +51,7 @@ def matrices(base: Path, inst: Path):
 
 
 def bench_svd(work: Path, rank: int, tau: float, layers: int | None = None) -> dict:
-    from readapt.lowrank import factorize, rank_at
+    from readapt.factorize import factorize, rank_at
 
     base, inst = ensure_pair(work)
     methods = ("exact", "gram", "randomized")

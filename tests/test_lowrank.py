@@ -11,8 +11,11 @@ from tiny import perturb, read_all, save_tiny
 
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from readapt.lowrank import (Policy, compress, explained, extract_lowrank, factorize, rank_at, spectrum,
-                             summary, verify_peft)
+from readapt.cards import lore_summary
+from readapt.factorize import explained, factorize, rank_at
+from readapt.loreplan import Policy
+from readapt.lowrank import compress, extract_lowrank, verify_peft
+from readapt.spectra import spectrum
 
 
 def matrix(m, n, sigma, seed=0):
@@ -354,7 +357,7 @@ def test_all_zero_layer_is_skipped_and_reported(pair, tmp_path):
     report = extract_lowrank(base, t2, tmp_path / "lore", tau=0.5)
     entry = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight")
     assert entry["rank"] == 0 and "all zero" in entry["note"]
-    assert "rank-0 (all-zero) tensors skipped: 1" in summary(report)
+    assert "rank-0 (all-zero) tensors skipped: 1" in lore_summary(report)
     cfg = json.loads((tmp_path / "lore" / "adapter_config.json").read_text())
     assert "model.layers.0.self_attn.k_proj" not in cfg["rank_pattern"]
     assert not any("layers.0.self_attn.k_proj" in k for k in load_file(tmp_path / "lore" / "adapter_model.safetensors"))

@@ -573,7 +573,8 @@ def test_a_half_present_adapter_is_refused_naming_the_module(tmp_path):
 
 def test_extract_refuses_an_adapter_as_base_or_tuned(tmp_path):
     """extract used to accept a delta folder (or a PEFT adapter) as BASE and write TUNED - DELTA."""
-    from readapt.lowrank import extract_lowrank, spectrum
+    from readapt.lowrank import extract_lowrank
+    from readapt.spectra import spectrum
 
     base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
     tuned = perturb(base, tmp_path / "t")

@@ -23,7 +23,8 @@ from readapt.errors import ReadaptError
 from readapt.checkpoint import Checkpoint
 from readapt.delta import extract
 from readapt.merging import load_merged, merge
-from readapt.lowrank import compress, extract_lowrank, spectrum
+from readapt.lowrank import compress, extract_lowrank
+from readapt.spectra import spectrum
 from readapt.train import train
 from readapt.porting import port
 from readapt.metrics import contains_em, rouge_l_recall

@@ -10,9 +10,11 @@ summaries of its reports, one function each, with the names of the report files 
 from __future__ import annotations
 
 import datetime
+import json
 
 from readapt._version import __version__
 
+LORE_REPORT = "lore_report.json"
 PORT_REPORT = "port_report.json"
 
 
@@ -72,6 +74,61 @@ Made by readapt {__version__} on {now}:
 A checkpoint adapter means its difference from the base; a delta folder is a RE-Adapter; a PEFT adapter
 contributes s·B·A (DoRA: W′ − W). Load with `transformers.AutoModelForCausalLM.from_pretrained`.
 """
+
+
+def lore_summary(report: dict) -> str:
+    """A one-screen text summary of a LoRE report."""
+    rule = report["rule"]
+    head = f"τ={rule['tau']:g}" if "tau" in rule else f"rank {rule['rank']}"
+    lines = [f"{head} keeps {100 * report['params_kept_share']:.1f}% of the delta's parameters "
+             f"({report['params_kept']:,} of {report['params_delta']:,}) and "
+             f"{100 * report['energy_kept_share']:.1f}% of its energy ‖Δ‖² "
+             f"(relative error ‖Δ−BA‖/‖Δ‖ = {report['relative_error']:.4f})",
+             f"{'kind':<10} {'tensors':>7} {'policy':>8} {'params kept':>12} {'energy kept':>12}"]
+    for kind, k in report["by_kind"].items():
+        pk = f"{100 * k['params_kept'] / k['params']:.1f}%" if k["params"] else "-"
+        ek = f"{100 * k['energy_kept'] / k['energy']:.1f}%" if k["energy"] else "-"
+        lines.append(f"{kind:<10} {k['tensors']:>7} {k['policy']:>8} {pk:>12} {ek:>12}")
+    ranks = [t["rank"] for t in report["tensors"] if t["policy"] == "lowrank" and t["rank"] >= 0]
+    if ranks:
+        lines.append(f"ranks: min {min(ranks)}, median {sorted(ranks)[len(ranks) // 2]}, max {max(ranks)}; "
+                     f"rank-0 (all-zero) tensors skipped: {sum(r == 0 for r in ranks)}")
+    notes = [t for t in report["tensors"] if t["note"] and t["kind"] in ("tied", "unknown")]
+    for t in notes[:5]:
+        lines.append(f"note: {t['name']}: {t['note']}")
+    return "\n".join(lines)
+
+
+def lore_card(report: dict) -> str:
+    """README.md of a LoRE-Adapter folder (extract --tau, compress), with the summary of its report."""
+    rule = report["rule"]
+    rule_text = (f"k(τ) = min{{k : Σ_{{i≤k}} σᵢ² / Σ σⱼ² ≥ {rule['tau']:g}}}" if "tau" in rule
+                 else f"k = {rule['rank']} (clamped to each matrix's rank)")
+    return f"""---
+library_name: peft
+tags: [readapt, lore-adapter, lora]
+---
+# LoRE-Adapter (low-rank RE-Adapter)
+
+Made by readapt {report['readapt_version']} on {report['created']} from {json.dumps(report['source'])}.
+Per 2-D weight Δ = U S Vᵀ: {rule_text}; B = U_k S_k, A = V_kᵀ (SVD: {report['svd']}), scale 1
+(rank_pattern = alpha_pattern).
+
+    {lore_summary(report).replace(chr(10), chr(10) + '    ')}
+
+Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)`, or merge with any scale:
+`readapt merge BASE --add THIS_FOLDER:0.5 -o OUT`. Per-tensor ranks and energies: `{LORE_REPORT}`.
+"""
+
+
+def spectrum_readme(report: dict, provenance: dict, svd: str) -> str:
+    """README.md of a spectrum report folder."""
+    return (f"# Spectrum of a RE-Adapter (readapt {__version__})\n\nSource: {json.dumps(provenance)}; SVD: {svd}.\n\n"
+            f"    {lore_summary(report).replace(chr(10), chr(10) + '    ')}\n\n"
+            f"- `spectrum.json`: per tensor k(τ), retained energy v_k, parameters kept k·(m+n); `tau_grid`: the "
+            f"whole model's share of parameters kept at each τ\n- `spectrum.safetensors`: σ of every tensor\n"
+            f"- `figure2.png`: v_k against k (cf. RE-Adapt Figure 2); `figure3.png`: parameters kept against τ "
+            f"(cf. Figure 3)\n")
 
 
 def vocabulary_matched(st: dict, details: bool = True) -> str:

@@ -126,9 +126,11 @@ def _add_extract(sub) -> None:
 
     def run(a):
         if a.tau is not None or a.rank is not None:
-            from readapt.lowrank import Policy, extract_lowrank, summary
+            from readapt.cards import lore_summary
+            from readapt.loreplan import Policy
+            from readapt.lowrank import extract_lowrank
 
-            print(summary(extract_lowrank(
+            print(lore_summary(extract_lowrank(
                 a.base, a.tuned, a.output, tau=a.tau, rank=a.rank, svd=a.svd, device=a.device, dtype=a.dtype,
                 policy=Policy(a.embeddings, a.lm_head, a.norms, a.biases), skip_missing=a.skip_missing,
                 overwrite=a.overwrite, allow_pickle=a.allow_pickle,
@@ -200,9 +202,11 @@ def _add_lowrank(sub) -> None:
     policy_flags(p)
 
     def run_compress(a):
-        from readapt.lowrank import Policy, compress, summary
+        from readapt.cards import lore_summary
+        from readapt.loreplan import Policy
+        from readapt.lowrank import compress
 
-        print(summary(compress(
+        print(lore_summary(compress(
             a.delta, a.output, tau=a.tau, rank=a.rank, svd=a.svd, device=a.device, base=a.base, dtype=a.dtype,
             policy=Policy(a.embeddings, a.lm_head, a.norms, a.biases), overwrite=a.overwrite,
         )))
@@ -221,13 +225,15 @@ def _add_lowrank(sub) -> None:
     policy_flags(p)
 
     def run_spectrum(a):
-        from readapt.lowrank import Policy, spectrum, summary
+        from readapt.cards import lore_summary
+        from readapt.loreplan import Policy
+        from readapt.spectra import spectrum
 
         try:
             layers = [int(x) for x in a.layers.split(",")] if a.layers else None
         except ValueError:
             raise ReadaptError(f"--layers {a.layers!r}: give comma-separated layer numbers, e.g. 0,15,31") from None
-        print(summary(spectrum(
+        print(lore_summary(spectrum(
             a.source, a.tuned, a.output, tau=a.tau, svd="gram" if a.svd == "auto" else a.svd, device=a.device,
             policy=Policy(a.embeddings, a.lm_head, a.norms, a.biases), layers=layers,
             skip_missing=a.skip_missing, overwrite=a.overwrite, allow_pickle=a.allow_pickle,

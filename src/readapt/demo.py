@@ -428,7 +428,8 @@ def run_experiments(s: Settings, seed: int, models: dict[str, Path], adapters: d
 
     from readapt.delta import extract
     from readapt.evaluate import split_validation, sweep
-    from readapt.lowrank import extract_lowrank, spectrum
+    from readapt.lowrank import extract_lowrank
+    from readapt.spectra import spectrum
 
     phi, theta, phi2 = models["pretrained"], models["instruct"], models["pretrained_v2"]
     psi, psi_inst = adapters["knowledge"], adapters["knowledge_on_instruct"]
