@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from readapt.evaluate import build_prompts, evaluate
+from readapt.evaluation import evaluate
+from readapt.prompts import build_prompts
 
 CACHE = Path(os.environ.get("READAPT_REAL_CACHE") or Path.home() / ".cache" / "readapt" / "real").expanduser()
 pytestmark = pytest.mark.real

@@ -28,7 +28,7 @@ from readapt.spectra import spectrum
 from readapt.train import train
 from readapt.porting import port
 from readapt.metrics import contains_em, rouge_l_recall
-from readapt.evaluate import evaluate, score, sweep
+from readapt.evaluation import evaluate, score, sweep
 from readapt.demo import demo
 
 __all__ = ["__version__", "ReadaptError", "Checkpoint", "extract", "extract_lowrank", "compress", "spectrum",

@@ -385,7 +385,7 @@ def _add_eval(sub) -> None:
     qa_flags(p)
 
     def run_eval(a):
-        from readapt.evaluate import evaluate
+        from readapt.evaluation import evaluate
 
         evaluate(
             a.model, a.questions, a.output, adds=a.add, retrieval=a.retrieval, passages=a.passages,
@@ -408,7 +408,7 @@ def _add_eval(sub) -> None:
     qa_flags(p)
 
     def run_sweep(a):
-        from readapt.evaluate import sweep
+        from readapt.evaluation import sweep
 
         sweep(
             a.base, a.add, a.questions, a.output, grid=a.grid, val_fraction=a.val_fraction,
@@ -427,7 +427,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--metrics", type=metric_list, help="comma-separated, default: rouge_l_recall,contains_em")
 
     def run_score(a):
-        from readapt.evaluate import score
+        from readapt.evaluation import score
 
         score(a.predictions, a.output, metrics=a.metrics, overwrite=a.overwrite)
 

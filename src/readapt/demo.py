@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from readapt.evaluate import read_jsonl
+from readapt.userfiles import read_jsonl
 from readapt.world import ATTRIBUTES, World, build_tokenizer, make_world
 
 # --- settings ------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def _by_domain(predictions: list[dict], keep: set[str] | None = None) -> dict[st
 
 def _evaluate(work: Path, tag: str, model: Path, questions: Path, adds=(), keep=None, **kw) -> dict:
     """readapt.evaluate.evaluate, then per-domain scores from its predictions.jsonl."""
-    from readapt.evaluate import evaluate
+    from readapt.evaluation import evaluate
 
     out = work / "eval" / tag
     summary = evaluate(str(model), questions, out, adds=[(str(a), x) for a, x in adds], overwrite=True, **GEN, **kw)
@@ -427,7 +427,7 @@ def run_experiments(s: Settings, seed: int, models: dict[str, Path], adapters: d
     import shutil
 
     from readapt.delta import extract
-    from readapt.evaluate import split_validation, sweep
+    from readapt.evaluation import split_validation, sweep
     from readapt.lowrank import extract_lowrank
     from readapt.spectra import spectrum
 

@@ -82,7 +82,7 @@ def read_texts(path: PathLike) -> list[str]:
     docs: list[str] = []
     try:
         if suffix in JSONL_SUFFIXES:
-            from readapt.evaluate import read_jsonl
+            from readapt.userfiles import read_jsonl
 
             for rec in read_jsonl(path, required=("text",)):
                 if not isinstance(rec["text"], str):
