@@ -87,7 +87,7 @@ def test_held_out_loss_is_transformers_loss_with_bos(tmp_path, name, bos):
     with BOS where the tokenizer adds one (token-weighted mean over the blocks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from readapt.train import train
+    from readapt.training import train
 
     base = need(name)
     (tmp_path / "heldout.txt").write_text(" ".join([TEXT] * 3))  # ~165 tokens: blocks starting mid-document

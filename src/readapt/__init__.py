@@ -25,7 +25,7 @@ from readapt.delta import extract
 from readapt.merging import load_merged, merge
 from readapt.lowrank import compress, extract_lowrank
 from readapt.spectra import spectrum
-from readapt.train import train
+from readapt.training import train
 from readapt.porting import port
 from readapt.metrics import contains_em, rouge_l_recall
 from readapt.evaluation import evaluate, score, sweep

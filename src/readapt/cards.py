@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 
 from readapt._version import __version__
 
@@ -211,3 +212,47 @@ Made by readapt {__version__} on {report['created']}: the patch `{report['patch'
 {c['carried']} tensors carried, {c['adjusted']} carried with adjustment (vocabulary rows matched by the text each
 token stands for, DoRA magnitudes rescaled), {c['skipped']} skipped. Every tensor and the reason: `{PORT_REPORT}`.
 """
+
+
+def train_card(settings: dict, records: list[dict], n_blocks: int, n_tokens: int, counters: dict,
+                eval_files: list, processes: int, precision: str) -> str:
+    """README.md of the adapter folder: what it was trained on, how, and the losses."""
+    s = settings
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    kind = "DoRA" if s["dora"] else "LoRA"
+    data_rows = "\n".join(f"| `{d['file']}` | {d['documents']} |" for d in s["data"])
+    first = f"{train_losses[0]:.4f}" if train_losses else "-"
+    last = f"{sum(train_losses[-10:]) / len(train_losses[-10:]):.4f}" if train_losses else "-"
+    lines = [
+        "---", f"base_model: {s['base']}", "library_name: peft", "tags: [readapt, knowledge-adapter, "
+        f"{kind.lower()}]", "---", "",
+        f"# Knowledge adapter ({kind}, rank {s['rank']})", "",
+        f"A {kind} adapter trained with `readapt train` on `{s['base']}` by next-token prediction on the "
+        f"unlabeled text below (the knowledge adapter Ψ of RE-Adapt, Fleshman & Van Durme 2024).", "",
+        "## Data", "", "| file | documents |", "|---|---|", data_rows, "",
+        f"{n_tokens:,} tokens in {n_blocks:,} blocks of {s['max_length']} tokens (each document as the tokenizer "
+        f"encodes it, then EOS; each block starts with BOS where the tokenizer adds one); "
+        f"sha256 of the token blocks `{s['data_sha256'][:16]}`.", "",
+        "## Training", "",
+        f"- {counters['step']} optimizer steps of {s['batch_size']} blocks: {counters['tokens']:,} tokens seen, "
+        f"{counters['step'] * s['batch_size'] / n_blocks:.2f} epochs",
+        f"- {kind}: r={s['rank']}, lora_alpha={s['alpha']}, dropout={s['dropout']}, target modules "
+        f"{s['target_modules']}",
+        f"- AdamW lr={s['lr']}, weight decay {s['weight_decay']}, linear schedule with {s['warmup_steps']} warmup "
+        f"steps, gradient clipping {s['max_grad_norm']}, seed {s['seed']}",
+        f"- {processes} process(es), precision {precision}, {counters['train_seconds']:.0f} s of training",
+        f"- training loss: first step {first}, mean of the last 10 steps {last}",
+    ]
+    if evals:
+        lines += ["", "## Held-out loss", "", f"Files: {', '.join(f'`{Path(f).absolute()}`' for f in eval_files)}", "",
+                  "| step | loss | perplexity |", "|---|---|---|"]
+        lines += [f"| {r['step']} | {r['eval_loss']:.4f} | {r['eval_perplexity']:.3f} |" for r in evals]
+    lines += ["", "## Use", "", "```python", "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM",
+              f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({s['base']!r}), THIS_FOLDER)",
+              "```", "", "RE-Adapt (partial adaptation) with the instruction difference Δ = INSTRUCT − BASE:", "",
+              "```", "readapt extract BASE INSTRUCT -o re_adapter/",
+              "readapt merge BASE --add THIS_FOLDER:0.5 --add re_adapter/:0.5 -o merged/", "```", "",
+              "`training_log.jsonl` has the loss of every step.", ""]
+    return "\n".join(lines)

@@ -299,42 +299,19 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-data", action="append", default=None, metavar="FILE",
                    help="held-out text scored (loss, perplexity) before and after training")
     _common_output(p)
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64)")
-    p.add_argument("--alpha", type=float, default=128, help="lora_alpha; scale s = alpha/r (default 128)")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
-    p.add_argument("--dora", action=argparse.BooleanOptionalAction, default=True,
-                   help="DoRA (weight-decomposed LoRA) or plain LoRA (default: DoRA)")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (default 2e-4)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1; the paper: 10)")
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=20, help="blocks per optimizer step, all GPUs (default 20)")
-    p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="blocks per forward pass per process; smaller = less memory, same result (gradient "
-                   "accumulation); default: the whole per-process batch")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per block (default 1024)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same inputs -> same adapter (default 0)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, 0 = never (default 500)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="where checkpoints live while training (default: OUTPUT.partial; deleted on success)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
-                   help="auto: accelerate's configured mixed precision, else bf16 on GPUs that support it")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, ~1/3 more compute")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    from dataclasses import fields
+
+    from readapt.training import TrainSettings
+
+    flagged = [f for f in fields(TrainSettings) if f.metadata["cli"]]
+    for f in flagged:
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["cli"])
 
     def run(a):
-        from readapt.train import train
+        from readapt.training import train
 
-        train(
-            a.base, a.data, a.output, rank=a.rank, alpha=a.alpha, dropout=a.dropout, dora=a.dora, lr=a.lr,
-            epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
-            max_length=a.max_length, warmup_steps=a.warmup_steps, seed=a.seed, eval_data=a.eval_data,
-            save_every=a.save_every or None, checkpoint_dir=a.checkpoint_dir, resume=a.resume,
-            overwrite=a.overwrite, precision=a.precision, gradient_checkpointing=a.gradient_checkpointing,
-            quiet=a.quiet,
-        )
+        train(a.base, a.data, a.output, eval_data=a.eval_data, overwrite=a.overwrite,
+              settings=TrainSettings(**{f.name: getattr(a, f.name) for f in flagged}))
 
     p.set_defaults(func=run)
 

@@ -385,7 +385,7 @@ def _train(*args, **kwargs) -> Path:
     on the instruct model is the baseline the table needs."""
     import warnings
 
-    from readapt.train import train
+    from readapt.training import train
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="BASE .* looks like an instruct")
