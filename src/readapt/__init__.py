@@ -11,7 +11,7 @@ The public API is a handful of typed functions; each CLI subcommand is a thin la
     readapt.port(patch, new_base, out)                       # PortLLM                        (port.py)
     readapt.evaluate(...), readapt.sweep(...), readapt.score(...)                          (evaluate.py)
     readapt.rouge_l_recall(...), readapt.contains_em(...)                                  (metrics.py)
-    readapt.demo()                                           # the synthetic world            (demo.py)
+    readapt.demo()                                           # the synthetic world       (demoworld/)
 
 Modules import transformers/peft/matplotlib/bm25s lazily, so `import readapt` costs about one
 `import torch`. Note that the function names shadow their module names as attributes of the package:
@@ -29,7 +29,7 @@ from readapt.train import train  # noqa: E402
 from readapt.port import port  # noqa: E402
 from readapt.metrics import contains_em, rouge_l_recall  # noqa: E402
 from readapt.evaluate import evaluate, score, sweep  # noqa: E402
-from readapt.demo import demo  # noqa: E402
+from readapt.demoworld import demo  # noqa: E402
 
 __all__ = ["__version__", "ReadaptError", "Checkpoint", "extract", "extract_lowrank", "compress", "spectrum",
            "merge", "load_merged", "train", "port", "evaluate", "sweep", "score", "rouge_l_recall",

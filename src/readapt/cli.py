@@ -439,7 +439,7 @@ def _add_demo(sub) -> None:
                    "$READAPT_DEMO_CACHE)")
 
     def run(a):
-        from readapt.demo import demo
+        from readapt.demoworld import demo
 
         demo(a.output, quick=a.quick, seeds=a.seeds, cache_dir=a.cache_dir, overwrite=a.overwrite)
 
