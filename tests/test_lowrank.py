@@ -7,12 +7,15 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import perturb, read_all, save_tiny
+from tests.tiny import perturb, read_all, save_tiny
 
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from readapt.lowrank import (Policy, compress, explained, extract_lowrank, factorize, rank_at, spectrum,
-                             summary, verify_peft)
+from readapt.cards import lore_summary
+from readapt.factorize import explained, factorize, rank_at
+from readapt.loreplan import Policy
+from readapt.lowrank import compress, extract_lowrank, verify_peft
+from readapt.spectra import spectrum
 
 
 def matrix(m, n, sigma, seed=0):
@@ -161,7 +164,7 @@ def test_peft_merge_and_unload_reproduces_base_plus_BA_exactly(pair):
 
 
 def test_readapt_merge_applies_the_adapter_like_peft(pair):
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     root, base, tuned = pair
     out = root / "lore_rank"
@@ -193,7 +196,7 @@ def test_qwen2_bias_deltas_are_carried_so_peft_applies_them(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, before, atol=1e-5, rtol=0)
     # readapt merge reads the same file and applies the biases too
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     merge(base, tmp_path / "m", [(out, 1.0)])
     assert torch.equal(read_all(tmp_path / "m")["model.layers.0.self_attn.q_proj.bias"],
@@ -236,7 +239,7 @@ def test_tied_adapter_is_one_model_unmerged_merged_and_through_readapt_merge(tmp
     (the embedding LoRA used to adapt only the input side unmerged: 0.66 logits off here, 0.7-1.0 on SmolLM2)."""
     from transformers import AutoModelForCausalLM
 
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     base = save_tiny(tmp_path / "base", "gemma2")
     tuned = perturb(base, tmp_path / "tuned", scale=0.05)
@@ -294,7 +297,7 @@ def test_readapt_merge_applies_a_peft_tied_lora_once(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     base = save_tiny(tmp_path / "base", "gemma2")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -354,7 +357,7 @@ def test_all_zero_layer_is_skipped_and_reported(pair, tmp_path):
     report = extract_lowrank(base, t2, tmp_path / "lore", tau=0.5)
     entry = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight")
     assert entry["rank"] == 0 and "all zero" in entry["note"]
-    assert "rank-0 (all-zero) tensors skipped: 1" in summary(report)
+    assert "rank-0 (all-zero) tensors skipped: 1" in lore_summary(report)
     cfg = json.loads((tmp_path / "lore" / "adapter_config.json").read_text())
     assert "model.layers.0.self_attn.k_proj" not in cfg["rank_pattern"]
     assert not any("layers.0.self_attn.k_proj" in k for k in load_file(tmp_path / "lore" / "adapter_model.safetensors"))
@@ -421,7 +424,7 @@ def test_recorded_base_is_absolute_so_the_adapter_loads_from_any_folder(tmp_path
     manifest = json.loads((work / "delta" / "readapt_delta.json").read_text())
     assert manifest["base"]["spec"] == str(base.absolute()) and manifest["tuned"]["spec"] == str(work / "tuned")
     # a model id from the Hugging Face cache is recorded as the id, its revision apart (as PEFT keeps them)
-    from readapt.adapters import save_lora
+    from readapt.addends import save_lora
 
     (tmp_path / "ad").mkdir()
     cfg = save_lora(tmp_path / "ad", [("m.q", torch.ones(2, 1), torch.ones(1, 2))], base_model="org/name@v2")

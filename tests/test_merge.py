@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import readapt
 from readapt.errors import ReadaptError
-from tiny import perturb, read_all, save_tiny, tiny_model
+from tests.tiny import perturb, read_all, save_tiny, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]
 
@@ -452,9 +452,7 @@ def test_tiny_model_logits_after_merge(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, dtype):
     """Extract and delta/checkpoint merges run in float32 blocks; block size must not change a single bit."""
-    import importlib
-
-    ck = importlib.import_module("readapt.checkpoint")
+    import readapt.checkpoint.reader as ck
 
     base = save_tiny(tmp_path / "base", "qwen2", dtype=dtype)
     inst = perturb(base, tmp_path / "inst", scale=0.05)
@@ -480,11 +478,10 @@ def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, 
 def test_untouched_tensors_are_copied_in_blocks(tmp_path, monkeypatch):
     """A LoRA touching two modules: every other tensor is copied byte for byte, block by block, and a
     NaN found in a copied base tensor is still refused."""
-    import importlib
-
     from safetensors.torch import load_file, save_file
 
-    ck = importlib.import_module("readapt.checkpoint")
+    import readapt.checkpoint.reader as ck
+
     monkeypatch.setattr(ck, "COPY_BLOCK", 24)
     base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
     got = read_all(readapt.merge(base, tmp_path / "out", [(adapter, 1.0)]))
@@ -499,9 +496,9 @@ def test_untouched_tensors_are_copied_in_blocks(tmp_path, monkeypatch):
 
 
 def test_nan_in_a_touched_base_tensor_is_named(tmp_path):
-    import importlib
-
     from safetensors.torch import load_file, save_file
+
+    from readapt.merging import iter_merged
 
     base = save_tiny(tmp_path / "base")
     delta = readapt.extract(base, perturb(base, tmp_path / "t"), tmp_path / "d")
@@ -514,7 +511,6 @@ def test_nan_in_a_touched_base_tensor_is_named(tmp_path):
     save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after adding"):
         readapt.merge(base, tmp_path / "out", [(delta, 0.0)], dtype="float16")
-    iter_merged = importlib.import_module("readapt.merge").iter_merged
     with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after casting to torch.float16"):
         list(iter_merged(readapt.Checkpoint.open(base), [], torch.float16))
     assert not (tmp_path / "out").exists()
@@ -577,7 +573,8 @@ def test_a_half_present_adapter_is_refused_naming_the_module(tmp_path):
 
 def test_extract_refuses_an_adapter_as_base_or_tuned(tmp_path):
     """extract used to accept a delta folder (or a PEFT adapter) as BASE and write TUNED - DELTA."""
-    from readapt.lowrank import extract_lowrank, spectrum
+    from readapt.lowrank import extract_lowrank
+    from readapt.spectra import spectrum
 
     base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
     tuned = perturb(base, tmp_path / "t")

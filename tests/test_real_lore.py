@@ -51,7 +51,7 @@ def test_lore_adapter_is_one_model_unmerged_merged_and_through_readapt(real, rul
     from transformers import AutoModelForCausalLM
 
     from readapt.lowrank import extract_lowrank
-    from readapt.merge import load_merged
+    from readapt.merging import load_merged
 
     name, base, tuned, ids = real
     out = tmp_path / "lore"

@@ -1,4 +1,5 @@
-"""PEFT LoRA / DoRA adapter folders: their weight-space difference per base tensor, and writing them.
+"""PEFT LoRA adapter folders (DoRA as a variant of LoRA): their weight-space difference per base tensor,
+and writing them.
 
 Reading (what `merge` and `port` add to a base):
 
@@ -8,6 +9,8 @@ Reading (what `merge` and `port` add to a base):
     DoRA   Ψ[W] = W′ − W,  W′ = m ⊙ (W + sBA) / ‖W + sBA‖    (norm per output row; per column for
            embeddings), computed in float32 exactly as PEFT's merge does, so α·Ψ with α=1 gives PEFT's
            merge_and_unload and α=0 gives W.  Liu et al. 2024, "DoRA", eq. 5.
+           As in PEFT (its `LoraVariant`), DoRA is a variant object of the LoRA adapter (`DoraVariant`):
+           it checks the magnitudes and defines the full weight W′; everything else is LoRA's.
     lora_bias / modules_to_save tensors: their difference from the base tensor.
     trainable tokens (`trainable_token_indices` R, `<module>.token_adapter.trainable_tokens_delta` = the new
            rows V): W′ = W with W′[R] = V (PEFT's index_copy), Ψ = W′ − W.
@@ -39,8 +42,10 @@ from pathlib import Path
 
 import torch
 
-from readapt.checkpoint import Checkpoint, write_file
+from readapt.addends.base import Addend, Kind
+from readapt.checkpoint import Checkpoint, ReadOptions, is_peft_folder, write_file
 from readapt.errors import ReadaptError
+from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
 
 PREFIX = "base_model.model."
 _TOKENS = "token_adapter.trainable_tokens_delta"
@@ -59,15 +64,9 @@ class _Module:
     parts: dict[str, str] = field(default_factory=dict)
 
 
-def is_peft_folder(path: Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
 def read_adapter_config(file: Path) -> dict:
     """adapter_config.json, checked once: the fields readapt reads have PEFT's types (r > 0, finite
     lora_alpha, rank_pattern/alpha_pattern keys that compile as PEFT uses them: `(.*\\.)?(KEY)$`)."""
-    from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
-
     config = check_fields(load(file), file, {
         "peft_type": STRING, "r": POSITIVE_INT, "lora_alpha": NUMBER, "rank_pattern": OBJECT,
         "alpha_pattern": OBJECT, "use_rslora": BOOL, "use_dora": BOOL, "fan_in_fan_out": BOOL,
@@ -84,12 +83,89 @@ def read_adapter_config(file: Path) -> dict:
     return config
 
 
-class PeftAdapter:
-    """A PEFT LoRA/DoRA adapter folder as a source of weight-space differences Ψ[name] for a base."""
+@dataclass
+class LoraTerm:
+    """Ψ = s·B·A for one base tensor, in float32, with the factors as PEFT stores them: B out×r, A r×in;
+    for an embedding B is dim×r and A r×vocab, and Ψ = s·(B·A)ᵀ (vocab×dim), as for a fan_in_fan_out
+    layer, which stores Wᵀ (`transposed`)."""
 
-    kind = "peft-lora"
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float
+    transposed: bool = False
 
-    def __init__(self, folder: str | Path, label: str | None = None, allow_pickle: bool = False):
+    def delta(self) -> torch.Tensor:
+        """Ψ as PEFT's get_delta_weight computes it: the product (the one full-size buffer), transposed if so,
+        then scaled in place."""
+        d = self.B @ self.A
+        if self.transposed:
+            d = d.T
+        return d.mul_(self.scale)
+
+
+class LoraVariant:
+    """Plain LoRA: W′ = W + s·B·A. merge adds the term; there is no full weight to blend towards."""
+
+    kind = Kind.LORA
+
+    @staticmethod
+    def check(where: str, parts: Container[str], factored: bool) -> None:
+        """Refuse DoRA magnitudes in an adapter whose config does not say use_dora."""
+        if "lora_magnitude_vector" in parts:
+            raise ReadaptError(f"{where} has a lora_magnitude_vector but adapter_config.json does not say "
+                               f"use_dora: true: the adapter is inconsistent")
+
+    @staticmethod
+    def target(adapter: LoraAdapter, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class DoraVariant(LoraVariant):
+    """DoRA (Liu et al. 2024, eq. 5): W′ = m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per output row of a
+    Linear weight and per embedding dimension (column) of an embedding, as PEFT's DoRA layers take it."""
+
+    kind = Kind.DORA
+
+    @staticmethod
+    def check(where: str, parts: Container[str], factored: bool) -> None:
+        """Every factored module has its magnitude m, and m comes with factors (PEFT would merge plain LoRA
+        or fail otherwise)."""
+        if factored and "lora_magnitude_vector" not in parts:
+            raise ReadaptError(f"{where} has no lora_magnitude_vector, but adapter_config.json says use_dora: "
+                               f"the DoRA adapter is incomplete (or set use_dora to false if it is plain LoRA)")
+        if "lora_magnitude_vector" in parts and not factored:
+            raise ReadaptError(f"{where} has a lora_magnitude_vector but no lora_A/lora_B factors: the adapter "
+                               f"is inconsistent")
+
+    @staticmethod
+    def weight_norm(W: torch.Tensor, embedding: bool) -> torch.Tensor:
+        """‖W‖ as DoRA takes it: per output row of a Linear W (out×in), per column of an embedding (vocab×dim)."""
+        return torch.linalg.norm(W, dim=0 if embedding else 1)
+
+    @staticmethod
+    def target(adapter: LoraAdapter, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor | None:
+        """W′ = m ⊙ (W + d) / ‖W + d‖, d = s·B·A: the same operations in the same order as PEFT's merge."""
+        if "lora_magnitude_vector" not in mod.parts:
+            return None
+        d = adapter.term(name).delta()
+        m = adapter.ckpt.read(mod.parts["lora_magnitude_vector"]).float()
+        combined = base + d
+        if "lora_embedding_A" in mod.parts:  # norm of each embedding dimension over the vocabulary; m: dim
+            norm = torch.linalg.norm(base.T + d.T, dim=1)  # PEFT takes it on the transposed sum
+            return (m / norm).view(1, -1).mul(combined)
+        if adapter.config.get("fan_in_fan_out"):
+            raise ReadaptError(f"{adapter.path}: DoRA with fan_in_fan_out=True is not supported")
+        del d
+        norm = DoraVariant.weight_norm(combined, embedding=False)  # out; PEFT's get_weight_norm of W + d
+        return combined.mul_((m / norm).view(-1, 1))
+
+
+class LoraAdapter(Addend):
+    """A PEFT LoRA adapter folder (plain, or with the DoRA variant) as a source of Ψ[name] for a base."""
+
+    kind = Kind.LORA
+
+    def __init__(self, folder: str | Path, label: str | None = None, read: ReadOptions | None = None):
         self.path = Path(folder)
         self.label = label or str(folder)
         cfg_file = self.path / "adapter_config.json"
@@ -97,8 +173,8 @@ class PeftAdapter:
         if self.config.get("peft_type", "LORA") != "LORA":
             raise ReadaptError(f"{cfg_file}: peft_type {self.config.get('peft_type')!r} is not supported "
                                f"(readapt reads LoRA and DoRA adapters)")
-        self.dora = bool(self.config.get("use_dora"))
-        self.ckpt = Checkpoint.open(self.path, allow_pickle)  # adapter_model.safetensors (or .bin, if allowed)
+        self.variant = DoraVariant if self.config.get("use_dora") else LoraVariant
+        self.ckpt = Checkpoint.open(self.path, read)  # adapter_model.safetensors (or .bin, if allowed)
         self.modules: dict[str, _Module] = {}  # base tensor name -> pieces
         for key in self.ckpt.names:
             rest = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -112,10 +188,20 @@ class PeftAdapter:
             self.modules.setdefault(target, _Module(mod)).parts[part] = key
         self._check_parts()
 
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        return is_peft_folder(folder)
+
+    @classmethod
+    def open_for(cls, spec, folder: Path, base: Checkpoint, *, read: ReadOptions, skip_missing: bool) -> Addend:
+        addend = cls(folder, label=str(spec), read=read)
+        addend.drop_tied_copies(base.infos)  # PEFT's ensure_weight_tying copy: the embedding's own delta
+        return addend
+
     def _check_parts(self) -> None:
         """Refuse a half-present adapter, which would merge silently as something else: lora_A without
-        lora_B (or the reverse; the same for embeddings), lora_B.bias without the module's factors, DoRA
-        magnitudes missing under use_dora or present without it (PEFT would merge plain LoRA or fail)."""
+        lora_B (or the reverse; the same for embeddings), lora_B.bias without the module's factors; the
+        variant checks the DoRA magnitudes."""
         for target, mod in self.modules.items():
             p, where = mod.parts, f"{self.path}: module {mod.name}"
             for a, b in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
@@ -125,30 +211,33 @@ class PeftAdapter:
             weight = self.modules.get(target.removesuffix("bias") + "weight") if target.endswith(".bias") else None
             if "lora_B.bias" in p and (weight is None or "lora_A.weight" not in weight.parts):
                 raise ReadaptError(f"{where} has lora_B.bias but no lora_A/lora_B weights: the adapter is incomplete")
-            factored = "lora_A.weight" in p or "lora_embedding_A" in p
-            if self.dora and factored and "lora_magnitude_vector" not in p:
-                raise ReadaptError(f"{where} has no lora_magnitude_vector, but adapter_config.json says use_dora: "
-                                   f"the DoRA adapter is incomplete (or set use_dora to false if it is plain LoRA)")
-            if "lora_magnitude_vector" in p and not (self.dora and factored):
-                why = "no lora_A/lora_B factors" if self.dora else "adapter_config.json does not say use_dora: true"
-                raise ReadaptError(f"{where} has a lora_magnitude_vector but {why}: the adapter is inconsistent")
+            self.variant.check(where, p, "lora_A.weight" in p or "lora_embedding_A" in p)
 
-    # -- per-module scale ---------------------------------------------------------------------------
+    # -- per-module rank, alpha and scale ------------------------------------------------------------
 
-    def scale(self, module: str, rank: int) -> float:
-        """s = alpha / r (alpha / √r with use_rslora), r and alpha from rank_pattern/alpha_pattern."""
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        """(r, alpha) of `module`, from rank_pattern/alpha_pattern matched as PEFT matches them."""
         c = self.config
         rp, ap = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
         if rp or ap:  # importing peft costs ~120 MB of RSS: only when there are patterns to match
             from peft.utils.other import get_pattern_key
         r = rp.get(get_pattern_key(rp.keys(), module), c["r"]) if rp else c["r"]
         alpha = ap.get(get_pattern_key(ap.keys(), module), c["lora_alpha"]) if ap else c["lora_alpha"]
+        return r, alpha
+
+    def scale(self, module: str, rank: int) -> float:
+        """s = alpha / r (alpha / √r with use_rslora), r and alpha from rank_pattern/alpha_pattern."""
+        r, alpha = self.rank_alpha(module)
         if r != rank:
             raise ReadaptError(f"{self.path}: module {module} has rank {rank} factors but adapter_config.json "
                                f"gives it r={r} (rank_pattern); the adapter is inconsistent")
-        return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
-    # -- the Addend protocol ------------------------------------------------------------------------
+    # -- the addend -------------------------------------------------------------------------------------
+
+    def made_on(self) -> tuple[str | None, str | None]:
+        return self.config.get("base_model_name_or_path"), (self.config.get("auto_mapping") or {}).get(
+            "base_model_class")
 
     def targets(self) -> dict[str, tuple[int, ...] | None]:
         """Base tensor name -> the shape the adapter expects it to have (None: not known from files)."""
@@ -178,8 +267,8 @@ class PeftAdapter:
         return target.sub_(base) if target is not None else self._lora(name)
 
     def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """The full weight this adapter gives `name` where it defines one (DoRA's W′, modules_to_save);
-        None for plain LoRA terms, whose merge is base + s·B·A."""
+        """The full weight this adapter gives `name` where it defines one (trainable tokens, modules_to_save,
+        the variant's: DoRA's W′); None for plain LoRA terms, whose merge is base + s·B·A."""
         mod = self.modules.get(name)
         if mod is None:
             return None
@@ -189,20 +278,7 @@ class PeftAdapter:
                       or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
         if saved is not None:  # a full replacement tensor (bias="lora_only"/"all": PEFT loads base_layer.bias)
             return self.ckpt.read(mod.parts[saved]).float()
-        if "lora_magnitude_vector" not in mod.parts:
-            return None
-        # DoRA: W′ = m ⊙ (W + d) / ‖W + d‖, the same operations in the same order as PEFT's merge
-        d = self._lora(name)
-        m = self.ckpt.read(mod.parts["lora_magnitude_vector"]).float()
-        combined = base + d
-        if "lora_embedding_A" in mod.parts:  # norm of each embedding dimension over the vocabulary; m: dim
-            norm = torch.linalg.norm(base.T + d.T, dim=1)
-            return (m / norm).view(1, -1).mul(combined)
-        if self.config.get("fan_in_fan_out"):
-            raise ReadaptError(f"{self.path}: DoRA with fan_in_fan_out=True is not supported")
-        del d
-        norm = torch.linalg.norm(combined, dim=1)  # out; PEFT's get_weight_norm of the same W + d
-        return combined.mul_((m / norm).view(-1, 1))
+        return self.variant.target(self, name, mod, base)
 
     def _tokens(self, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor:
         """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge)."""
@@ -240,23 +316,26 @@ class PeftAdapter:
             del self.modules[target]
         return found
 
-    def _lora(self, name: str) -> torch.Tensor | None:
-        """s·B·A for `name` (out×in; vocab×dim for embeddings), as PEFT's get_delta_weight computes it."""
-        mod = self.modules[name]
-        p, read = mod.parts, (lambda part: self.ckpt.read(mod.parts[part]).float())
-        if "lora_B.bias" in p and name.endswith(".bias"):
-            a_key = self.modules[name[: -len("bias")] + "weight"].parts["lora_A.weight"]
-            return read("lora_B.bias").mul_(self.scale(mod.name, self.ckpt.shape(a_key)[0]))
+    def term(self, name: str) -> LoraTerm | None:
+        """The factors of the LoRA term on the weight `name` (a Linear or an embedding), None if it has none."""
+        mod = self.modules.get(name)
+        p = mod.parts if mod is not None else {}
         if "lora_A.weight" in p:
-            A, B = read("lora_A.weight"), read("lora_B.weight")  # A: r×in, B: out×r
-            d = B @ A  # the one full-size buffer: scaled in place
-            if self.config.get("fan_in_fan_out"):
-                d = d.T
-            return d.mul_(self.scale(mod.name, A.shape[0]))
-        if "lora_embedding_A" in p:
-            A, B = read("lora_embedding_A"), read("lora_embedding_B")  # A: r×vocab, B: dim×r
-            return (B @ A).T.mul_(self.scale(mod.name, A.shape[0]))  # vocab×dim
-        return None  # only a base_layer copy: not part of the patch
+            A, B = self.ckpt.read(p["lora_A.weight"]).float(), self.ckpt.read(p["lora_B.weight"]).float()
+            return LoraTerm(B, A, self.scale(mod.name, A.shape[0]), bool(self.config.get("fan_in_fan_out")))
+        if "lora_embedding_A" in p:  # A: r×vocab, B: dim×r
+            A, B = self.ckpt.read(p["lora_embedding_A"]).float(), self.ckpt.read(p["lora_embedding_B"]).float()
+            return LoraTerm(B, A, self.scale(mod.name, A.shape[0]), transposed=True)
+        return None
+
+    def _lora(self, name: str) -> torch.Tensor | None:
+        """s·B·A for `name` (out×in; vocab×dim for embeddings), or s·b for a lora_B.bias."""
+        mod = self.modules[name]
+        if "lora_B.bias" in mod.parts and name.endswith(".bias"):
+            a_key = self.modules[name[: -len("bias")] + "weight"].parts["lora_A.weight"]
+            return self.ckpt.read(mod.parts["lora_B.bias"]).float().mul_(self.scale(mod.name, self.ckpt.shape(a_key)[0]))
+        term = self.term(name)
+        return None if term is None else term.delta()  # None: only a base_layer copy, not part of the patch
 
 
 def save_lora(folder: Path, factors: Iterable[tuple[str, torch.Tensor, torch.Tensor]], *,
