@@ -48,7 +48,7 @@ def _exact_line(m: dict) -> str:
         return "- stored in a 16-bit dtype: base + 1.0·delta is within one rounding of tuned, not exact\n"
     e = m["exact"]
     return (f"- base + 1.0·delta gives tuned bit for bit: {e['elements']} of {e['of']:,} elements, whose "
-            f"difference float32 cannot hold, are kept as tuned values in `readapt_delta.json` (`exact`)\n")
+            f"difference float32 cannot hold, are kept as tuned values in `readapt_exact.safetensors`\n")
 
 
 def merge_card(base, addends, dtype) -> str:

@@ -102,8 +102,8 @@ def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, floa
     for blocks in aligned_blocks(*sources):
         W, *xs = [float32_view(b, buf) for b, buf in zip(blocks, bufs)]
         if fix is not None:  # Φ and Θ at the recorded elements of this block, before W changes
-            sel = (fix[0] >= start) & (fix[0] < start + W.numel())
-            at, theta = fix[0][sel] - start, fix[1][sel]
+            at, theta = fix.upto(start + W.numel())
+            at = at - start
             phi = W[at]
         start += W.numel()
         W = combine(W, [(x, s, is_target) for x, (s, is_target) in zip(xs, kinds)])
