@@ -3,7 +3,8 @@
 A delta folder (readapt extract) holds Δ = Θ − Φ as safetensors shards plus `readapt_delta.json`, the
 manifest of what it was made from. In float32, Φ + Δ is Θ bit for bit except where fp32(Θ) − fp32(Φ) is not
 exact (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|); readapt_exact.safetensors records the tuned
-values there (`DeltaFolder.exact`, readapt.roundtrip), and merge gives those elements Θ at scale 1 and lerp(Φ, Θ, s) otherwise.
+values there (`DeltaFolder.exact`, readapt.roundtrip), and merge gives those elements Θ at scale 1 and
+lerp(Φ, Θ, s) otherwise.
 """
 
 from __future__ import annotations
