@@ -15,8 +15,8 @@ from readapt.checkpoint.folders import check_output, copy_side_files, output_fol
 from readapt.checkpoint.header import DTYPES, MAX_HEADER, TensorInfo, read_header
 from readapt.checkpoint.pair import EXTRACT_FIX, Pair, difference_blocks, shared_tensors
 from readapt.checkpoint.reader import (ADAPTER_CONFIG, DELTA_MANIFEST, EXACT_FILE, Checkpoint, ReadOptions,
-                                       aligned_blocks, float32_view, hub_repo, is_delta_folder, is_peft_folder, open_model,
-                                       read_blocks, recorded_name, resolve_model, weight_file)
+                                       aligned_blocks, float32_view, hub_repo, is_delta_folder, is_peft_folder,
+                                       open_model, read_blocks, recorded_name, resolve_model, weight_file)
 from readapt.checkpoint.writer import Blocks, Plan, parse_size, shard_plan, write_file, write_tensors
 
 __all__ = ["ADAPTER_CONFIG", "CONFIG_FIELDS", "DELTA_MANIFEST", "DTYPES", "EXACT_FILE", "EXTRACT_FIX", "MAX_HEADER",
