@@ -118,8 +118,8 @@ def interference_summary(summary: dict) -> str:
 
 
 def _fixed(x: float | None, signed: bool = False) -> str:
-    """A figure for the terminal and the card: three decimals, a sign for cosines, n/a for none."""
-    return "n/a" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
+    """A cosine with three decimals and its sign, a relative size with three significant digits; n/a for none."""
+    return "n/a" if x is None else f"{x:+.3f}" if signed else f"{x:.3g}"
 
 
 def lore_summary(report: dict) -> str:
