@@ -15,7 +15,7 @@ from readapt.cli import main
 from readapt.interference import layer_of
 from readapt.checkpoint import Blocks
 from readapt.merging import iter_merged, load_merged, open_inputs
-from tiny import perturb, read_all, save_tiny
+from tests.tiny import perturb, read_all, save_tiny
 
 
 def _lora(base, out):

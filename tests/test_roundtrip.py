@@ -11,7 +11,7 @@ import readapt
 from readapt.checkpoint import Checkpoint
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from tiny import read_all, save_tiny
+from tests.tiny import read_all, save_tiny
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
