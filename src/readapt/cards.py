@@ -48,11 +48,12 @@ def _exact_line(m: dict) -> str:
         return "- stored in a 16-bit dtype: base + 1.0·delta is within one rounding of tuned, not exact\n"
     e = m["exact"]
     return (f"- base + 1.0·delta gives tuned bit for bit: {e['elements']} of {e['of']:,} elements, whose "
-            f"difference float32 cannot hold, are kept as tuned values in `readapt_delta.json` (`exact`)\n")
+            f"difference float32 cannot hold, are kept as tuned values in `readapt_exact.safetensors`\n")
 
 
-def merge_card(base, addends, dtype) -> str:
-    """README.md of a merged model folder: Ω = Φ + Σ sᵢ·Ψᵢ with each addend, its kind and scale."""
+def merge_card(base, addends, dtype, interference: dict | None = None) -> str:
+    """README.md of a merged model folder: Ω = Φ + Σ sᵢ·Ψᵢ with each addend, its kind and scale, and with two
+    or more addends how they meet per layer (readapt.interference)."""
     rows = "\n".join(f"| `{a.label}` | {a.kind} | {s:g} |" for a, s in addends)
     terms = " + ".join(f"{s:g}·Ψ{i + 1}" for i, (_, s) in enumerate(addends))
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -74,7 +75,51 @@ Made by readapt {__version__} on {now}:
 
 A checkpoint adapter means its difference from the base; a delta folder is a RE-Adapter; a PEFT adapter
 contributes s·B·A (DoRA: W′ − W). Load with `transformers.AutoModelForCausalLM.from_pretrained`.
+{interference_section(interference) if interference else ""}"""
+
+
+def interference_section(summary: dict) -> str:
+    """The card's table of how the addends meet: per layer, each ‖sᵢΨᵢ‖/‖Φ‖ and each pair's cosine."""
+    k = len(summary["addends"])
+    pairs = list(summary["overall"].get("cos", {}))
+    head = [f"‖s·Ψ{i + 1}‖/‖Φ‖" for i in range(k)] + [f"cos(Ψ{p.replace(',', ', Ψ')})" for p in pairs]
+
+    def row(label, v):
+        cells = [_fixed(r) for r in v["rel"]] + [_fixed(v["cos"][p], signed=True) for p in pairs]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    rows = [row(k_, v) for k_, v in summary["layers"].items()] + [row("**all**", summary["overall"])]
+    return f"""
+## How the addends meet (weight space)
+
+Per layer, over the tensors this merge touches: each scaled difference's size relative to the base, and the
+cosine between each pair (0: orthogonal, > 0 the same direction, < 0 opposite). Orthogonal differences can
+still interfere in function. The figures are in `readapt_interference.json`.
+
+| layer | {" | ".join(head)} |
+|---|{"---|" * len(head)}
+{chr(10).join(rows)}
 """
+
+
+def interference_summary(summary: dict) -> str:
+    """A few lines for the terminal: per pair, the cosine over all touched tensors and its range over layers;
+    per addend, its size relative to the base."""
+    o, layers = summary["overall"], summary["layers"]
+    lines = ["interference (weight space; cos between scaled differences, size relative to the base):"]
+    for pair, c in o.get("cos", {}).items():
+        per = [v["cos"][pair] for v in layers.values() if v["cos"].get(pair) is not None]
+        rng = f", per layer {min(per):+.3f} … {max(per):+.3f}" if per else ""
+        i, j = (int(x) for x in pair.split(","))
+        lines.append(f"  cos(Ψ{i}, Ψ{j}) = {_fixed(c, True)} overall{rng}")
+    for i, (label, r) in enumerate(zip(summary["addends"], o.get("rel", []))):
+        lines.append(f"  ‖s·Ψ{i + 1}‖/‖Φ‖ = {_fixed(r)}  ({label})")
+    return "\n".join(lines)
+
+
+def _fixed(x: float | None, signed: bool = False) -> str:
+    """A cosine with three decimals and its sign, a relative size with three significant digits; n/a for none."""
+    return "n/a" if x is None else f"{x:+.3f}" if signed else f"{x:.3g}"
 
 
 def lore_summary(report: dict) -> str:
@@ -153,7 +198,7 @@ def vocabulary_matched(st: dict, details: bool = True) -> str:
     return how
 
 
-def _fmt(x) -> str:
+def fmt(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
@@ -182,14 +227,14 @@ def port_summary(report: dict) -> str:
         lines.append(f"  warning: {w}")
     d = report.get("drift")
     if d:
-        lines.append(f"  drift vs the old base (total): drift {_fmt(d['total']['drift'])}, patch/drift "
-                     f"{_fmt(d['total']['patch_to_drift'])}, cos {_fmt(d['total']['cos_patch_drift'])}")
+        lines.append(f"  drift vs the old base (total): drift {fmt(d['total']['drift'])}, patch/drift "
+                     f"{fmt(d['total']['patch_to_drift'])}, cos {fmt(d['total']['cos_patch_drift'])}")
         lines.append("    drift = ‖θ′−θ‖/‖θ‖ (how far the new version moved); patch/drift = ‖P‖/‖θ′−θ‖ (the patch "
                      "is small next to the move when ≪ 1); cos = cos(P, θ′−θ) (≈ 0: unrelated directions)")
         lines.append(f"    {'layer':28s} {'drift':>9s} {'patch/drift':>12s} {'cos':>9s}")
         for k, r in d["layers"].items():
-            lines.append(f"    {k:28s} {_fmt(r['drift']):>9s} {_fmt(r['patch_to_drift']):>12s} "
-                         f"{_fmt(r['cos_patch_drift']):>9s}")
+            lines.append(f"    {k:28s} {fmt(r['drift']):>9s} {fmt(r['patch_to_drift']):>12s} "
+                         f"{fmt(r['cos_patch_drift']):>9s}")
     if report.get("output"):
         lines.append(f"  wrote {report['output']['path']} (details: {PORT_REPORT})")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ job's ReadOptions. Errors of type ReadaptError print one line and exit 2; Ctrl-C
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import warnings
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import readapt.flags as flags
 from readapt._version import __version__
-from readapt.cards import lore_summary, port_summary
+from readapt.cards import interference_summary, lore_summary, port_summary
 from readapt.delta import extract
 from readapt.demoworld import demo
 from readapt.errors import ReadaptError, os_error
 from readapt.evaluation import evaluate, score, sweep
 from readapt.flags import policy, qa_kwargs, read_options, train_settings
+from readapt.interference import INTERFERENCE_FILE
 from readapt.lowrank import compress, extract_lowrank
 from readapt.merging import merge
 from readapt.porting import port
@@ -66,8 +68,11 @@ def _extract_lowrank(fn, a):
 def _merge(fn, a):
     if not a.add:
         raise ReadaptError("merge needs at least one --add ADAPTER[:SCALE]")
-    return _wrote(fn(a.base, a.output, a.add, dtype=a.dtype, skip_missing=a.skip_missing, overwrite=a.overwrite,
-                     max_shard_size=a.max_shard_size, read=read_options(a)))
+    out = fn(a.base, a.output, a.add, dtype=a.dtype, skip_missing=a.skip_missing, overwrite=a.overwrite,
+             max_shard_size=a.max_shard_size, read=read_options(a))
+    if (out / INTERFERENCE_FILE).is_file():
+        print(interference_summary(json.loads((out / INTERFERENCE_FILE).read_text())))
+    return _wrote(out)
 
 
 def _compress(fn, a):

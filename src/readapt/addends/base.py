@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo
+from readapt.roundtrip import Exceptions
 
 
 class Kind(str, Enum):
@@ -79,8 +80,8 @@ class Addend(ABC):
         """Elementwise addends: where Ψ[name] (Φ′[name] when `stores_target`) is stored."""
         raise NotImplementedError(f"{type(self).__name__} is not elementwise")
 
-    def exact(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(flat indices, tuned float32 values) where Φ + Ψ is not the tuned weight bit for bit, or None."""
+    def exact(self, name: str) -> Exceptions | None:
+        """Where Φ + Ψ is not the tuned weight bit for bit, with the tuned values (readapt.roundtrip), or None."""
         return None
 
     def made_on(self) -> tuple[str | None, str | None]:

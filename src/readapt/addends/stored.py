@@ -2,8 +2,9 @@
 
 A delta folder (readapt extract) holds Δ = Θ − Φ as safetensors shards plus `readapt_delta.json`, the
 manifest of what it was made from. In float32, Φ + Δ is Θ bit for bit except where fp32(Θ) − fp32(Φ) is not
-exact (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|); the manifest's `exact` entry records the tuned
-values there (`DeltaFolder.exact`), and merge gives those elements Θ at scale 1 and lerp(Φ, Θ, s) otherwise.
+exact (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|); readapt_exact.safetensors records the tuned
+values there (`DeltaFolder.exact`, readapt.roundtrip), and merge gives those elements Θ at scale 1 and
+lerp(Φ, Θ, s) otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from readapt.addends.base import Addend, Kind
 from readapt.checkpoint import (CONFIG_FIELDS, DELTA_MANIFEST, Checkpoint, Pair, ReadOptions, TensorInfo,
                                 check_configs, is_delta_folder)
 from readapt.errors import ReadaptError
+from readapt.roundtrip import Exceptions, open_exceptions
 from readapt.userfiles import OBJECT, STRING, check_fields, load
 
 
@@ -68,24 +70,16 @@ class DeltaFolder(_StoredTensors):
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.ckpt.read(name).float() if name in self.ckpt else None
 
-    def exact(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(flat indices, tuned values in float32) of the elements where Φ + Δ is not Θ (see the module
-        docstring), or None."""
-        e = ((self.manifest.get("exact") or {}).get("tensors") or {}).get(name)
-        if not e:
-            return None
-        idx, val = torch.tensor(e["index"], dtype=torch.long), torch.tensor(e["tuned"], dtype=torch.float32)
-        numel = math.prod(self.ckpt.shape(name))
-        if len(idx) != len(val) or (len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < numel):
-            raise ReadaptError(f"{self.path / DELTA_MANIFEST}: the `exact` entry of {name!r} is corrupt")
-        return idx, val
+    def exact(self, name: str) -> Exceptions | None:
+        """The elements of `name` where Φ + Δ is not Θ, with Θ's values there (readapt.roundtrip), or None."""
+        return open_exceptions(self.path, self.manifest, name, math.prod(self.ckpt.shape(name)))
 
     def tuned(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """Θ = Φ + Δ (float32), with the recorded exceptions: Θ bit for bit."""
         t = base.float().add_(self.ckpt.read(name).float())
         fix = self.exact(name)
-        if fix is not None:
-            t.view(-1)[fix[0]] = fix[1]
+        for idx, val in fix.blocks() if fix is not None else ():
+            t.view(-1)[idx] = val
         return t
 
     def made_on(self) -> tuple[str | None, str | None]:

@@ -92,7 +92,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
     weight_map: dict[str, str] = {}
     for fname, shard in zip(names, shards):
         with open(folder / fname, "wb") as f:
-            f.write(_header(metadata, ((name, dtype, shape) for name, dtype, shape in shard)))
+            f.write(header_bytes(metadata, ((name, dtype, shape) for name, dtype, shape in shard)))
             for name, dtype, shape in shard:
                 _write_tensor(f, name, dtype, shape, next(it), check_finite)
                 weight_map[name] = fname
@@ -103,7 +103,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
     return [folder / n for n in names]
 
 
-def _header(metadata: dict[str, str] | None, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> bytes:
+def header_bytes(metadata: dict[str, str] | None, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> bytes:
     """The 8-byte length and the JSON header of a safetensors file whose tensors follow in `entries` order,
     padded with spaces to a multiple of 8 bytes (as safetensors pads it)."""
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -156,7 +156,7 @@ def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
             f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
             del t  # not held while the producer computes the next tensor
     with open(path, "wb") as out, open(spool, "rb") as src:
-        out.write(_header(metadata, entries))
+        out.write(header_bytes(metadata, entries))
         shutil.copyfileobj(src, out, 1 << 24)
     spool.unlink()
     return path
