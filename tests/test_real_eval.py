@@ -1,4 +1,4 @@
-"""Real checkpoints (issue 11): eval prompts are the chat template's own, answers do not depend on the batch
+"""Real checkpoints: eval prompts are the chat template's own, answers do not depend on the batch
 size, and the held-out loss `train` reports is transformers' loss on the text packed with BOS.
 
 The cache is `$READAPT_REAL_CACHE` or ~/.cache/readapt/real (benchmarks/real_models.py builds it); a test

@@ -1,4 +1,4 @@
-"""Real checkpoints (issue 11): a LoRE adapter is one model however it is loaded, and base + 1.0·Δ is the
+"""Real checkpoints: a LoRE adapter is one model however it is loaded, and base + 1.0·Δ is the
 tuned model bit for bit, on SmolLM2-135M-Instruct and Gemma-3-270m (both tie lm_head to the embeddings).
 
 Runs on the cache that benchmarks/real_models.py builds ($READAPT_REAL_CACHE, default ~/.cache/readapt/real)
