@@ -35,9 +35,13 @@ the 32-layer figure is extrapolated as t4 + 28 × per layer. (No 0-layer slice: 
 neither tool writes an adapter without a linear layer.)
 
 mergekit: `readapt merge BASE --add INSTRUCT:0.5` and mergekit-yaml task_arithmetic (weight 0.5, float32
-arithmetic, bfloat16 output: the same math) one after the other; per-tensor SHA-256 of both outputs
-compared, and the tensors of readapt's last shard compared elementwise (in bf16 ulps). Only one 16 GB
-output is on disk at a time, plus that shard.
+arithmetic, bfloat16 output: the same math) one after the other on the 8B pair (time, memory), then both
+again on the 1-layer slice with every output tensor compared (per-tensor SHA-256, and elementwise in bf16
+ulps).
+
+Disk: the jobs that write a 16 GB checkpoint run with their output drained (`Sink`): each finished 5 GB
+shard is fsync'ed and truncated while the job writes the next, so the disk holds one shard at a time
+and ~7 GB free are enough beside the 32.9 GB of inputs.
 
 Every result is appended to DIR/results.jsonl with the load average before and after. Nothing here is
 asserted by the tests.
@@ -266,9 +270,52 @@ def weight_bytes(*folders: Path) -> int:
     return sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors"))
 
 
+class Sink:
+    """Frees the disk behind a job's finished output shards while it runs: when a newer shard file exists,
+    each older one (closed by the writer, which writes them one after the other) is fsync'ed (the
+    write-back the job would cause anyway) and truncated to 0 bytes, keeping its name (mergekit renames
+    its shards at the end). The disk then holds one shard of the output at a time. Records every
+    shard's size for the throughput."""
+
+    def __init__(self, output: Path):
+        self.output, self.sizes, self.fsync_s = output, {}, 0.0
+
+    def files(self) -> list[Path]:
+        dirs = [self.output, *self.output.parent.glob(f".{self.output.name}.readapt-tmp-*")]
+        return [f for d in dirs if d.is_dir() for f in d.glob("*.safetensors")]
+
+    def poll(self, final: bool = False) -> None:
+        files = []
+        for f in self.files():
+            try:
+                files.append((f.stat().st_mtime_ns, f))
+            except OSError:
+                pass
+        files.sort()
+        for _, f in files if final else files[:-1]:
+            try:
+                size = f.stat().st_size
+                if size == 0:
+                    continue
+                self.sizes[f.name] = size
+                if final:
+                    continue
+                s = time.perf_counter()
+                fd = os.open(f, os.O_WRONLY)
+                try:
+                    os.fsync(fd)
+                    os.ftruncate(fd, 0)
+                finally:
+                    os.close(fd)
+                self.fsync_s += time.perf_counter() - s
+            except OSError:
+                pass
+
+
 def measure(work: Path, name: str, cmd: list[str] | str, inputs: int, output: Path | None = None,
-            keep: bool = False, extra: dict | None = None) -> dict:
-    """Run one command cold, niced, under /usr/bin/time -v; record and return its figures."""
+            keep: bool = False, extra: dict | None = None, sink: bool = False) -> dict:
+    """Run one command cold, niced, under /usr/bin/time -v; record and return its figures. With `sink`, the
+    output's finished shards are truncated while it runs (see Sink): the disk never holds the whole output."""
     if output is not None and not keep:
         shutil.rmtree(output, ignore_errors=True)
     logs = work / "logs"
@@ -279,6 +326,7 @@ def measure(work: Path, name: str, cmd: list[str] | str, inputs: int, output: Pa
     shell = isinstance(cmd, str)
     full = f"nice -n 19 /usr/bin/time -v -o {stats} {cmd}" if shell else ["nice", "-n", "19", "/usr/bin/time", "-v",
                                                                          "-o", str(stats), *cmd]
+    sunk = Sink(output) if sink and output is not None else None
     with open(logs / f"{name}.log", "w") as log:
         proc = subprocess.Popen(full, shell=shell, stdout=log, stderr=subprocess.STDOUT)
         anon, stop = [0], threading.Event()
@@ -287,11 +335,17 @@ def measure(work: Path, name: str, cmd: list[str] | str, inputs: int, output: Pa
             while not stop.wait(0.2):
                 anon[0] = max(anon[0], _rss_anon_kb(_descendants(proc.pid)))
 
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
+        def drain():
+            while not stop.wait(0.5):
+                sunk.poll()
+
+        threads = [threading.Thread(target=f, daemon=True) for f in ([sample, drain] if sunk else [sample])]
+        for th in threads:
+            th.start()
         rc = proc.wait()
         stop.set()
-        th.join()
+        for th in threads:
+            th.join()
     t = stats.read_text()
     if rc != 0:
         raise SystemExit(f"{name} failed (exit {rc}): {cmd}\n{(logs / f'{name}.log').read_text()[-3000:]}")
@@ -303,12 +357,18 @@ def measure(work: Path, name: str, cmd: list[str] | str, inputs: int, output: Pa
     subprocess.run(["sync"], check=True)
     sync_s = time.perf_counter() - s0
     written = folder_bytes(output) if output is not None else 0
+    if sunk is not None:
+        sunk.poll(final=True)
+        written = sum(sunk.sizes.values()) + sum(f.stat().st_size for f in output.rglob("*")
+                                                 if f.is_file() and not f.name.endswith(".safetensors"))
     row = {"job": name, "cmd": cmd if shell else " ".join(cmd), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
            "sync_after_s": round(sync_s, 2), "peak_rss_mb": round(rss / 1024), "peak_anon_mb_sampled": round(anon[0] / 1024),
            "read_gb": round(inputs / GB, 3), "written_gb": round(written / GB, 3),
            "gb_per_s": round((inputs + written) / GB / max(wall, 0.01), 3), "cold_cache": cold,
            "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()],
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), **(extra or {})}
+    if sunk is not None:
+        row["sink_fsync_s"] = round(sunk.fsync_s, 1)
     with open(work / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -350,7 +410,7 @@ def part_jobs(work: Path, only: list[str] | None) -> None:
     if not (inst / "config.json").is_file() or not (lora / "adapter_config.json").is_file():
         raise SystemExit(f"no pair in {work}: run `bench_scale.py build` first")
     nb, nl = weight_bytes(base), weight_bytes(lora)
-    need_space(work, nb, "a job writing a 16 GB checkpoint")
+    need_space(work, 5 * 10**9, "a job writing a 16 GB checkpoint in 5 GB shards (finished shards are truncated)")
     ra, py = readapt_cmd(), sys.executable
     shards = lambda *d: " ".join(str(f) for x in d for f in sorted(x.glob("*.safetensors")))  # noqa: E731
     jobs = {
@@ -372,7 +432,8 @@ def part_jobs(work: Path, only: list[str] | None) -> None:
     default = [k for k in jobs if k not in ("extract-rank64-gram", "extract-tau0.5")]  # slow: see `slices`
     for name in only or default:
         cmd, inputs, output = jobs[name]
-        measure(work, name, cmd, inputs, output, extra={"model": "8B-shaped", "layers": SHAPE["layers"]})
+        measure(work, name, cmd, inputs, output, extra={"model": "8B-shaped", "layers": SHAPE["layers"]},
+                sink=name in ("extract", "merge-0.5", "merge-lora", "port-lora-merge-from"))
 
 
 def part_svd(work: Path) -> None:
@@ -507,32 +568,47 @@ def ulp_compare(a_file: Path, b_folder: Path) -> dict:
 
 
 def part_mergekit(work: Path, mergekit: Path) -> None:
+    """Task arithmetic at weight 0.5: readapt and mergekit on the 8B pair (time, memory; outputs drained by
+    Sink), then both again on the 1-layer slice with every output tensor compared."""
     base, inst = work / "pair" / "base", work / "pair" / "instruct"
     ours, theirs = work / "out-readapt", work / "out-mergekit"
     mk = mergekit / "bin" / "mergekit-yaml"
     if not mk.exists():
         raise SystemExit(f"no {mk}: make the venv (see benchmarks/README.md) or pass --mergekit")
+
+    def config_file(b: Path, t: Path) -> Path:
+        cfg = work / "mergekit-task-arithmetic.yml"
+        cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {t}\n"
+                       f"    parameters:\n      weight: 0.5\ndtype: float32\nout_dtype: bfloat16\n")
+        return cfg
+
     nb = weight_bytes(base)
-    need_space(work, nb + 2 * 10**9, "the task-arithmetic comparison (one 16 GB output and one kept shard)")
-    measure(work, "merge-0.5-vs-mergekit", [readapt_cmd(), "merge", str(base), "--add", f"{inst}:0.5", "-o", str(ours)],
-            2 * nb, ours, keep=True)
-    digests_ours = tensor_digests(ours)
-    kept = sorted(ours.glob("*.safetensors"))[-1]
-    for f in ours.glob("*.safetensors"):
-        if f != kept:
-            f.unlink()
-    cfg = work / "mergekit-task-arithmetic.yml"
-    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {inst}\n"
-                   f"    parameters:\n      weight: 0.5\ndtype: float32\nout_dtype: bfloat16\n")
-    measure(work, "mergekit-task-arithmetic", [str(mk), str(cfg), str(theirs)], 2 * nb, theirs, keep=True)
-    digests_theirs = tensor_digests(theirs)
-    differ = sorted(n for n in digests_ours if digests_ours[n] != digests_theirs.get(n))
-    record(work, {"job": "task-arithmetic-agreement", "tensors": len(digests_ours),
-                  "tensors_bit_identical": len(digests_ours) - len(differ), "differ": differ[:20],
-                  "missing_in_mergekit": sorted(set(digests_ours) - set(digests_theirs))[:20],
-                  "elementwise_on": kept.name, **ulp_compare(kept, theirs)})
-    shutil.rmtree(ours)
-    shutil.rmtree(theirs)
+    need_space(work, 5 * 10**9, "task arithmetic on the 8B pair (5 GB shards, finished ones truncated)")
+    extra = {"model": "8B-shaped", "layers": SHAPE["layers"]}
+    measure(work, "merge-0.5-side-by-side", [readapt_cmd(), "merge", str(base), "--add", f"{inst}:0.5", "-o", str(ours)],
+            2 * nb, ours, extra=extra, sink=True)
+    measure(work, "mergekit-task-arithmetic", [str(mk), str(config_file(base, inst)), str(theirs)], 2 * nb, theirs,
+            extra=extra, sink=True)
+    sl = work / "slice1"
+    need_space(work, 4 * plan_bytes(1), "the 1-layer slice and both merged copies of it")
+    if not (sl / "instruct" / "config.json").is_file():
+        measure(work, "build-slice1", [sys.executable, __file__, "_build_pair", str(sl), "1"], 0, sl, keep=True)
+    b, t, ns = sl / "base", sl / "instruct", weight_bytes(sl / "base")
+    extra = {"model": "1-layer slice", "layers": 1}
+    measure(work, "slice1-merge-0.5", [readapt_cmd(), "merge", str(b), "--add", f"{t}:0.5", "-o", str(ours)], 2 * ns,
+            ours, keep=True, extra=extra)
+    measure(work, "slice1-mergekit-task-arithmetic", [str(mk), str(config_file(b, t)), str(theirs)], 2 * ns, theirs,
+            keep=True, extra=extra)
+    d_ours, d_theirs = tensor_digests(ours), tensor_digests(theirs)
+    differ = sorted(n for n in d_ours if d_ours[n] != d_theirs.get(n))
+    ulps = [ulp_compare(f, theirs) for f in sorted(ours.glob("*.safetensors"))]
+    record(work, {"job": "task-arithmetic-agreement", "on": "1-layer slice", "tensors": len(d_ours),
+                  "tensors_bit_identical": len(d_ours) - len(differ), "differ": differ[:20],
+                  "missing_in_mergekit": sorted(set(d_ours) - set(d_theirs))[:20],
+                  "elements": sum(u["elements"] for u in ulps), "bit_identical": sum(u["bit_identical"] for u in ulps),
+                  "max_ulp": max(u["max_ulp"] for u in ulps)})
+    for folder in (ours, theirs, sl):
+        shutil.rmtree(folder)
 
 
 def part_table(work: Path) -> None:
