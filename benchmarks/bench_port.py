@@ -41,7 +41,7 @@ def make_adapter(old: Path, out: Path, rank: int, dora: bool, seed: int = 0) -> 
     """A PEFT LoRA/DoRA adapter on every linear layer of `old`, written one module at a time."""
     import torch
 
-    from readapt.adapters import PREFIX
+    from readapt.addends import PREFIX
     from readapt.checkpoint import Checkpoint, output_folder, write_file
 
     ckpt = Checkpoint.open(old)

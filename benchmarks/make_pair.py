@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from readapt.checkpoint import output_folder, parse_dtype, write_tensors
+from readapt.checkpoint import output_folder, write_tensors
+from readapt.numerics import parse_dtype
 
 
 def llama_plan(layers: int, hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int,

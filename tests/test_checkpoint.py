@@ -332,7 +332,7 @@ def test_second_interrupt_during_cleanup_leaves_nothing(tmp_path, monkeypatch):
     """Ctrl-C pressed again while the temporary folder is being removed: ignored until it is gone."""
     import shutil
 
-    import readapt.checkpoint as ck
+    import readapt.checkpoint.folders as ck
 
     real = shutil.rmtree
 
@@ -405,7 +405,7 @@ def test_os_errors_while_writing_are_one_line(tmp_path):
 
 
 def test_parse_dtype_and_device_refuse_what_readapt_cannot_use():
-    from readapt.checkpoint import parse_device, parse_dtype
+    from readapt.numerics import parse_device, parse_dtype
 
     assert parse_dtype("bf16") == torch.bfloat16 and parse_dtype(None) is None
     for bad in ("float8_e4m3fn", "float8_e5m2", "int8", "bogus", 5):

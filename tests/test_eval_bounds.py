@@ -8,7 +8,7 @@ from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from readapt.evaluate import generate
+from readapt.generation import generate
 
 
 def _spy(model) -> list[int]:

@@ -280,7 +280,7 @@ def test_full_disk_and_long_names_are_one_line(kit, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(sys.modules["readapt.merge"], "copy_side_files", full)
+        m.setattr(sys.modules["readapt.merging"], "copy_side_files", full)
         error = cli("merge", kit["base"], "--add", kit["adapter"], "-o", tmp_path / "out").error
     assert "No space left on device" in error and "the disk is full" in error
     assert os.listdir(tmp_path) == []
@@ -297,7 +297,7 @@ def hang_up(src, dst):  # the job is writing: a partial output exists in the tem
     assert any(p.name.endswith(".safetensors") for p in dst.iterdir())
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 
-sys.modules["readapt.merge"].copy_side_files = hang_up
+sys.modules["readapt.merging"].copy_side_files = hang_up
 sys.exit(main(sys.argv[2:]))
 """
 

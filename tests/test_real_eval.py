@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from readapt.evaluate import build_prompts, evaluate
+from readapt.evaluation import evaluate
+from readapt.prompts import build_prompts
 
 CACHE = Path(os.environ.get("READAPT_REAL_CACHE") or Path.home() / ".cache" / "readapt" / "real").expanduser()
 pytestmark = pytest.mark.real
@@ -86,7 +87,7 @@ def test_held_out_loss_is_transformers_loss_with_bos(tmp_path, name, bos):
     with BOS where the tokenizer adds one (token-weighted mean over the blocks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from readapt.train import train
+    from readapt.training import train
 
     base = need(name)
     (tmp_path / "heldout.txt").write_text(" ".join([TEXT] * 3))  # ~165 tokens: blocks starting mid-document

@@ -22,7 +22,7 @@ import pytest
 import torch
 from tiny import read_all, save_tiny
 
-from readapt.port import port
+from readapt.porting import port
 
 CACHE = Path(os.environ.get("READAPT_REAL_CACHE") or Path.home() / ".cache" / "readapt" / "real").expanduser()
 ROWS = {"llama2": 32000, "llama3": 128256, "llama3_1": 128256, "gemma3": 262144, "qwen3": 151936}  # the real models'

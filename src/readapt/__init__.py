@@ -18,18 +18,18 @@ Modules import transformers/peft/matplotlib/bm25s lazily, so `import readapt` co
 `readapt.merge` is the function; the module is `importlib.import_module("readapt.merge")`.
 """
 
-__version__ = "0.1.0"
-
-from readapt.errors import ReadaptError  # noqa: E402
-from readapt.checkpoint import Checkpoint  # noqa: E402
-from readapt.delta import extract  # noqa: E402
-from readapt.merge import load_merged, merge  # noqa: E402
-from readapt.lowrank import compress, extract_lowrank, spectrum  # noqa: E402
-from readapt.train import train  # noqa: E402
-from readapt.port import port  # noqa: E402
-from readapt.metrics import contains_em, rouge_l_recall  # noqa: E402
-from readapt.evaluate import evaluate, score, sweep  # noqa: E402
-from readapt.demo import demo  # noqa: E402
+from readapt._version import __version__
+from readapt.errors import ReadaptError
+from readapt.checkpoint import Checkpoint
+from readapt.delta import extract
+from readapt.merging import load_merged, merge
+from readapt.lowrank import compress, extract_lowrank
+from readapt.spectra import spectrum
+from readapt.training import train
+from readapt.porting import port
+from readapt.metrics import contains_em, rouge_l_recall
+from readapt.evaluation import evaluate, score, sweep
+from readapt.demo import demo
 
 __all__ = ["__version__", "ReadaptError", "Checkpoint", "extract", "extract_lowrank", "compress", "spectrum",
            "merge", "load_merged", "train", "port", "evaluate", "sweep", "score", "rouge_l_recall",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from readapt.evaluate import read_jsonl
+from readapt.userfiles import read_jsonl
 from readapt.world import ATTRIBUTES, World, build_tokenizer, make_world
 
 # --- settings ------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def _by_domain(predictions: list[dict], keep: set[str] | None = None) -> dict[st
 
 def _evaluate(work: Path, tag: str, model: Path, questions: Path, adds=(), keep=None, **kw) -> dict:
     """readapt.evaluate.evaluate, then per-domain scores from its predictions.jsonl."""
-    from readapt.evaluate import evaluate
+    from readapt.evaluation import evaluate
 
     out = work / "eval" / tag
     summary = evaluate(str(model), questions, out, adds=[(str(a), x) for a, x in adds], overwrite=True, **GEN, **kw)
@@ -385,7 +385,7 @@ def _train(*args, **kwargs) -> Path:
     on the instruct model is the baseline the table needs."""
     import warnings
 
-    from readapt.train import train
+    from readapt.training import train
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="BASE .* looks like an instruct")
@@ -427,8 +427,9 @@ def run_experiments(s: Settings, seed: int, models: dict[str, Path], adapters: d
     import shutil
 
     from readapt.delta import extract
-    from readapt.evaluate import split_validation, sweep
-    from readapt.lowrank import extract_lowrank, spectrum
+    from readapt.evaluation import split_validation, sweep
+    from readapt.lowrank import extract_lowrank
+    from readapt.spectra import spectrum
 
     phi, theta, phi2 = models["pretrained"], models["instruct"], models["pretrained_v2"]
     psi, psi_inst = adapters["knowledge"], adapters["knowledge_on_instruct"]
@@ -629,7 +630,7 @@ def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Pat
 
     from transformers import AutoModelForCausalLM
 
-    from readapt.merge import load_merged
+    from readapt.merging import load_merged
 
     root = cache / s.key(seed)
     world = make_world(seed, dict(s.sizes))

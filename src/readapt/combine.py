@@ -1,0 +1,51 @@
+"""The one combine: Ω = Φ + Σᵢ sᵢ·Ψᵢ in float32, for whole tensors and for blocks of them alike.
+
+RE-Adapt §3.2 ("partial adaptation"): Ω = Φ + αΨ + βΔ, any real scales. Each term is (x, s, is_target):
+x is Ψᵢ, or the full weight Φ′ᵢ the addend defines (is_target; then Ψᵢ = Φ′ᵢ − Φ); x = None adds nothing.
+
+    one term, Φ′     Ω = lerp(Φ, Φ′, s) = Φ + s·(Φ′ − Φ)      exact at both ends: Φ at s = 0, Φ′ at s = 1
+    one term, Ψ      Ω = Φ + s·Ψ                              (at s = 1 the operation PEFT's merge performs)
+    several          Ω = Φ + (Σᵢ sᵢ·Ψᵢ)                       the scaled sum first, added once
+
+Shapes: W and every x alike, a whole tensor ([out, in], [n]) or a 1-D block of one ([k]): the operations
+are elementwise, so a tensor combined block by block equals the tensor combined whole, bit for bit.
+Everything happens in place on W and on the x (which the caller hands over).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain
+
+import torch
+
+Term = tuple[torch.Tensor | None, float, bool]  # (Ψ or Φ′, scale s, is_target)
+
+
+def combine(W: torch.Tensor, terms: Iterable[Term]) -> torch.Tensor:
+    """Ω = Φ + Σ sᵢ·Ψᵢ on the float32 base W (in place; returns it). `terms` may be a generator: each term
+    is taken when it is needed, so a whole-tensor merge holds the sum and one term, never all of them."""
+    it = iter(terms)
+    first, second = next(it, None), None
+    if first is not None:
+        second = next(it, None)
+    if second is None:  # one term (or none)
+        if first is None or first[0] is None:
+            return W
+        x, s, is_target = first
+        return W.lerp_(x, s) if is_target else W.add_(x, alpha=s)
+    acc = None  # Σ sᵢ·Ψᵢ
+    for x, s, is_target in chain((first, second), it):
+        if x is None:
+            continue
+        d = x.sub_(W) if is_target else x
+        acc = d.mul_(s) if acc is None else acc.add_(d, alpha=s)
+    return W if acc is None else W.add_(acc)
+
+
+def keep_exact(W: torch.Tensor, at: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, s: float) -> torch.Tensor:
+    """At the elements `at` of W where Φ + Δ is known not to be Θ (a delta folder's recorded exceptions, with
+    Φ and Θ there): Θ at s = 1, else lerp(Φ, Θ, s) (Φ at s = 0; lerp at 1 would turn Θ = -0.0 into +0.0)."""
+    if len(at):
+        W[at] = theta if s == 1 else phi.lerp_(theta, s)
+    return W
