@@ -660,3 +660,26 @@ def test_lora_and_dora_merge_in_row_blocks(tmp_path, monkeypatch, case, capsys):
         exact = read_all(readapt.merge(base, tmp_path / "whole", [(tmp_path / "adapter", 1.0)], whole_tensors=True))
         assert all(torch.equal(exact[n], want[n]) for n in want)
 
+
+def test_not_enough_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
+    """The writer sums the plan (tensors and headers) and refuses when the file system has less free: one
+    line saying how much is needed, nothing written, for extract and merge; the CLI exits 2."""
+    import re
+    import shutil
+
+    base = save_tiny(tmp_path / "base", "llama")
+    inst = perturb(base, tmp_path / "inst")
+    tensors = sum(t.numel() * t.element_size() for t in read_all(base).values())  # what a merge writes
+    free = {"bytes": tensors}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
+    with pytest.raises(ReadaptError, match=rf"^not enough disk space: the output needs [\d.]+ KB but the file "
+                                           rf"system of {tmp_path} has {tensors / 1e3:.3g} KB free; free space") as err:
+        readapt.merge(base, tmp_path / "m", [(inst, 0.5)])
+    need = float(re.search(r"needs ([\d.]+) KB", str(err.value)).group(1)) * 1e3
+    assert tensors < need < tensors + 4000  # the tensors and the header
+    r = _cli("extract", base, inst, "-o", tmp_path / "d")
+    assert r.returncode == 2 and "not enough disk space: the output needs" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "inst"]  # nothing written, nothing left
+    free["bytes"] = int(need) + 100
+    assert read_all(readapt.merge(base, tmp_path / "m", [(inst, 0.5)]))
