@@ -5,7 +5,7 @@
     readapt compress / spectrum             readapt.lowrank.compress, readapt.spectra.spectrum
     readapt merge / port / train            readapt.merging.merge, readapt.porting.port, readapt.training.train
     readapt eval / sweep / score            readapt.evaluation.evaluate / sweep / score
-    readapt demo                            readapt.demo.demo
+    readapt demo                            readapt.demoworld.demo
 
 A row holds the function, its --help line, the declaration of its flags (readapt.flags) and the function
 that turns the parsed flags into the call. `train`'s flags are TrainSettings' fields; --allow-pickle makes the
@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from readapt import flags
+import readapt.flags as flags
 from readapt._version import __version__
 from readapt.cards import lore_summary, port_summary
 from readapt.delta import extract
-from readapt.demo import demo
+from readapt.demoworld import demo
 from readapt.errors import ReadaptError, os_error
 from readapt.evaluation import evaluate, score, sweep
 from readapt.flags import policy, qa_kwargs, read_options, train_settings
