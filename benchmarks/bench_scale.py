@@ -5,6 +5,7 @@
     python benchmarks/bench_scale.py svd       [--work DIR]   # LoRE per matrix shape: randomized vs gram
     python benchmarks/bench_scale.py slices    [--work DIR] [--mergekit VENV] [--only ...]
     python benchmarks/bench_scale.py mergekit  [--work DIR] [--mergekit VENV]
+    python benchmarks/bench_scale.py exactness [--work DIR]   # blocked LoRA/DoRA terms vs whole / PEFT
     python benchmarks/bench_scale.py table     [--work DIR]   # every result so far, as markdown
 
 DIR defaults to $READAPT_SCALE_DIR or /work/scale-bench (outside the repository: the pair is 32 GB).
@@ -611,6 +612,114 @@ def part_mergekit(work: Path, mergekit: Path) -> None:
         shutil.rmtree(folder)
 
 
+def _ulp_stats(a, b) -> dict:
+    """Share of bit-identical elements and the largest distance in ulps of two float tensors of one dtype."""
+    import torch
+
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[a.dtype]
+    mask = (1 << (8 * a.element_size() - 1)) - 1
+
+    def ordered(t):
+        i = t.contiguous().view(bits).long()
+        return torch.where(i < 0, -(i & mask), i)
+
+    d = (ordered(a) - ordered(b)).abs()
+    return {"elements": d.numel(), "bit_identical_share": round(float((d == 0).double().mean()), 6), "max_ulp": int(d.max())}
+
+
+def part_exactness(work: Path) -> None:
+    """Blocked LoRA/DoRA terms against the whole-tensor arithmetic at Llama-3-8B shapes.
+
+    1. LoRA, every matrix shape of the 8B model (rank 64, float32 factors): `LoraTerm.rows` over
+       `checkpoint.row_spans` against the rows of `LoraTerm.delta` (PEFT's product B·A, transposed for
+       the embedding), bit for bit or not, one shape at a time (the embedding's product is 2.1 GB).
+    2. PEFT's own merge_and_unload of a DoRA and a LoRA adapter (rank 64) on an Embedding and a Linear
+       lm_head of 128256 × 1024 (the 8B vocabulary; dimension 1024 to fit beside other jobs) against
+       `readapt merge` (blocks of rows, and --whole-tensors), float32: share bit for bit, max ulp."""
+    import torch
+
+    from readapt.addends import LoraTerm
+    from readapt.checkpoint import row_spans
+
+    s, r = SHAPE, RANK
+    kv = s["hidden"] // s["heads"] * s["kv_heads"]
+    shapes = {"q_proj/o_proj": (s["hidden"], s["hidden"]), "k_proj/v_proj": (kv, s["hidden"]),
+              "gate_proj/up_proj": (s["intermediate"], s["hidden"]), "down_proj": (s["hidden"], s["intermediate"]),
+              "lm_head": (s["vocab"], s["hidden"]), "embed_tokens (transposed)": (s["vocab"], s["hidden"])}
+    g = torch.Generator().manual_seed(0)
+    for label, (rows, cols) in shapes.items():
+        transposed = label.startswith("embed")
+        B = torch.randn(cols if transposed else rows, r, generator=g) * 0.01
+        A = torch.randn(r, rows if transposed else cols, generator=g) / cols ** 0.5
+        term = LoraTerm(B, A, 2.0, transposed)
+        whole = term.delta()
+        spans = row_spans((rows, cols))
+        same = all(torch.equal(term.rows(r0, r1), whole[r0:r1]) for r0, r1 in spans)
+        record(work, {"job": "exactness-lora-rows", "shape": label, "rows_cols": [rows, cols], "rank": r,
+                      "blocks": len(spans), "bit_for_bit": same, "threads": torch.get_num_threads()})
+        del whole, term, A, B
+    _peft_exactness(work)
+
+
+def _peft_exactness(work: Path, vocab: int | None = None, dim: int = 1024) -> None:
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from torch import nn
+
+    import readapt
+
+    vocab = vocab or SHAPE["vocab"]
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(vocab, dim)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head = Inner(), nn.Linear(dim, vocab, bias=False)
+
+    root = work / "exactness"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    torch.manual_seed(0)
+    m = Model()
+    base = root / "base"
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, base / "model.safetensors")
+    for dora in (False, True):
+        pm = get_peft_model(m, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["embed_tokens", "lm_head"],
+                                          use_dora=dora))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n or "lora_embedding_B" in n:
+                    p.normal_(0, 0.01)
+                if "magnitude" in n:
+                    p.mul_(1 + 0.1 * torch.rand_like(p))
+        ad = root / ("dora" if dora else "lora")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.save_pretrained(ad)
+        want = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+        del pm
+        m = Model()  # the base again (merge_and_unload merged into the module)
+        m.load_state_dict(load_file(base / "model.safetensors"))
+        for whole in (False, True):
+            out = readapt.merge(base, root / "out", [(ad, 1.0)], whole_tensors=whole, overwrite=True)
+            got = load_file(out / "model.safetensors")
+            for name, w in want.items():
+                record(work, {"job": "exactness-peft", "adapter": "DoRA" if dora else "LoRA", "tensor": name,
+                              "shape": list(w.shape), "path": "whole tensors" if whole else "row blocks",
+                              **_ulp_stats(got[name], w), "threads": torch.get_num_threads()})
+            del got
+        del want
+    shutil.rmtree(root)
+
+
 def part_table(work: Path) -> None:
     rows = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
     print("| job | wall s | CPU s | peak RSS MB | anon MB (sampled) | GB read + written | GB/s | load before → after |")
@@ -633,7 +742,7 @@ def main() -> None:
         build_lora(Path(sys.argv[2]), Path(sys.argv[3]))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=("build", "jobs", "svd", "slices", "mergekit", "table"))
+    ap.add_argument("part", choices=("build", "jobs", "svd", "slices", "mergekit", "exactness", "table"))
     ap.add_argument("--work", type=Path, default=None, help="default: $READAPT_SCALE_DIR or /work/scale-bench")
     ap.add_argument("--mergekit", type=Path, default=Path("/work/mk-venv"), help="venv with mergekit 0.1.5")
     ap.add_argument("--only", nargs="+", default=None, help="jobs/slices: these runs only")
@@ -656,6 +765,8 @@ def main() -> None:
         part_slices(work, a.mergekit, a.only)
     elif a.part == "mergekit":
         part_mergekit(work, a.mergekit)
+    elif a.part == "exactness":
+        part_exactness(work)
     else:
         part_table(work)
 
