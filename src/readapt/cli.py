@@ -69,7 +69,7 @@ def _merge(fn, a):
     if not a.add:
         raise ReadaptError("merge needs at least one --add ADAPTER[:SCALE]")
     out = fn(a.base, a.output, a.add, dtype=a.dtype, skip_missing=a.skip_missing, overwrite=a.overwrite,
-             max_shard_size=a.max_shard_size, read=read_options(a))
+             max_shard_size=a.max_shard_size, read=read_options(a), whole_tensors=a.whole_tensors)
     if (out / INTERFERENCE_FILE).is_file():
         print(interference_summary(json.loads((out / INTERFERENCE_FILE).read_text())))
     return _wrote(out)
@@ -94,7 +94,8 @@ def _port(fn, a):
     if a.output is None and not a.dry_run:
         raise ReadaptError("port needs -o OUTPUT (or --dry-run to print the report only)")
     report = fn(a.patch, a.to, None if a.dry_run else a.output, from_=a.from_, merge=a.merge, strict=a.strict,
-                overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size, read=read_options(a))
+                overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size, read=read_options(a),
+                whole_tensors=a.whole_tensors)
     print(port_summary(report))
     if a.dry_run:
         print("  dry run: nothing written" + (f" (-o {a.output} ignored)" if a.output else ""))

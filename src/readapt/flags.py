@@ -147,6 +147,8 @@ def merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, type=_dtype, help="output dtype (default: the base checkpoint's)")
     p.add_argument("--skip-missing", action="store_true", help="for full-checkpoint adapters: skip one-sided tensors")
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--whole-tensors", action="store_true", help="LoRA/DoRA terms on whole tensors, not in blocks "
+                   "of rows: PEFT's merge bit for bit also for DoRA on large embeddings, at ~2.4x the largest tensor")
 
 
 # --- compress, spectrum ---------------------------------------------------------------------------------
@@ -194,6 +196,9 @@ def port_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the report only; write nothing (no -o needed)")
     p.add_argument("--dtype", default=None, type=_dtype, help="with --merge: output dtype (default: NEW_BASE's)")
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--whole-tensors", action="store_true", help="with --merge: LoRA/DoRA terms on whole tensors, "
+                   "not in blocks of rows: PEFT's merge bit for bit also for DoRA on large embeddings, at ~2.4x the "
+                   "largest tensor")
     _inputs(p)
 
 

@@ -12,6 +12,10 @@ Reading (what `merge` and `port` add to a base):
            As in PEFT (its `LoraVariant`), DoRA is a variant object of the LoRA adapter (`DoraVariant`):
            it checks the magnitudes and defines the full weight W′; everything else is LoRA's.
     lora_bias / modules_to_save tensors: their difference from the base tensor.
+    In blocks of rows (`rows`, what merge, load_merged and port use): Ψ[rows] = s·B[rows]·A, bit for bit the
+           rows of the whole product (the same dot product over the rank per element; checkpoint.row_spans);
+           DoRA's W′ rows with the norm of each output row (bit for bit), or for an embedding the norm of
+           each dimension over the vocabulary summed in float64 over the blocks (`DoraVariant.stored_norm`).
     trainable tokens (`trainable_token_indices` R, `<module>.token_adapter.trainable_tokens_delta` = the new
            rows V): W′ = W with W′[R] = V (PEFT's index_copy), Ψ = W′ − W.
 
@@ -36,14 +40,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from readapt.addends.base import Addend, Kind
-from readapt.checkpoint import Checkpoint, ReadOptions, is_peft_folder, write_file
+from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo, is_peft_folder, read_rows, row_spans, write_file
 from readapt.errors import ReadaptError
 from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
 
@@ -102,6 +106,12 @@ class LoraTerm:
             d = d.T
         return d.mul_(self.scale)
 
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Ψ[r0:r1] = s·B[r0:r1]·A (transposed: s·(A[:, r0:r1])ᵀ·Bᵀ), each element the same dot product over
+        the rank as in `delta` (bit for bit for blocks of checkpoint.row_spans), then scaled in place."""
+        d = self.A[:, r0:r1].T @ self.B.T if self.transposed else self.B[r0:r1] @ self.A
+        return d.mul_(self.scale)
+
 
 class LoraVariant:
     """Plain LoRA: W′ = W + s·B·A. merge adds the term; there is no full weight to blend towards."""
@@ -117,6 +127,11 @@ class LoraVariant:
 
     @staticmethod
     def target(adapter: LoraAdapter, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    @staticmethod
+    def target_rows(adapter: LoraAdapter, name: str, mod: _Module, W: torch.Tensor, r0: int,
+                    base: TensorInfo | torch.Tensor) -> torch.Tensor | None:
         return None
 
 
@@ -159,6 +174,46 @@ class DoraVariant(LoraVariant):
         norm = DoraVariant.weight_norm(combined, embedding=False)  # out; PEFT's get_weight_norm of W + d
         return combined.mul_((m / norm).view(-1, 1))
 
+    @staticmethod
+    def target_rows(adapter: LoraAdapter, name: str, mod: _Module, W: torch.Tensor, r0: int,
+                    base: TensorInfo | torch.Tensor) -> torch.Tensor | None:
+        """Rows r0 … r0 + len(W) of W′ = m ⊙ (W + d) / ‖W + d‖. Linear: the norm of each output row is over
+        that row alone, so a block of rows gives `target`'s rows bit for bit. Embedding: the norm of each
+        dimension runs over the whole vocabulary (`stored_norm`, one pass over the base first)."""
+        if "lora_magnitude_vector" not in mod.parts:
+            return None
+        r1 = r0 + len(W)
+        term = adapter.kept(name, "term", lambda: adapter.term(name))
+        m = adapter.kept(name, "m", lambda: adapter.ckpt.read(mod.parts["lora_magnitude_vector"]).float())
+        combined = term.rows(r0, r1).add_(W)  # W + d: addition commutes bit for bit
+        if "lora_embedding_A" in mod.parts:
+            norm = adapter.kept(name, "norm", lambda: DoraVariant.stored_norm(base, embedding=True, term=term))
+            return (m / norm).view(1, -1).mul(combined)
+        if adapter.config.get("fan_in_fan_out"):
+            raise ReadaptError(f"{adapter.path}: DoRA with fan_in_fan_out=True is not supported")
+        norm = DoraVariant.weight_norm(combined, embedding=False)
+        return combined.mul_((m[r0:r1] / norm).view(-1, 1))
+
+    @staticmethod
+    def stored_norm(base: TensorInfo | torch.Tensor, embedding: bool, term: LoraTerm | None = None) -> torch.Tensor:
+        """‖W + d‖ as DoRA takes it (`weight_norm`; d: the term's Ψ, or 0), W read in blocks of rows from where
+        it is stored. Per output row of a Linear weight: bit for bit `weight_norm`. Per column (embedding
+        dimension) of an embedding, over all rows: the squares summed in float64 (exact products, the sum
+        nearly so), the square root rounded to float32, where PEFT's torch.linalg.norm sums in float32 in an
+        order that depends on the shape and the thread count; a tensor of one block is normed as
+        `weight_norm`, bit for bit."""
+        spans = row_spans(base.shape)
+        rows = ((r0, r1, read_rows(base, r0, r1).float()) for r0, r1 in spans)
+        sums = (W if term is None else term.rows(r0, r1).add_(W) for r0, r1, W in rows)  # W + d (commutes)
+        if not embedding:
+            return torch.cat([DoraVariant.weight_norm(X, embedding=False) for X in sums])
+        if len(spans) == 1:
+            return DoraVariant.weight_norm(next(sums), embedding=True)
+        acc = torch.zeros(base.shape[1], dtype=torch.float64)
+        for X in sums:
+            acc += X.double().square_().sum(0)
+        return acc.sqrt_().float()
+
 
 class LoraAdapter(Addend):
     """A PEFT LoRA adapter folder (plain, or with the DoRA variant) as a source of Ψ[name] for a base."""
@@ -174,6 +229,7 @@ class LoraAdapter(Addend):
             raise ReadaptError(f"{cfg_file}: peft_type {self.config.get('peft_type')!r} is not supported "
                                f"(readapt reads LoRA and DoRA adapters)")
         self.variant = DoraVariant if self.config.get("use_dora") else LoraVariant
+        self._kept_for, self._kept = None, {}  # what `rows` reuses across the blocks of one tensor (`kept`)
         self.ckpt = Checkpoint.open(self.path, read)  # adapter_model.safetensors (or .bin, if allowed)
         self.modules: dict[str, _Module] = {}  # base tensor name -> pieces
         for key in self.ckpt.names:
@@ -274,14 +330,50 @@ class LoraAdapter(Addend):
             return None
         if _TOKENS in mod.parts:
             return self._tokens(name, mod, base)
-        saved = next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
-                      or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
-        if saved is not None:  # a full replacement tensor (bias="lora_only"/"all": PEFT loads base_layer.bias)
+        saved = self._saved(mod)
+        if saved is not None:  # a full replacement tensor
             return self.ckpt.read(mod.parts[saved]).float()
         return self.variant.target(self, name, mod, base)
 
-    def _tokens(self, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor:
-        """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge)."""
+    def rows(self, name: str, W: torch.Tensor, r0: int, base: TensorInfo | torch.Tensor
+             ) -> tuple[torch.Tensor | None, bool]:
+        """Rows r0 … r0 + len(W) of what `target` / `delta` give for `name`, from the factors: s·B[rows]·A,
+        DoRA's W′ rows, a saved full tensor's rows, trainable tokens in those rows; (None, False) if the
+        adapter leaves `name` alone. 2-D tensors (1-D ones, biases, are merged whole)."""
+        mod = self.modules.get(name)
+        if mod is None:
+            return None, False
+        r1 = r0 + len(W)
+        if _TOKENS in mod.parts:
+            return self._tokens(name, mod, W, r0, base.shape[0]), True
+        saved = self._saved(mod)
+        if saved is not None:
+            return read_rows(self.ckpt.stored(mod.parts[saved]), r0, r1).float(), True
+        target = self.variant.target_rows(self, name, mod, W, r0, base)
+        if target is not None:
+            return target, True
+        term = self.kept(name, "term", lambda: self.term(name))
+        return (None if term is None else term.rows(r0, r1)), False
+
+    def kept(self, name: str, key: str, make: Callable[[], object]):
+        """make(), computed once for the base tensor `name` and kept while its blocks are merged (factors,
+        DoRA's m and norms: small next to the tensor); the first call for another tensor drops them."""
+        if self._kept_for != name:
+            self._kept_for, self._kept = name, {}
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def _saved(self, mod: _Module) -> str | None:
+        """The part of `mod` that is a full replacement tensor (modules_to_save; base_layer.bias with
+        bias="lora_only"/"all", which PEFT loads), or None."""
+        return next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
+                     or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
+
+    def _tokens(self, name: str, mod: _Module, W: torch.Tensor, r0: int = 0, total: int | None = None
+                ) -> torch.Tensor:
+        """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge). W: the whole
+        tensor, or its rows r0 … r0 + len(W) of `total`."""
         spec = self.config.get("trainable_token_indices")
         if isinstance(spec, dict):  # {layer name: R}: PEFT matches the module by name or name suffix
             spec = next((v for k, v in spec.items() if mod.name == k or mod.name.endswith("." + k)), None)
@@ -289,11 +381,12 @@ class LoraAdapter(Addend):
         if not isinstance(spec, list) or len(spec) != values.shape[0]:
             raise ReadaptError(f"{self.path}: {mod.name} has {values.shape[0]} trainable-token rows but "
                                f"adapter_config.json's trainable_token_indices gives it {spec!r:.60}")
-        rows = torch.tensor(spec, dtype=torch.long)
-        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < base.shape[0]):
+        rows, total = torch.tensor(spec, dtype=torch.long), len(W) if total is None else total
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < total):
             raise ReadaptError(f"{self.path}: trainable_token_indices of {mod.name} reach row {int(rows.max())}, "
-                               f"but the base's {name} has {base.shape[0]} rows: it was made for another base")
-        return base.clone().index_copy_(0, rows, values.to(base.dtype))
+                               f"but the base's {name} has {total} rows: it was made for another base")
+        here = (rows >= r0) & (rows < r0 + len(W))
+        return W.clone().index_copy_(0, rows[here] - r0, values[here].to(W.dtype))
 
     def drop_tied_copies(self, stored: Container[str]) -> list[str]:
         """Drop the Linear LoRA modules that are PEFT's tied copy of an embedding LoRA of this adapter
