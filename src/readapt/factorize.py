@@ -19,6 +19,9 @@ SVD paths (`svd=`):
                 then Rayleigh-Ritz; B, A as for gram. Falls back to gram when 2(k + p) ≥ min(m, n).
     auto        τ rule -> gram (needs the whole spectrum), fixed rank -> randomized
     (gram/randomized: ~1e-4 relative excess over the optimal error on the benchmark pair; see benchmarks/)
+
+A Δ given as factors (`Product`: Δ = B A, e.g. LoRA terms stacked by a fold) is factored from them with
+two thin QRs and an SVD of the small core (`factorize_product`), exact whatever `svd` says.
 """
 
 from __future__ import annotations
@@ -130,13 +133,17 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, Y.double().T, upper=False).T.to(Y.dtype)
 
 
-def factorize(delta: torch.Tensor, *, tau: float | None = None, rank: int | None = None, svd: str = "auto",
-              oversample: int | None = None, power_iters: int = 10, seed: int = 0) -> Factorization:
+def factorize(delta: torch.Tensor | Product, *, tau: float | None = None, rank: int | None = None,
+              svd: str = "auto", oversample: int | None = None, power_iters: int = 10, seed: int = 0
+              ) -> Factorization:
     """Optimal (exact) or near-optimal (gram, randomized) rank-k factors of a float32 matrix `delta`.
 
     The math runs on delta's device. τ picks k per matrix, `rank` fixes it (clamped to min(out, in) and to
     the numerical rank). An all-zero matrix gives rank 0 and no factors. Memory: Δ plus O(min(m,n)²).
+    A `Product` (Δ held as B A) is factored from its factors (`factorize_product`, exact; `svd` unused).
     """
+    if isinstance(delta, Product):
+        return factorize_product(delta, tau=tau, rank=rank)
     check_rule(tau, rank)
     if svd not in SVD_METHODS:
         raise ReadaptError(f"--svd {svd!r}: choose one of {', '.join(SVD_METHODS)}")
@@ -188,3 +195,62 @@ def factorize(delta: torch.Tensor, *, tau: float | None = None, rank: int | None
         B, A = (D @ Uk).contiguous(), Uk.T.contiguous()
         kept = B.double().square().sum()
     return Factorization(B, A, k, energy, float(kept), S.cpu() if svd == "gram" else None, clamped)
+
+
+@dataclass
+class Product:
+    """Δ = B A held as its factors (B: m×R, A: R×n), never formed: e.g. a sum of LoRA terms Σ sᵢBᵢAᵢ stacked as
+    B = [s₁B₁, s₂B₂, …], A = [A₁; A₂; …] (readapt.fold)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], self.A.shape[1]
+
+    def to(self, device: torch.device) -> Product:
+        return Product(self.B.to(device), self.A.to(device))
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
+def energy_of_product(p: Product) -> float:
+    """‖B A‖_F² = Σᵢⱼ (BᵀB)ᵢⱼ (AAᵀ)ᵢⱼ from the two R×R Gram matrices, in float64."""
+    B, A = p.B.double(), p.A.double()
+    return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0))
+
+
+def factorize_product(p: Product, *, tau: float | None = None, rank: int | None = None) -> Factorization:
+    """Optimal rank-k factors of Δ = B A from its factors, never forming the m×n matrix.
+
+        B = Q_B R_B,  Aᵀ = Q_A R_A      (thin QR: Q_B m×R, Q_A n×R)
+        R_B R_Aᵀ = U S Vᵀ               (SVD of the R×R core, float64)
+        Δ = (Q_B U) S (Q_A V)ᵀ           so σ(Δ) = S, and  B̂ = Q_B U_k S_k,  Â = V_kᵀ Q_Aᵀ
+
+    k by the same rule as `factorize` (τ, or a fixed rank clamped to the numerical rank), so B̂Â is Δ's best
+    rank-k approximation (Eckart–Young) at the cost of two m×R and n×R QRs. With neither τ nor rank the
+    factors are kept as they are (exact, rank R: a fold that only concatenates)."""
+    m, n = p.shape
+    if tau is None and rank is None:
+        energy = energy_of_product(p)
+        return Factorization(p.B, p.A, p.A.shape[0], energy, energy, None)
+    check_rule(tau, rank)
+    if p.A.shape[0] == 0:
+        return Factorization(None, None, 0, 0.0, 0.0, p.B.new_zeros(0).cpu())
+    QB, RB = torch.linalg.qr(p.B.double())
+    QA, RA = torch.linalg.qr(p.A.double().T)
+    U, S, Vh = torch.linalg.svd(RB @ RA.T)
+    energy = float(S.square().sum())
+    if energy == 0.0:
+        return Factorization(None, None, 0, 0.0, 0.0, S.float().cpu())
+    if not math.isfinite(energy):
+        raise ReadaptError("the factors have NaN/Inf values")  # callers check first and name the tensor
+    k_num = numerical_rank(S.float(), (m, n))
+    k = rank_at(S, tau) if tau is not None else rank
+    clamped = k > min(m, n) or k > k_num
+    k = min(k, k_num)
+    B = (QB @ (U[:, :k] * S[:k])).to(p.B.dtype)
+    A = (Vh[:k] @ QA.T).to(p.A.dtype)
+    return Factorization(B, A, k, energy, float(S[:k].square().sum()), S.float().cpu(), clamped)

@@ -174,7 +174,8 @@ def params(e: Entry) -> tuple[int, int]:
 
 def lore_report(entries: list[Entry], *, tau, rank, svd, provenance: dict) -> dict:
     """The LoRE report (lore_report.json, spectrum.json): parameters and energy kept, overall, per kind and
-    per tensor."""
+    per tensor; the relative error of a tensor is ‖Δ − BA‖/‖Δ‖ = sqrt(1 − kept/energy) (BA an orthogonal
+    projection of Δ, so ‖Δ − BA‖² = ‖Δ‖² − ‖BA‖²)."""
     total_p = sum(params(e)[0] for e in entries if e.kind not in ("tied", "nonfloat", "unknown"))
     kept_p = sum(params(e)[1] for e in entries)
     energy = sum(e.energy for e in entries)
@@ -197,6 +198,7 @@ def lore_report(entries: list[Entry], *, tau, rank, svd, provenance: dict) -> di
         "energy_delta": energy, "energy_kept_share": kept_e / energy if energy else 1.0,
         "relative_error": math.sqrt(max(energy - kept_e, 0.0) / energy) if energy else 0.0,
         "by_kind": by_kind,
-        "tensors": [{**asdict(e), "shape": list(e.shape),
-                     "retained": (e.kept / e.energy if e.energy else None)} for e in entries],
+        "tensors": [{**asdict(e), "shape": list(e.shape), "retained": (e.kept / e.energy if e.energy else None),
+                     "relative_error": math.sqrt(max(e.energy - e.kept, 0.0) / e.energy) if e.energy else None}
+                    for e in entries],
     }

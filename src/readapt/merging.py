@@ -55,24 +55,26 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
     block by block; the others (LoRA terms, DoRA, casts) as one tensor, the only one in memory."""
     touched = [(a, s, set(a.targets())) for a, s in addends]
     for name in base.names:
-        terms = [(a, s) for a, s, names in touched if name in names]
-        floating = base.dtype(name).is_floating_point
-        if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
-            yield name, base.stored(name) if copy_untouched else base.read(name)
-            continue
-        out_dtype = (dtype or base.dtype(name)) if floating else base.dtype(name)
-        if terms and floating and all(a.elementwise for a, _ in terms):
-            yield name, Blocks(out_dtype, base.shape(name), _elementwise(name, base, terms, dtype))
-            continue
-        W = base.read(name)
-        if terms and floating:
-            W = W.float()  # Φ in float32 (a fresh buffer unless it already was float32; the raw one is freed)
-            W = _whole(name, W, terms)
-        W = W.to(out_dtype)
-        if not is_finite(W):
-            raise _not_finite(name, base, terms, dtype)
-        yield name, W
-        W = None  # before the next tensor is read: a generator frame keeps what it yielded
+        yield name, merged(base, name, [(a, s) for a, s, names in touched if name in names], dtype, copy_untouched)
+
+
+def merged(base: Checkpoint, name: str, terms: Sequence[tuple[Addend, float]], dtype: torch.dtype | None = None,
+           copy_untouched: bool = False) -> torch.Tensor | TensorInfo | Blocks:
+    """Ω[name] = Φ[name] + Σ sᵢ·Ψᵢ[name] over the addends `terms` that touch it, as iter_merged yields it."""
+    floating = base.dtype(name).is_floating_point
+    if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
+        return base.stored(name) if copy_untouched else base.read(name)
+    out_dtype = (dtype or base.dtype(name)) if floating else base.dtype(name)
+    if terms and floating and all(a.elementwise for a, _ in terms):
+        return Blocks(out_dtype, base.shape(name), _elementwise(name, base, terms, dtype))
+    W = base.read(name)
+    if terms and floating:
+        W = W.float()  # Φ in float32 (a fresh buffer unless it already was float32; the raw one is freed)
+        W = _whole(name, W, terms)
+    W = W.to(out_dtype)
+    if not is_finite(W):
+        raise _not_finite(name, base, terms, dtype)
+    return W
 
 
 def _not_finite(name: str, base: Checkpoint, terms, dtype) -> ReadaptError:

@@ -274,11 +274,24 @@ class LoraAdapter(Addend):
             return None
         if _TOKENS in mod.parts:
             return self._tokens(name, mod, base)
-        saved = next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
-                      or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
+        saved = self._saved(mod)
         if saved is not None:  # a full replacement tensor (bias="lora_only"/"all": PEFT loads base_layer.bias)
             return self.ckpt.read(mod.parts[saved]).float()
         return self.variant.target(self, name, mod, base)
+
+    def _saved(self, mod: _Module) -> str | None:
+        """The part of `mod` that is a full replacement tensor (modules_to_save, a copy saved under the plain
+        name, base_layer.bias under bias="lora_only"/"all"), if it has one."""
+        return next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
+                     or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
+
+    def factored(self, name: str) -> bool:
+        """Whether Ψ[name] is a plain LoRA term s·B·A, so that a sum of such terms can stay factored (a fold):
+        factors, and no full weight (trainable tokens, a saved tensor, the DoRA variant's W′)."""
+        mod = self.modules.get(name)
+        p = mod.parts if mod is not None else {}
+        return (self.variant is LoraVariant and ("lora_A.weight" in p or "lora_embedding_A" in p)
+                and _TOKENS not in p and self._saved(mod) is None)
 
     def _tokens(self, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor:
         """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge)."""
