@@ -140,7 +140,8 @@ def _size(nbytes: int) -> str:
 
 def fold_summary(report: dict) -> str:
     """A one-screen text summary of a fold report (merge --as-lora)."""
-    terms = " + ".join(f"{a['scale']:g}·{a['spec']}" for a in report["source"]["addends"])
+    terms = "".join(f" {'-' if a['scale'] < 0 else '+'} {abs(a['scale']):g}·{a['spec']}"
+                    for a in report["source"]["addends"])
     rule = report["rule"]
     if report["mode"] == "exact":
         how = ("exact: each module's LoRA factors concatenated (rank Σ rᵢ, scale 1), so PEFT's merge gives the "
@@ -150,15 +151,18 @@ def fold_summary(report: dict) -> str:
         how = (f"compressed: per module the best rank-{'k(τ=%g)' % rule['tau'] if 'tau' in rule else rule['rank']} "
                f"approximation of Σ sᵢΨᵢ (LoRE's rule)")
     low = [t for t in report["tensors"] if t["policy"] == "lowrank" and t["rank"] > 0]
-    lines = [f"fold of base + {terms} into one LoRA; {how}"]
+    lines = [f"fold of base{terms} into one LoRA; {how}"]
     if low:
         ranks = sorted(t["rank"] for t in low)
         worst = max(low, key=lambda t: t["relative_error"] or 0.0)
         n_fac = sum(t["from_factors"] for t in low)
+        error = ("" if report["mode"] == "exact" else
+                 f"; relative error ‖Ω−Ω̂‖/‖Ω−Φ‖ {report['relative_error']:.4g} overall, worst "
+                 f"{worst['relative_error']:.4g} ({worst['name']}), energy kept {100 * report['energy_kept_share']:.2f}%")
+        how = (f"{n_fac} from their LoRA factors, {len(low) - n_fac} from the dense sum" if report["mode"] != "exact"
+               else "their LoRA factors stacked")
         lines.append(f"{len(low)} modules low rank (ranks {ranks[0]}-{ranks[-1]}, median {ranks[len(ranks) // 2]}; "
-                     f"{n_fac} from their LoRA factors, {len(low) - n_fac} from the dense sum); relative error "
-                     f"‖Ω−Ω̂‖/‖Ω−Φ‖ {report['relative_error']:.4g} overall, worst {worst['relative_error']:.4g} "
-                     f"({worst['name']}); energy kept {100 * report['energy_kept_share']:.2f}%")
+                     f"{how}){error}")
     dense = [t for t in report["tensors"] if t["rank"] == -1]
     if dense:
         lines.append(f"{len(dense)} tensors carried as Ω's values (norms, biases, tied embedding rows: exact)")

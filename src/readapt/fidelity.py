@@ -90,7 +90,7 @@ class Calibration:
         kl, agree, total = 0.0, 0, 0
         for ids, log_q in zip(self.ids, approx):
             log_p = self._log_probs(model, ids)
-            kl += float(torch.nn.functional.kl_div(log_q, log_p, reduction="sum", log_target=True).double())
+            kl += float(torch.nn.functional.kl_div(log_q.double(), log_p.double(), reduction="sum", log_target=True))
             agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
             total += log_p.shape[0]
         return {"file": str(self.file), "documents": len(self.ids), "tokens": total, "mean_kl": kl / total,
