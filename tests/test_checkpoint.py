@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from readapt.checkpoint import (MAX_HEADER, Checkpoint, output_folder, parse_size, read_header, resolve_model,
                                 write_file, write_tensors)
 from readapt.errors import ReadaptError
-from tiny import save_tiny
+from tests.tiny import save_tiny
 
 
 def test_reader_matches_safetensors_for_single_and_sharded(tmp_path):

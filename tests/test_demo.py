@@ -77,7 +77,7 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
 def test_port_match_claim_needs_a_patch_that_works(quick_demo):
     """'Ported matches re-trained' says nothing when the re-trained patch fails the task too: two failures
     match. The claim is judged on the demo's own tables with the port rows set by hand."""
-    from readapt.demo import MARGIN, claims
+    from readapt.demoworld.report import MARGIN, claims
 
     out, _ = quick_demo
     tables = json.loads((out / "tables.json").read_text())

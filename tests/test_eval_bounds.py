@@ -4,7 +4,7 @@ import json
 import warnings
 
 import pytest
-from tiny import save_tiny, tiny_model, tiny_tokenizer
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 from readapt.cli import main
 from readapt.errors import ReadaptError

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import perturb, save_tiny, tiny_model, tiny_tokenizer
+from tests.tiny import perturb, save_tiny, tiny_model, tiny_tokenizer
 
 from readapt.cli import main
 from readapt.errors import ReadaptError

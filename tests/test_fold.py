@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 import readapt
 from readapt.errors import ReadaptError
-from readapt.fold import fold
-from tiny import perturb, read_all, save_tiny
+from readapt.folding import fold
+from tests.tiny import perturb, read_all, save_tiny
 
 P = "base_model.model."
 
@@ -267,6 +266,10 @@ def test_cli_fold_and_bad_input(world, tmp_path):
     r = _cli("merge", base, "-o", tmp_path / "f", "--add", f"{a}:0.5", "--add", f"{b}:-0.7", "--as-lora")
     assert r.returncode == 0, r.stderr
     assert "exact: each module's LoRA factors concatenated" in r.stdout
+    r = _cli("merge", base, "-o", tmp_path / "bf16", "--add", a, "--as-lora", "--rank", "2", "--dtype", "bfloat16")
+    assert r.returncode == 0 and "compressed" in r.stdout, r.stderr
+    assert load_file(tmp_path / "bf16" / "adapter_model.safetensors")[
+        f"{P}model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == torch.bfloat16  # --dtype: the factors'
     (tmp_path / "empty.txt").write_text("  \n")
     other = save_tiny(tmp_path / "other", "llama", hidden_size=32)
     bad = [
@@ -287,31 +290,6 @@ def test_cli_fold_and_bad_input(world, tmp_path):
     r = _cli("extract", base, tuned, "-o", tmp_path / "out", "--calibration", tmp_path / "empty.txt")
     assert r.returncode == 2 and "--tau or --rank" in r.stderr
     assert _digest(base, a, b, dora) == before
-
-
-def test_cli_flags_reach_the_function(world, tmp_path, monkeypatch):
-    from readapt import cli
-    from readapt.loreplan import Policy
-
-    root, base, a, *_ = world
-    seen = {}
-
-    def fake(*args, **kwargs):
-        seen.update(args=args, **kwargs)
-        return fold(*args, **kwargs)
-
-    monkeypatch.setitem(cli.COMMANDS, "merge --as-lora", replace(cli.COMMANDS["merge --as-lora"], function=fake))
-    text = _text(tmp_path / "c.jsonl", 10)
-    r = _cli("merge", base, "-o", tmp_path / "f", "--add", f"{a}:0.5", "--as-lora", "--rank", "3", "--svd", "exact",
-             "--device", "cpu", "--dtype", "bfloat16", "--calibration", text, "--norms", "skip", "--skip-missing")
-    assert r.returncode == 0, r.stderr
-    assert seen["args"] == (str(base), str(tmp_path / "f"), [(str(a), 0.5)])
-    assert (seen["rank"], seen["tau"], seen["svd"], seen["device"], seen["dtype"], seen["calibration"]) == \
-        (3, None, "exact", "cpu", "bfloat16", str(text))
-    assert seen["policy"] == Policy(norms="skip") and seen["skip_missing"] and not seen["overwrite"]
-    assert load_file(tmp_path / "f" / "adapter_model.safetensors")[
-        f"{P}model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == torch.bfloat16
-    assert "functional fidelity" in r.stdout
 
 
 # --- a real model -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from readapt.cli import main
-from tiny import save_tiny
+from tests.tiny import save_tiny
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

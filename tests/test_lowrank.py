@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import perturb, read_all, save_tiny
+from tests.tiny import perturb, read_all, save_tiny
 
 from readapt.cli import main
 from readapt.errors import ReadaptError

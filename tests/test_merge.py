@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import readapt
 from readapt.errors import ReadaptError
-from tiny import perturb, read_all, save_tiny, tiny_model
+from tests.tiny import perturb, read_all, save_tiny, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from tiny import VOCAB, config_of, perturb, read_all, save_tiny
+from tests.tiny import VOCAB, config_of, perturb, read_all, save_tiny
 
 import readapt.checkpoint.reader as reader
 from readapt.cli import main

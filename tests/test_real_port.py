@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import read_all, save_tiny
+from tests.tiny import read_all, save_tiny
 
 from readapt.porting import port
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from tiny import read_all, save_tiny, tiny_tokenizer
+from tests.tiny import read_all, save_tiny, tiny_tokenizer
 
 from readapt.errors import ReadaptError
 from readapt.textdata import pack

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from readapt.world import (
+from readapt.demoworld.world import (
     ANSWER_TEMPLATES, ATTRIBUTES, BIO_TEMPLATES, LEXICON, QUESTION_TEMPLATES, build_tokenizer, make_world,
     vocabulary,
 )

@@ -4,9 +4,9 @@
     readapt extract ... --tau 0.5           readapt.lowrank.extract_lowrank   (the row "extract --tau", see `row`)
     readapt compress / spectrum             readapt.lowrank.compress, readapt.spectra.spectrum
     readapt merge / port / train            readapt.merging.merge, readapt.porting.port, readapt.training.train
-    readapt merge ... --as-lora             readapt.fold.fold                 (the row "merge --as-lora")
+    readapt merge ... --as-lora             readapt.folding.fold                 (the row "merge --as-lora")
     readapt eval / sweep / score            readapt.evaluation.evaluate / sweep / score
-    readapt demo                            readapt.demo.demo
+    readapt demo                            readapt.demoworld.demo
 
 A row holds the function, its --help line, the declaration of its flags (readapt.flags) and the function
 that turns the parsed flags into the call. `train`'s flags are TrainSettings' fields; --allow-pickle makes the
@@ -23,15 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from readapt import flags
+import readapt.flags as flags
 from readapt._version import __version__
 from readapt.cards import fold_summary, lore_summary, port_summary
 from readapt.delta import extract
-from readapt.demo import demo
+from readapt.demoworld import demo
 from readapt.errors import ReadaptError, os_error
 from readapt.evaluation import evaluate, score, sweep
 from readapt.flags import policy, qa_kwargs, read_options, train_settings
-from readapt.fold import fold
+from readapt.folding import fold
 from readapt.loreplan import Policy
 from readapt.lowrank import compress, extract_lowrank
 from readapt.merging import merge
@@ -169,7 +169,7 @@ COMMANDS: dict[str, Command] = {
 
 def row(args: argparse.Namespace) -> str:
     """The row of COMMANDS that runs: `extract` with --tau or --rank is LoRE-Adapt (extract_lowrank), `merge`
-    with --as-lora is the fold (readapt.fold.fold)."""
+    with --as-lora is the fold (readapt.folding.fold)."""
     if args.command == "extract" and (args.tau is not None or args.rank is not None):
         return "extract --tau"
     if args.command == "merge" and args.as_lora:

@@ -354,38 +354,3 @@ def _prediction_rows(questions, prompts, responses, retrieved, per_q) -> list[di
             row["passage_id"] = q["passage_id"]
         rows.append(row)
     return rows
-
-
-def _heatmaps(folder: Path, cells: list[dict], grid: list[float], n_adapters: int, names: list[str],
-              splits: list[str], labels: list[str], best: list[float]) -> None:
-    """One PNG per metric: a scale_1 x scale_2 heatmap (1 x len(grid) for one adapter) per split, the
-    chosen cell framed in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = grid if n_adapters == 2 else [None]
-    for m in names:
-        fig, axes = plt.subplots(1, len(splits), figsize=(1.2 + 1.1 * len(grid) * len(splits), 1.5 + 0.8 * len(rows)),
-                                 squeeze=False)
-        for ax, split in zip(axes[0], splits):
-            z = np.array([[c[f"{split}_{m}"] for c in cells if n_adapters == 1 or c["scales"][0] == a] for a in rows])
-            im = ax.imshow(z, cmap="viridis", origin="lower", aspect="auto", vmin=0, vmax=100)
-            for (i, j), v in np.ndenumerate(z):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w" if v < 50 else "k")
-            i, j = (grid.index(best[0]) if n_adapters == 2 else 0), grid.index(best[-1])
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-            ax.set_xticks(range(len(grid)), [f"{g:g}" for g in grid])
-            ax.set_xlabel(f"{labels[-1]} (scale of {Path(cells[0]['adapters'][-1]).name})")
-            if n_adapters == 2:
-                ax.set_yticks(range(len(grid)), [f"{g:g}" for g in grid])
-                ax.set_ylabel(f"{labels[0]} (scale of {Path(cells[0]['adapters'][0]).name})")
-            else:
-                ax.set_yticks([])
-            ax.set_title(f"{m} x100, {split}")
-            fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(folder / f"heatmap_{m}.png", dpi=100)
-        plt.close(fig)

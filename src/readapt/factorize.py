@@ -200,7 +200,7 @@ def factorize(delta: torch.Tensor | Product, *, tau: float | None = None, rank: 
 @dataclass
 class Product:
     """Δ = B A held as its factors (B: m×R, A: R×n), never formed: e.g. a sum of LoRA terms Σ sᵢBᵢAᵢ stacked as
-    B = [s₁B₁, s₂B₂, …], A = [A₁; A₂; …] (readapt.fold)."""
+    B = [s₁B₁, s₂B₂, …], A = [A₁; A₂; …] (readapt.folding)."""
 
     B: torch.Tensor
     A: torch.Tensor
