@@ -5,6 +5,8 @@ import contextlib
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -44,6 +46,26 @@ def _peft(base, adapter):
 
 def _peft_merged(base, adapter) -> dict:
     return _peft(base, adapter).merge_and_unload().state_dict()
+
+
+_PEFT_ONLY = """
+import sys, torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+save_file({k: v.contiguous() for k, v in model.merge_and_unload().state_dict().items()}, out)
+assert not [m for m in sys.modules if m.split(".")[0] == "readapt"]
+"""
+
+
+def _peft_only_merged(base, adapter, tmp_path) -> dict:
+    """merge_and_unload of the adapter in a fresh process that never imports readapt."""
+    out = tmp_path / "peft_only.safetensors"
+    subprocess.run([sys.executable, "-c", _PEFT_ONLY, str(base), str(adapter), str(out)], check=True,
+                   capture_output=True)
+    return load_file(out)
 
 
 def _max_diff(got: dict, want: dict) -> tuple[float, float]:
@@ -88,7 +110,7 @@ def test_exact_fold_of_two_loras_is_the_dense_merge(world, tmp_path, capsys):
     before = _digest(base, a, b)
     report = fold(base, tmp_path / "f", _adds(world))
     want = read_all(readapt.merge(base, tmp_path / "m", _adds(world)))
-    got = _peft_merged(base, tmp_path / "f")  # PEFT alone: from_pretrained + merge_and_unload
+    got = _peft_only_merged(base, tmp_path / "f", tmp_path)  # PEFT alone: from_pretrained + merge_and_unload
     diff, scale = _max_diff(got, want)
     with capsys.disabled():
         print(f"\nexact fold vs dense merge (PEFT merge_and_unload): max abs diff {diff:.3g} (max |W| {scale:.3g})")

@@ -37,9 +37,8 @@ import torch
 from readapt.addends import Addend, AddSpec, Kind, LoraAdapter, LoraTerm
 from readapt.cards import FOLD_REPORT, fold_card
 from readapt.checkpoint import Blocks, Checkpoint, ReadOptions, recorded_name
-from readapt.combine import combine
 from readapt.errors import ReadaptError
-from readapt.factorize import Product, check_rule
+from readapt.factorize import Product, check_rule, one_thread
 from readapt.fidelity import Calibration
 from readapt.loreplan import Entry, Policy, classify, need_config
 from readapt.lowrank import LorePass, Rule, write_lore
@@ -116,11 +115,17 @@ class FromMerge:
 
     def delta(self, name: str) -> torch.Tensor | Product:
         terms = self.terms[name]
-        if self.factored(name):
+        if self.factored(name):  # small tensors (m×R, R×n): one thread (see factorize.one_thread)
             self.from_factors.add(name)
-            return stacked([(a.term(name), s) for a, s in terms])
-        W = self.base.read(name).float()
-        return combine(torch.zeros_like(W), ((a.delta(name, W), s, False) for a, s in terms))
+            with one_thread(torch.device("cpu")):
+                return stacked([(a.term(name), s) for a, s in terms])
+        W = self.base.read(name).float()  # Φ: DoRA's W′ and a checkpoint's Θ − Φ need it
+        acc = None  # Σ sᵢ·Ψᵢ, each Ψᵢ as merge's addend gives it; one buffer besides Φ and the term at hand
+        for a, s in terms:
+            d = a.delta(name, W)
+            if d is not None:
+                acc = d.mul_(s) if acc is None else acc.add_(d, alpha=s)
+        return W.zero_() if acc is None else acc
 
     def tuned(self, name: str) -> torch.Tensor:
         t = merged(self.base, name, self.terms[name])
