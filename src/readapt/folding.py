@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from readapt.addends import Addend, AddSpec, Kind, LoraAdapter, LoraTerm
+from readapt.addends import Addend, AddSpec, CheckpointDifference, DeltaFolder, Kind, LoraAdapter, LoraTerm
 from readapt.cards import FOLD_REPORT, fold_card
 from readapt.checkpoint import Blocks, Checkpoint, ReadOptions, recorded_name
 from readapt.errors import ReadaptError
@@ -119,17 +119,32 @@ class FromMerge:
             self.from_factors.add(name)
             with one_thread(torch.device("cpu")):
                 return stacked([(a.term(name), s) for a, s in terms])
-        W = self.base.read(name).float()  # Φ: DoRA's W′ and a checkpoint's Θ − Φ need it
-        acc = None  # Σ sᵢ·Ψᵢ, each Ψᵢ as merge's addend gives it; one buffer besides Φ and the term at hand
+        W = self.base.read(name).float() if any(_from_phi(a, name) for a, _ in terms) else None
+        acc = None  # Σ sᵢ·Ψᵢ: one buffer besides the term at hand (and Φ where it is read)
         for a, s in terms:
-            d = a.delta(name, W)
+            if isinstance(a, LoraAdapter) and a.factored(name):
+                d = a.term(name).delta()  # s·B·A as PEFT's get_delta_weight computes it
+            elif isinstance(a, CheckpointDifference) and a.pair is not None:
+                d = a.pair.delta(name)  # Θ − Φ
+            else:
+                d = a.delta(name, W)
             if d is not None:
                 acc = d.mul_(s) if acc is None else acc.add_(d, alpha=s)
-        return W.zero_() if acc is None else acc
+        return torch.zeros(self.base.shape(name)) if acc is None else acc
 
     def tuned(self, name: str) -> torch.Tensor:
         t = merged(self.base, name, self.terms[name])
         return materialize(t) if isinstance(t, Blocks) else t
+
+
+def _from_phi(a: Addend, name: str) -> bool:
+    """Whether Ψᵢ[name] is computed from the whole Φ (DoRA's W′, trainable tokens, saved tensors); not a LoRA
+    term s·B·A, a delta folder's stored Δ, or a checkpoint's Θ − Φ (its Pair subtracts Φ in blocks)."""
+    if isinstance(a, LoraAdapter):
+        return not a.factored(name)
+    if isinstance(a, CheckpointDifference):
+        return a.pair is None
+    return not isinstance(a, DeltaFolder)
 
 
 def stacked(terms: Sequence[tuple[LoraTerm, float]]) -> Product:
