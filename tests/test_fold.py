@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import readapt
+from readapt.cards import fidelity_line
 from readapt.errors import ReadaptError
 from readapt.folding import fold
 from tests.tiny import perturb, read_all, save_tiny
@@ -324,7 +325,12 @@ def test_real_smollm2_lora_plus_tuned_delta(real_models, tmp_path, capsys):
     base, tuned = real_models["smollm2-135m-instruct"], real_models["smollm2-135m-tuned"]
     lora = _lora(base, tmp_path / "lora", 4, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     adds = [(lora, 0.5), (tuned, 0.5)]
-    report = fold(base, tmp_path / "f", adds, rank=16)
+    text = tmp_path / "cal.txt"
+    text.write_text("Permission is hereby granted, free of charge, to any person obtaining a copy of this software "
+                    "and associated documentation files (the \"Software\"), to deal in the Software without "
+                    "restriction, including without limitation the rights to use, copy, modify, merge, publish, "
+                    "distribute, sublicense, and/or sell copies of the Software.")
+    report = fold(base, tmp_path / "f", adds, rank=16, calibration=text)
     got = _peft_merged(base, tmp_path / "f")
     want = read_all(readapt.merge(base, tmp_path / "m", adds, dtype="float32"))
     B = read_all(base)
@@ -335,7 +341,8 @@ def test_real_smollm2_lora_plus_tuned_delta(real_models, tmp_path, capsys):
     with capsys.disabled():
         print(f"\nSmolLM2 fold LoRA + tuned at rank 16: {name} relative error {err:.6f} (reported "
               f"{t['relative_error']:.6f}); overall {report['relative_error']:.4f}; adapter "
-              f"{report['totals']['adapter_bytes'] / 1e6:.1f} MB")
+              f"{report['totals']['adapter_bytes'] / 1e6:.1f} MB; {fidelity_line(report['fidelity'])}")
     assert err == pytest.approx(t["relative_error"], rel=1e-2, abs=1e-5)
+    assert report["fidelity"]["tokens"] > 40 and report["fidelity"]["top1_agreement"] > 0.5
     emb = "model.embed_tokens.weight"
     assert torch.equal(got[emb].to(want[emb].dtype), read_all(readapt.merge(base, tmp_path / "m16", adds))[emb])
