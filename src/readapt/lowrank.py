@@ -189,7 +189,7 @@ class LorePass:
                     continue
                 f = factorize(d.to(self.rule.device), tau=self.rule.tau, rank=self.rule.rank, svd=self.rule.svd)
                 del d
-                e.rank, e.energy, e.kept = f.rank, f.energy, f.kept
+                e.rank, e.energy, e.kept, e.residual = f.rank, f.energy, f.kept, f.residual
                 if f.clamped:
                     self.clamped.append(e.name)
                 if f.rank == 0:
