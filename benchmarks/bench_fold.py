@@ -14,10 +14,10 @@ On make_pair.py's float32 Llama pair (hidden 1024, intermediate 2816, vocab 3200
     extract --rank 64      readapt extract BASE INSTRUCT -o OUT --rank 64                  (the LoRE job alone)
 
 and, from the reports, each fold's relative error ‖Ω − Ω̂‖/‖Ω − Φ‖ and adapter size. Peak RSS at 8 and 16
-layers shows whether the fold's memory grows with depth. Then the same merge and folds inside one process that
-has imported transformers and PEFT already (what the fold costs beyond that fixed import). Wall and CPU (user + system) seconds: on a loaded
-machine torch's two threads wait ~16 ms for each other on every op, so `--threads 1` shows what the jobs
-cost without that. Prints a table; writes WORK/bench_fold[_tN].json.
+layers shows whether the fold's memory grows with depth. Then the same merge and folds inside one process
+that has imported transformers and PEFT already (what the fold costs beyond that fixed import). Wall and
+CPU (user + system) seconds: on a loaded machine torch's two threads wait ~16 ms for each other on every op,
+so `--threads 1` shows what the jobs cost without that. Prints a table; writes WORK/bench_fold[_tN].json.
 """
 
 from __future__ import annotations

@@ -158,7 +158,8 @@ def fold_summary(report: dict) -> str:
         n_fac = sum(t["from_factors"] for t in low)
         error = ("" if report["mode"] == "exact" else
                  f"; relative error ‖Ω−Ω̂‖/‖Ω−Φ‖ {report['relative_error']:.4g} overall, worst "
-                 f"{worst['relative_error']:.4g} ({worst['name']}), energy kept {100 * report['energy_kept_share']:.2f}%")
+                 f"{worst['relative_error']:.4g} ({worst['name']}), energy kept "
+                 f"{100 * report['energy_kept_share']:.2f}%")
         how = (f"{n_fac} from their LoRA factors, {len(low) - n_fac} from the dense sum" if report["mode"] != "exact"
                else "their LoRA factors stacked")
         lines.append(f"{len(low)} modules low rank (ranks {ranks[0]}-{ranks[-1]}, median {ranks[len(ranks) // 2]}; "
@@ -186,8 +187,9 @@ tags: [readapt, fold, partial-adaptation, lora]
 ---
 # Folded adapter: a partial adaptation as one LoRA
 
-Made by readapt {report['readapt_version']} on {report['created']}: Ω = Φ + Σ sᵢ·Ψᵢ (Φ: `{report['source']['base']}`)
-as one PEFT LoRA on Φ, scale 1 per module (rank_pattern = alpha_pattern), for serving many variants on one base.
+Made by readapt {report['readapt_version']} on {report['created']}: Ω = Φ + Σ sᵢ·Ψᵢ
+(Φ: `{report['source']['base']}`) as one PEFT LoRA on Φ, scale 1 per module (rank_pattern = alpha_pattern),
+for serving many variants on one base.
 
     {fold_summary(report).replace(chr(10), chr(10) + '    ')}
 

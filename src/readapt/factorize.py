@@ -134,9 +134,20 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, Y.double().T, upper=False).T.to(Y.dtype)
 
 
-def factorize(delta: torch.Tensor | Product, *, tau: float | None = None, rank: int | None = None,
-              svd: str = "auto", oversample: int | None = None, power_iters: int = 10, seed: int = 0
-              ) -> Factorization:
+def _method(svd: str, tau: float | None) -> str:
+    """The SVD path `svd` names, checked; auto: gram for the τ rule (it needs every σ), randomized for a rank."""
+    if svd not in SVD_METHODS:
+        raise ReadaptError(f"--svd {svd!r}: choose one of {', '.join(SVD_METHODS)}")
+    if svd == "auto":
+        return "gram" if tau is not None else "randomized"
+    if svd == "randomized" and tau is not None:
+        raise ReadaptError("--svd randomized needs a fixed --rank: the τ rule needs every singular value "
+                           "(use --svd gram or exact)")
+    return svd
+
+
+def factorize(delta: torch.Tensor | Product, *, tau: float | None = None, rank: int | None = None, svd: str = "auto",
+              oversample: int | None = None, power_iters: int = 10, seed: int = 0) -> Factorization:
     """Optimal (exact) or near-optimal (gram, randomized) rank-k factors of a float32 matrix `delta`.
 
     The math runs on delta's device. τ picks k per matrix, `rank` fixes it (clamped to min(out, in) and to
@@ -146,13 +157,7 @@ def factorize(delta: torch.Tensor | Product, *, tau: float | None = None, rank: 
     if isinstance(delta, Product):
         return factorize_product(delta, tau=tau, rank=rank)
     check_rule(tau, rank)
-    if svd not in SVD_METHODS:
-        raise ReadaptError(f"--svd {svd!r}: choose one of {', '.join(SVD_METHODS)}")
-    if svd == "auto":
-        svd = "gram" if tau is not None else "randomized"
-    if svd == "randomized" and tau is not None:
-        raise ReadaptError("--svd randomized needs a fixed --rank: the τ rule needs every singular value "
-                           "(use --svd gram or exact)")
+    svd = _method(svd, tau)
     D = delta.float()
     m, n = D.shape
     if svd == "exact":
@@ -186,9 +191,9 @@ def factorize(delta: torch.Tensor | Product, *, tau: float | None = None, rank: 
     clamped = k > min(m, n) or (svd == "exact" and k > k_num)
     k = min(k, k_num)
     if svd == "exact":
-        B, A = U[:, :k] * S[:k], Vh[:k].contiguous()
-        return Factorization(B, A, k, energy, float(S[:k].double().square().sum()), S.cpu(), clamped,
-                             float(S[k:].double().square().sum()))
+        e = S.double().square()
+        return Factorization(U[:, :k] * S[:k], Vh[:k].contiguous(), k, energy, float(e[:k].sum()), S.cpu(), clamped,
+                             float(e[k:].sum()))
     Uk = Q[:, :k]  # s×k: top-k singular vectors of the smaller side
     if m <= n:  # Δ = X: B = U_k, A = U_kᵀ Δ  (no division by small σ; BA = U_k U_kᵀ Δ)
         B, A = Uk.contiguous(), (Uk.T @ X).contiguous()

@@ -61,7 +61,8 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
     provenance = {"base": recorded_name(base), "tuned": recorded_name(tuned), "skipped_missing": pair.skipped}
     return write_lore(out, LorePass(entries, source, rule), overwrite=overwrite,
                       inputs=[pair.base.path, pair.tuned.path], base_model=recorded_name(base), provenance=provenance,
-                      verify=verify, fidelity=_fidelity(calibration, pair.base, CheckpointDifference(pair.tuned), device))
+                      verify=verify,
+                      fidelity=_fidelity(calibration, pair.base, CheckpointDifference(pair.tuned), device))
 
 
 def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float | None = None,
@@ -89,11 +90,11 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
     if calibration is not None or any(e.policy == "dense" for e in entries):
         spec = base or (d.manifest.get("base") or {}).get("path")
         if spec is None or (base is None and not Path(spec).exists()):
-            need = ("--calibration runs base + adapter" if calibration is not None else
-                    "norms/biases/dense embeddings are saved as tuned values (PEFT modules_to_save)")
+            need, other = (("--calibration runs base + adapter", "") if calibration is not None else
+                           ("norms/biases/dense embeddings are saved as tuned values (PEFT modules_to_save)",
+                            ", or --norms skip --biases skip (and no dense embeddings)"))
             raise ReadaptError(f"{need}, which needs the base checkpoint; the one in {d.path}'s manifest ({spec}) is "
-                               f"gone. Pass --base BASE" + ("" if calibration is not None else
-                                                            ", or --norms skip --biases skip (and no dense embeddings)"))
+                               f"gone. Pass --base BASE{other}")
         source.base = Checkpoint.open(spec, ReadOptions.of(read, allow_pickle))
     rule = Rule(tau, rank, svd, parse_device(device), parse_dtype(dtype) or torch.float32)
     b = source.base
