@@ -64,26 +64,29 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
     for name in base.names:
         terms = [(a, s) for a, s, names in touched if name in names]
         observe = _observer(stats, name, [i for i, (_, _, names) in enumerate(touched) if name in names])
-        floating = base.dtype(name).is_floating_point
-        if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
-            yield name, base.stored(name) if copy_untouched else base.read(name)
-            continue
-        out_dtype = (dtype or base.dtype(name)) if floating else base.dtype(name)
-        if terms and floating and all(a.elementwise for a, _ in terms):
-            yield name, Blocks(out_dtype, base.shape(name), _elementwise(name, base, terms, dtype, observe))
-            continue
-        if terms and floating and len(base.shape(name)) >= 2 and not whole_tensors:
-            yield name, Blocks(out_dtype, base.shape(name), _by_rows(name, base, terms, dtype, observe))
-            continue
-        W = base.read(name)
-        if terms and floating:
-            W = W.float()  # Φ in float32 (a fresh buffer unless it already was float32; the raw one is freed)
-            W = _whole(name, W, terms, observe)
-        W = W.to(out_dtype)
-        if not is_finite(W):
-            raise _not_finite(name, base, terms, dtype)
-        yield name, W
-        W = None  # before the next tensor is read: a generator frame keeps what it yielded
+        yield name, merged(base, name, terms, dtype, copy_untouched, whole_tensors, observe)
+
+
+def merged(base: Checkpoint, name: str, terms: Sequence[tuple[Addend, float]], dtype: torch.dtype | None = None,
+           copy_untouched: bool = False, whole_tensors: bool = False, observe: Observer | None = None
+           ) -> torch.Tensor | TensorInfo | Blocks:
+    """Ω[name] = Φ[name] + Σ sᵢ·Ψᵢ[name] over the addends `terms` that touch it, as iter_merged yields it."""
+    floating = base.dtype(name).is_floating_point
+    if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
+        return base.stored(name) if copy_untouched else base.read(name)
+    out_dtype = (dtype or base.dtype(name)) if floating else base.dtype(name)
+    if terms and floating and all(a.elementwise for a, _ in terms):
+        return Blocks(out_dtype, base.shape(name), _elementwise(name, base, terms, dtype, observe))
+    if terms and floating and len(base.shape(name)) >= 2 and not whole_tensors:
+        return Blocks(out_dtype, base.shape(name), _by_rows(name, base, terms, dtype, observe))
+    W = base.read(name)
+    if terms and floating:
+        W = W.float()  # Φ in float32 (a fresh buffer unless it already was float32; the raw one is freed)
+        W = _whole(name, W, terms, observe)
+    W = W.to(out_dtype)
+    if not is_finite(W):
+        raise _not_finite(name, base, terms, dtype)
+    return W
 
 
 def _not_finite(name: str, base: Checkpoint, terms, dtype) -> ReadaptError:

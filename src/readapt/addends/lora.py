@@ -370,6 +370,14 @@ class LoraAdapter(Addend):
         return next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
                      or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
 
+    def factored(self, name: str) -> bool:
+        """Whether Ψ[name] is a plain LoRA term s·B·A, so that a sum of such terms can stay factored (a fold):
+        factors, and no full weight (trainable tokens, a saved tensor, the DoRA variant's W′)."""
+        mod = self.modules.get(name)
+        p = mod.parts if mod is not None else {}
+        return (self.variant is LoraVariant and ("lora_A.weight" in p or "lora_embedding_A" in p)
+                and _TOKENS not in p and self._saved(mod) is None)
+
     def _tokens(self, name: str, mod: _Module, W: torch.Tensor, r0: int = 0, total: int | None = None
                 ) -> torch.Tensor:
         """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge). W: the whole
