@@ -136,7 +136,7 @@ def _by_rows(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, float]],
     one combine on the float32 base rows W and each addend's rows of Ψ or Φ′ (`Addend.rows`: s·B[rows]·A
     for a LoRA term, DoRA's W′ rows). Memory: a block of rows, the factors and DoRA's m and norm, whatever
     the tensor's size. Bit for bit `_whole` (and PEFT's merge), except DoRA on an embedding of more than one
-    block, whose norm over the vocabulary is summed in float64 (DoraVariant.column_norm)."""
+    block, whose norm over the vocabulary is summed in float64 (DoraVariant.stored_norm)."""
     out_dtype = dtype or base.dtype(name)
     stored = base.stored(name)
     for r0, r1 in row_spans(base.shape(name), block):

@@ -18,7 +18,6 @@ import torch
 from readapt.addends.base import Addend, Kind
 from readapt.checkpoint import (CONFIG_FIELDS, DELTA_MANIFEST, Checkpoint, Pair, ReadOptions, TensorInfo,
                                 check_configs, is_delta_folder)
-from readapt.errors import ReadaptError
 from readapt.roundtrip import Exceptions, open_exceptions
 from readapt.userfiles import OBJECT, STRING, check_fields, load
 
