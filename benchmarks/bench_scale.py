@@ -422,6 +422,8 @@ def part_jobs(work: Path, only: list[str] | None) -> None:
         "extract": ([ra, "extract", str(base), str(inst), "-o", str(out), "--dtype", "bfloat16"], 2 * nb, out),
         "merge-0.5": ([ra, "merge", str(base), "--add", f"{inst}:0.5", "-o", str(out)], 2 * nb, out),
         "merge-lora": ([ra, "merge", str(base), "--add", str(lora), "-o", str(out)], nb + nl, out),
+        "merge-lora-whole-tensors": ([ra, "merge", str(base), "--add", str(lora), "-o", str(out), "--whole-tensors"],
+                                     nb + nl, out),
         "port-lora-merge-from": ([ra, "port", str(lora), "--merge", "--from", str(base), "--to", str(inst), "-o",
                                   str(out)], 2 * nb + nl, out),
         "extract-rank64-randomized": ([ra, "extract", str(base), str(inst), "-o", str(out), "--rank", str(RANK),
@@ -430,11 +432,12 @@ def part_jobs(work: Path, only: list[str] | None) -> None:
                                  "--svd", "gram"], 2 * nb, out),
         "extract-tau0.5": ([ra, "extract", str(base), str(inst), "-o", str(out), "--tau", "0.5"], 2 * nb, out),
     }
-    default = [k for k in jobs if k not in ("extract-rank64-gram", "extract-tau0.5")]  # slow: see `slices`
+    extra_runs = ("extract-rank64-gram", "extract-tau0.5", "merge-lora-whole-tensors")  # slow, or a comparison
+    default = [k for k in jobs if k not in extra_runs]
     for name in only or default:
         cmd, inputs, output = jobs[name]
         measure(work, name, cmd, inputs, output, extra={"model": "8B-shaped", "layers": SHAPE["layers"]},
-                sink=name in ("extract", "merge-0.5", "merge-lora", "port-lora-merge-from"))
+                sink=name in ("extract", "merge-0.5", "merge-lora", "merge-lora-whole-tensors", "port-lora-merge-from"))
 
 
 def part_svd(work: Path) -> None:
