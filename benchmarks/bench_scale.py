@@ -458,8 +458,13 @@ def part_jobs(work: Path, only: list[str] | None) -> None:
         "extract-rank64-gram": ([ra, "extract", str(base), str(inst), "-o", str(out), "--rank", str(RANK),
                                  "--svd", "gram"], 2 * nb, out),
         "extract-tau0.5": ([ra, "extract", str(base), str(inst), "-o", str(out), "--tau", "0.5"], 2 * nb, out),
+        "extract-rank64-cuda": ([ra, "extract", str(base), str(inst), "-o", str(out), "--rank", str(RANK),
+                                 "--device", "cuda"], 2 * nb, out),
+        "extract-tau0.5-cuda": ([ra, "extract", str(base), str(inst), "-o", str(out), "--tau", "0.5", "--device",
+                                 "cuda"], 2 * nb, out),
     }
-    extra_runs = ("extract-rank64-gram", "extract-tau0.5", "merge-lora-whole-tensors")  # slow, or a comparison
+    extra_runs = ("extract-rank64-gram", "extract-tau0.5", "merge-lora-whole-tensors", "extract-rank64-cuda",
+                  "extract-tau0.5-cuda")  # slow, a comparison, or a GPU
     default = [k for k in jobs if k not in extra_runs]
     for name in only or default:
         cmd, inputs, output = jobs[name]
