@@ -659,6 +659,14 @@ def test_lora_and_dora_merge_in_row_blocks(tmp_path, monkeypatch, case, capsys):
     if case == "dora":
         exact = read_all(readapt.merge(base, tmp_path / "whole", [(tmp_path / "adapter", 1.0)], whole_tensors=True))
         assert all(torch.equal(exact[n], want[n]) for n in want)
+    if case == "lora":  # beside a full checkpoint on the same tensors: its rows are read beside the base's
+        inst = perturb(base, tmp_path / "inst", scale=0.05)
+        adds = [(tmp_path / "adapter", 0.5), (inst, 0.25)]
+        rows = read_all(readapt.merge(base, tmp_path / "mixed", adds))
+        assert whole == []
+        monkeypatch.setattr(Checkpoint, "read", read)
+        whole_merge = read_all(readapt.merge(base, tmp_path / "mixed_whole", adds, whole_tensors=True))
+        assert all(torch.equal(rows[n], whole_merge[n]) for n in rows)
 
 
 def test_not_enough_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
