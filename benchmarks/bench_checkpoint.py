@@ -1,6 +1,7 @@
 """Speed and memory of the checkpoint engine: extract and merge, next to `cat` and mergekit.
 
     python benchmarks/bench_checkpoint.py [--work benchmarks/_work] [--mergekit /path/to/venv] [--repeat 3]
+                                          [--readapt NAME=COMMAND ...]   # several readapt builds, paired
 
 Builds (once) the synthetic float32 Llama pair of benchmarks/make_pair.py at 8 layers (168M parameters)
 and at 16 layers (the "model doubles" check), then times each command with `/usr/bin/time -v` (wall
@@ -14,7 +15,8 @@ clock and peak RSS, memory-mapped pages included):
 
 Throughput = (bytes read + bytes written) / wall time. Runs are interleaved round-robin so that the
 comparison sees the same machine load; each run starts after `sync`; the table reports the median of
---repeat runs.
+--repeat runs. With --readapt (repeatable), each readapt job runs once per named command in the same
+round robin (e.g. `--readapt main=/other/venv/bin/readapt --readapt new=readapt`): a paired comparison.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ def main() -> None:
     ap.add_argument("--mergekit", type=Path, default=Path("/work/mk-venv"), help="venv with mergekit 0.1.5")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--readapt", action="append", default=[], metavar="NAME=COMMAND",
+                    help="a readapt command to time (repeat to compare builds; default: the one on PATH)")
     a = ap.parse_args()
-    readapt = shutil.which("readapt") or f"{sys.executable} -m readapt"
+    builds = dict(b.split("=", 1) for b in a.readapt) or {"": shutil.which("readapt") or f"{sys.executable} -m readapt"}
     mk = a.mergekit / "bin" / "mergekit-yaml"
     rows = []
     for layers in a.layers:
@@ -71,12 +75,14 @@ def main() -> None:
         cfg = a.work / "mergekit.yml"
         cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {inst}\n"
                        f"    parameters:\n      weight: 0.5\ndtype: float32\n")
-        jobs = {
-            "cat": (f"cat {' '.join(str(p) for p in sorted(base.glob('*.safetensors')) + sorted(inst.glob('*.safetensors')))} > /dev/null", 2 * nb),
-            "extract": (f"{readapt} extract {base} {inst} -o {delta} --overwrite", 3 * nb),
-            "merge-delta": (f"{readapt} merge {base} --add {delta}:1 -o {out} --overwrite", 3 * nb),
-            "merge-0.5": (f"{readapt} merge {base} --add {inst}:0.5 -o {out} --overwrite", 3 * nb),
-        }
+        jobs = {"cat": (f"cat {' '.join(str(p) for p in sorted(base.glob('*.safetensors')) + sorted(inst.glob('*.safetensors')))} > /dev/null", 2 * nb)}
+        for build, readapt in builds.items():
+            tag = f"{build} " if build else ""
+            jobs |= {
+                f"{tag}extract": (f"{readapt} extract {base} {inst} -o {delta} --overwrite", 3 * nb),
+                f"{tag}merge-delta": (f"{readapt} merge {base} --add {delta}:1 -o {out} --overwrite", 3 * nb),
+                f"{tag}merge-0.5": (f"{readapt} merge {base} --add {inst}:0.5 -o {out} --overwrite", 3 * nb),
+            }
         if mk.exists():
             jobs["mergekit-0.5"] = (f"{mk} {cfg} {a.work / 'mk-out'} --allow-crimes", 3 * nb)
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in jobs}

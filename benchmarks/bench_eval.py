@@ -8,11 +8,11 @@ the time and peak memory of `readapt score` on huge responses.
 
 BM25: passages of 40-120 words drawn from a Zipf-distributed 50k-word vocabulary; queries are 6 words
 sampled from one passage, whose id is the gold id (reported: top-1 accuracy, as a sanity check).
-Generation: readapt.evaluate.generate on chat prompts of the tests' word-level tokenizer, with a random
+Generation: readapt.generation.generate on chat prompts of the tests' word-level tokenizer, with a random
 Llama of the demo world's size (4 layers, hidden 128) and of the tests' size (2 layers, hidden 16).
 Score: a predictions file of one question whose response and reference are random words (1000-word
 vocabulary), the reference taking `share` of the file; each run is a fresh process (peak RSS from
-wait4), readapt's Rouge-L against rouge-score's own scorer (the implementation before issue 12), the
+wait4), readapt's Rouge-L against rouge-score's own scorer (the implementation readapt used before its linear-memory Rouge-L), the
 latter under an address-space cap so that its quadratic table fails instead of swapping.
 """
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def bench_bm25(n_passages: int, n_queries: int, seed: int = 0) -> None:
-    from readapt.evaluate import bm25_search
+    from readapt.retrieval import bm25_search
     import bm25s
 
     rng = np.random.default_rng(seed)
@@ -64,7 +64,7 @@ def bench_bm25(n_passages: int, n_queries: int, seed: int = 0) -> None:
           f"({1e3 * (t2 - t1) / n_queries:.2f} ms/query); top-1 accuracy {acc:.1f}%")
     t3 = time.perf_counter()
     hits = bm25_search(texts, queries, k=1)
-    print(f"bm25: readapt.evaluate.bm25_search (index + {n_queries} queries) {time.perf_counter() - t3:.2f} s; "
+    print(f"bm25: readapt.retrieval.bm25_search (index + {n_queries} queries) {time.perf_counter() - t3:.2f} s; "
           f"same hits: {[h[0] for h in hits] == docs[:, 0].tolist()}")
 
 
@@ -73,7 +73,8 @@ def bench_generate(device: str, hidden: int, layers: int, n_questions: int, max_
     from tiny import VOCAB, tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from readapt.evaluate import build_prompts, generate
+    from readapt.generation import generate
+    from readapt.prompts import build_prompts
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=4 * hidden,
@@ -105,7 +106,7 @@ def bench_generate(device: str, hidden: int, layers: int, n_questions: int, max_
 
 
 _SCORE = {
-    "readapt": "from readapt.evaluate import score; s = score({path!r}, quiet=True); print(s['rouge_l_recall'], "
+    "readapt": "from readapt.evaluation import score; s = score({path!r}, quiet=True); print(s['rouge_l_recall'], "
                "s.get('rouge_l_responses_cut', 0))",
     "rouge-score": "import json; from rouge_score import rouge_scorer; sc = rouge_scorer.RougeScorer(['rougeL']); "
                    "rows = [json.loads(l) for l in open({path!r})]; print(100 * sum(max(sc.score(a, r['response'])"
@@ -134,8 +135,8 @@ def bench_score(sizes: list[str], shares: list[float], cap_gb: float, seed: int 
 
     rng = np.random.default_rng(seed)
     vocab = np.array([f"w{i}" for i in range(1000)])
-    base_rss = _measured("import readapt.evaluate, rouge_score.rouge_scorer", None)[1]
-    print(f"score: a Python with readapt.evaluate and rouge_score imported: {base_rss:.0f} MB peak RSS")
+    base_rss = _measured("import readapt.evaluation, rouge_score.rouge_scorer", None)[1]
+    print(f"score: a Python with readapt.evaluation and rouge_score imported: {base_rss:.0f} MB peak RSS")
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             for share in shares:

@@ -12,7 +12,7 @@ mergekit: side by side, each as its own process under `/usr/bin/time -v` (wall t
 `readapt extract BASE INSTRUCT -o OUT --rank 32` (defaults: embeddings and lm_head low rank), and
 `... --embeddings dense --lm-head dense` (what mergekit writes for them: full copies). Error: the relative
 Frobenius error ‖Δ − Ψ‖/‖Δ‖ over the decoder's linear weights (low rank in all three), with Ψ read from
-each adapter folder by readapt.adapters.PeftAdapter (which honours rank_pattern/alpha_pattern).
+each adapter folder by readapt.addends.LoraAdapter (which honours rank_pattern/alpha_pattern).
 Prints a table and writes DIR/bench_lowrank_<part>.json.
 """
 
@@ -42,17 +42,16 @@ def ensure_pair(work: Path) -> tuple[Path, Path]:
 
 
 def matrices(base: Path, inst: Path):
-    from readapt.checkpoint import Checkpoint
-    from readapt.lowrank import difference
+    from readapt.checkpoint import Checkpoint, Pair
 
-    b, t = Checkpoint.open(base), Checkpoint.open(inst)
-    for n in b.names:
-        if len(b.shape(n)) == 2:
-            yield n, difference(t, b, n)
+    pair = Pair(Checkpoint.open(base), Checkpoint.open(inst))
+    for n in pair.names:
+        if len(pair.base.shape(n)) == 2:
+            yield n, pair.delta(n)
 
 
 def bench_svd(work: Path, rank: int, tau: float, layers: int | None = None) -> dict:
-    from readapt.lowrank import factorize, rank_at
+    from readapt.factorize import factorize, rank_at
 
     base, inst = ensure_pair(work)
     methods = ("exact", "gram", "randomized")
@@ -128,18 +127,18 @@ def timed(cmd: list[str], log: Path) -> dict:
 
 def adapter_error(base: Path, inst: Path, adapter: Path) -> dict:
     """‖Δ − Ψ‖/‖Δ‖ over the decoder linear weights, and whether every one of them got a low-rank term."""
-    from readapt.adapters import PeftAdapter
-    from readapt.checkpoint import Checkpoint
-    from readapt.lowrank import difference
+    from readapt.addends import LoraAdapter
+    from readapt.checkpoint import Checkpoint, Pair
 
-    b, t = Checkpoint.open(base), Checkpoint.open(inst)
-    ad = PeftAdapter(adapter)
+    pair = Pair(Checkpoint.open(base), Checkpoint.open(inst))
+    b = pair.base
+    ad = LoraAdapter(adapter)
     err2 = en2 = 0.0
     covered = total = 0
     for n in b.names:
         if ".layers." not in n or len(b.shape(n)) != 2:
             continue
-        D = difference(t, b, n)
+        D = pair.delta(n)
         psi = ad.delta(n, b.read(n).float())
         total += 1
         covered += psi is not None

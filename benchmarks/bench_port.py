@@ -1,4 +1,4 @@
-"""Port benchmark (issue 5): peak memory of `readapt port --merge` vs one LoRA training step on the same model.
+"""Port benchmark: peak memory of `readapt port --merge` vs one LoRA training step on the same model.
 
     python benchmarks/bench_port.py [--work benchmarks/_work/port] [--rank 64] [--no-train]
                                     [--layers 8 --hidden 1024 --intermediate 2816]   # make_pair's sizes
@@ -41,7 +41,7 @@ def make_adapter(old: Path, out: Path, rank: int, dora: bool, seed: int = 0) -> 
     """A PEFT LoRA/DoRA adapter on every linear layer of `old`, written one module at a time."""
     import torch
 
-    from readapt.adapters import PREFIX
+    from readapt.addends import PREFIX
     from readapt.checkpoint import Checkpoint, output_folder, write_file
 
     ckpt = Checkpoint.open(old)

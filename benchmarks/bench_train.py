@@ -1,10 +1,10 @@
-"""Training benchmarks (issue 4), CPU unless a GPU is visible.
+"""Training benchmarks, CPU unless a GPU is visible.
 
     python benchmarks/bench_train.py speed                        # tokens/s and peak RSS, tiny + small model
     python benchmarks/bench_train.py step-memory CKPT [--max-length 512 --batch-size 1 --rank 64 --no-dora
                                                       --dtype bfloat16]
 
-`speed` builds models from a config (no downloads) and word-level text, then times `readapt.train.train`
+`speed` builds models from a config (no downloads) and word-level text, then times `readapt.training.train`
 in a fresh subprocess per setting, so that the peak RSS (ru_maxrss) belongs to that run alone:
   demo    the demo world's model: Llama, 4 layers, hidden 128, MLP 512, vocab 256, tied (1.1M parameters);
           batch 64 x 64 tokens, rank 32 (LoRA and DoRA), as the demo trains its knowledge adapter
@@ -15,7 +15,7 @@ in a fresh subprocess per setting, so that the peak RSS (ru_maxrss) belongs to t
 
 `step-memory CKPT` measures ONE LoRA/DoRA training step (forward, backward, AdamW step) with batch 1 and
 max length 512 on a checkpoint folder: the memory a fine-tune of that checkpoint needs at the least, to be
-compared with the memory of a training-free port (PortLLM, issue 5). Python callers:
+compared with the memory of a training-free port (PortLLM). Python callers:
 `step_memory(ckpt, batch_size=1, max_length=512, rank=64, dora=True) -> dict` (it too runs in a subprocess).
 """
 
@@ -98,7 +98,7 @@ def _child_speed(size: str, batch: int, micro: int, length: int, rank: int, dora
         torch.set_num_threads(threads)
 
     from readapt.checkpoint import Checkpoint
-    from readapt.train import train
+    from readapt.training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -131,7 +131,7 @@ def _child_step(ckpt: str, batch_size: int, max_length: int, rank: int, dora: bo
     else float32 (what it does on CPU); the adapter and optimizer state are float32 either way."""
     import torch
 
-    from readapt.train import lora_model
+    from readapt.trainmodel import lora_model
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"

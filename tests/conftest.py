@@ -1,9 +1,10 @@
+"""Shared fixtures and process settings of the test suite: offline Hugging Face lookups, one torch thread,
+and `real_models`, the real-checkpoint cache of benchmarks/real_models.py. Helpers that build tiny
+checkpoints are in tests/tiny.py (`from tests.tiny import save_tiny`)."""
+
 import os
-import sys
 from pathlib import Path
 
-# tests import the helpers in tests/tiny.py as `from tiny import ...`
-sys.path.insert(0, str(Path(__file__).parent))
 # never touch the network or the user's real cache from the tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,7 +16,6 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 BUILD = "python benchmarks/real_models.py"
 
 
@@ -38,8 +38,7 @@ class RealModels:
 def real_models() -> RealModels:
     """The real-model cache ($READAPT_REAL_CACHE or ~/.cache/readapt/real). Builds nothing unless
     READAPT_REAL_BUILD=1; a failed download then skips the real tests with the reason."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import real_models as cache
+    from benchmarks import real_models as cache  # the repository root is on sys.path: tests is a package
 
     root, why = cache.default_cache(), ""
     if os.environ.get("READAPT_REAL_BUILD") == "1":

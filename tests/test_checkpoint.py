@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from readapt.checkpoint import (MAX_HEADER, Checkpoint, output_folder, parse_size, read_header, resolve_model,
                                 write_file, write_tensors)
 from readapt.errors import ReadaptError
-from tiny import save_tiny
+from tests.tiny import save_tiny
 
 
 def test_reader_matches_safetensors_for_single_and_sharded(tmp_path):
@@ -130,7 +130,7 @@ def test_parse_size():
             parse_size(bad)
 
 
-# --- hostile and broken inputs (issue 12) ---------------------------------------------------------------
+# --- hostile and broken inputs -----------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _no_hang(seconds=60):
@@ -309,7 +309,7 @@ def test_valid_edge_cases_accepted_like_safetensors(tmp_path):
     assert infos["scalar"].shape == () and infos["empty"].shape == (0, 3)
 
 
-# --- output folders: leftovers and races (issue 12) -----------------------------------------------------
+# --- output folders: leftovers and races -------------------------------------------------------------
 
 
 def test_stale_temporary_siblings_of_dead_runs_removed(tmp_path):
@@ -332,7 +332,7 @@ def test_second_interrupt_during_cleanup_leaves_nothing(tmp_path, monkeypatch):
     """Ctrl-C pressed again while the temporary folder is being removed: ignored until it is gone."""
     import shutil
 
-    import readapt.checkpoint as ck
+    import readapt.checkpoint.folders as ck
 
     real = shutil.rmtree
 
@@ -405,7 +405,7 @@ def test_os_errors_while_writing_are_one_line(tmp_path):
 
 
 def test_parse_dtype_and_device_refuse_what_readapt_cannot_use():
-    from readapt.checkpoint import parse_device, parse_dtype
+    from readapt.numerics import parse_device, parse_dtype
 
     assert parse_dtype("bf16") == torch.bfloat16 and parse_dtype(None) is None
     for bad in ("float8_e4m3fn", "float8_e5m2", "int8", "bogus", 5):

@@ -1,14 +1,14 @@
-"""Bounds of eval (issue 12): --max-new-tokens is capped at what the model's context leaves."""
+"""Bounds of eval: --max-new-tokens is capped at what the model's context leaves."""
 
 import json
 import warnings
 
 import pytest
-from tiny import save_tiny, tiny_model, tiny_tokenizer
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from readapt.evaluate import generate
+from readapt.generation import generate
 
 
 def _spy(model) -> list[int]:

@@ -5,12 +5,14 @@ import warnings
 
 import pytest
 import torch
-from tiny import perturb, save_tiny, tiny_model, tiny_tokenizer
+from tests.tiny import perturb, save_tiny, tiny_model, tiny_tokenizer
 
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from readapt.evaluate import (PLAIN_STOP, bm25_search, build_prompts, chat_template_kwargs, evaluate, generate,
-                              load_questions, messages, prompt_format, retrieve, score, split_validation, sweep)
+from readapt.evaluation import evaluate, load_questions, score, split_validation, sweep
+from readapt.generation import generate
+from readapt.prompts import PLAIN_STOP, build_prompts, chat_template_kwargs, messages, prompt_format
+from readapt.retrieval import bm25_search, retrieve
 from readapt.metrics import contains_em, rouge_l_recall
 
 NO_SYSTEM_RAISES = (  # Gemma-style: a system turn is an error

@@ -1,4 +1,4 @@
-"""Hostile and broken inputs through the command line (issue 12): every one is refused with one line and
+"""Hostile and broken inputs through the command line: every one is refused with one line and
 exit status 2, or accepted with a valid output; nothing is left behind and no input changes.
 
 The fuzz test at the end mutates the JSON of a tiny checkpoint and its LoRA adapter (safetensors headers,
@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from readapt.cli import main
-from tiny import save_tiny
+from tests.tiny import save_tiny
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_full_disk_and_long_names_are_one_line(kit, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(sys.modules["readapt.merge"], "copy_side_files", full)
+        m.setattr(sys.modules["readapt.merging"], "copy_side_files", full)
         error = cli("merge", kit["base"], "--add", kit["adapter"], "-o", tmp_path / "out").error
     assert "No space left on device" in error and "the disk is full" in error
     assert os.listdir(tmp_path) == []
@@ -297,7 +297,7 @@ def hang_up(src, dst):  # the job is writing: a partial output exists in the tem
     assert any(p.name.endswith(".safetensors") for p in dst.iterdir())
     os.kill(os.getpid(), getattr(signal, sys.argv[1]))
 
-sys.modules["readapt.merge"].copy_side_files = hang_up
+sys.modules["readapt.merging"].copy_side_files = hang_up
 sys.exit(main(sys.argv[2:]))
 """
 

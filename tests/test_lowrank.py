@@ -7,12 +7,15 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import perturb, read_all, save_tiny
+from tests.tiny import perturb, read_all, save_tiny
 
 from readapt.cli import main
 from readapt.errors import ReadaptError
-from readapt.lowrank import (Policy, compress, explained, extract_lowrank, factorize, rank_at, spectrum,
-                             summary, verify_peft)
+from readapt.cards import lore_summary
+from readapt.factorize import explained, factorize, rank_at
+from readapt.loreplan import Policy
+from readapt.lowrank import compress, extract_lowrank, verify_peft
+from readapt.spectra import spectrum
 
 
 def matrix(m, n, sigma, seed=0):
@@ -161,7 +164,7 @@ def test_peft_merge_and_unload_reproduces_base_plus_BA_exactly(pair):
 
 
 def test_readapt_merge_applies_the_adapter_like_peft(pair):
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     root, base, tuned = pair
     out = root / "lore_rank"
@@ -193,7 +196,7 @@ def test_qwen2_bias_deltas_are_carried_so_peft_applies_them(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, before, atol=1e-5, rtol=0)
     # readapt merge reads the same file and applies the biases too
-    from readapt.merge import merge
+    from readapt.merging import merge
 
     merge(base, tmp_path / "m", [(out, 1.0)])
     assert torch.equal(read_all(tmp_path / "m")["model.layers.0.self_attn.q_proj.bias"],
@@ -220,10 +223,94 @@ def test_tied_embeddings_are_counted_and_applied_once(tmp_path):
     assert report["by_kind"]["tied"]["params"] == 0  # not counted in the delta's parameters
     _, merged = _peft_merged(base, out)
     E = merged.state_dict()["model.embed_tokens.weight"]
-    BA = (ad["base_model.model.model.embed_tokens.lora_embedding_B"]
-          @ ad["base_model.model.model.embed_tokens.lora_embedding_A"]).T
-    assert torch.equal(E, B["model.embed_tokens.weight"] + BA)  # once, not twice
+    # the tied matrix is carried dense (its changed rows, as trainable tokens) and applied once
+    assert torch.equal(E, read_all(tuned)["model.embed_tokens.weight"])
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+
+
+def _logits(model, ids=torch.tensor([[5, 9, 13, 20, 40, 2, 7]])):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("embeddings", ["auto", "dense", "skip"])
+def test_tied_adapter_is_one_model_unmerged_merged_and_through_readapt_merge(tmp_path, embeddings):
+    """Issue 11: PEFT's unmerged forward, merge_and_unload and readapt merge give the same logits on a tied model
+    (the embedding LoRA used to adapt only the input side unmerged: 0.66 logits off here, 0.7-1.0 on SmolLM2)."""
+    from transformers import AutoModelForCausalLM
+
+    from readapt.merging import merge
+
+    base = save_tiny(tmp_path / "base", "gemma2")
+    tuned = perturb(base, tmp_path / "tuned", scale=0.05)
+    out = tmp_path / "lore"
+    report = extract_lowrank(base, tuned, out, rank=8, policy=Policy(embeddings=embeddings))
+    pm = _peft_merged(base, out)[0]
+    unmerged = _logits(pm)
+    merged = _logits(pm.merge_and_unload())
+    merge(base, tmp_path / "m", [(out, 1.0)])
+    ours = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32))
+    torch.testing.assert_close(unmerged, ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged, ours, atol=1e-5, rtol=0)
+    emb = next(t for t in report["tensors"] if t["name"] == "model.embed_tokens.weight")
+    if embeddings != "skip":  # the tied matrix is the tuned one, on both sides
+        assert torch.equal(read_all(tmp_path / "m")["model.embed_tokens.weight"],
+                           read_all(tuned)["model.embed_tokens.weight"])
+        assert emb["policy"] == "dense" and emb["rows"] == 64 and "trainable" in emb["note"]
+        assert report["by_kind"]["embedding"]["params_kept"] == 64 * 16
+        from readapt.delta import extract  # compress writes the same adapter from a delta folder
+
+        compress(extract(base, tuned, tmp_path / "delta"), tmp_path / "c", rank=8, policy=Policy(embeddings=embeddings))
+        fa, fc = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "c" / "adapter_model.safetensors")
+        key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+        assert torch.equal(fa[key], fc[key])
+        # the spectrum counts the tied matrix as extract carries it
+        spec = spectrum(base, tuned, tmp_path / "s", policy=Policy(embeddings=embeddings))
+        assert spec["by_kind"]["embedding"]["params_kept"] == 64 * 16
+
+
+def test_lowrank_tied_embeddings_are_refused(tmp_path):
+    base = save_tiny(tmp_path / "base", "gemma2")
+    tuned = perturb(base, tmp_path / "tuned", scale=0.01)
+    with pytest.raises(ReadaptError, match="--embeddings lowrank: model.embed_tokens is tied to lm_head.*"
+                                           "--embeddings dense"):
+        extract_lowrank(base, tuned, tmp_path / "lore", rank=2, policy=Policy(embeddings="lowrank"))
+    assert not (tmp_path / "lore").exists()
+    # only the rows that changed are carried
+    f = sorted(tuned.glob("*.safetensors"))[0]
+    sd = load_file(f)
+    E = read_all(base)["model.embed_tokens.weight"].clone()
+    E[[4, 17]] += 0.5
+    sd["model.embed_tokens.weight"] = E
+    save_file(sd, f, metadata={"format": "pt"})
+    extract_lowrank(base, tuned, tmp_path / "lore", rank=2)
+    cfg = json.loads((tmp_path / "lore" / "adapter_config.json").read_text())
+    assert cfg["trainable_token_indices"] == {"model.embed_tokens": [4, 17]}
+    ad = load_file(tmp_path / "lore" / "adapter_model.safetensors")
+    assert torch.equal(ad["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"], E[[4, 17]])
+
+
+def test_readapt_merge_applies_a_peft_tied_lora_once(tmp_path):
+    """A LoRA trained by PEFT with ensure_weight_tying=True saves a copy of the embedding factors on lm_head;
+    unmerged, PEFT applies that one delta to the shared matrix's both sides: readapt merge builds that model
+    (it used to refuse the adapter: lm_head.weight is not in a tied checkpoint)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from readapt.merging import merge
+
+    base = save_tiny(tmp_path / "base", "gemma2")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False,
+                                              ensure_weight_tying=True))
+    pm.save_pretrained(tmp_path / "ad")
+    assert "base_model.model.lm_head.lora_A.weight" in load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    unmerged = _logits(pm)
+    merge(base, tmp_path / "m", [(tmp_path / "ad", 1.0)])
+    ours = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32))
+    torch.testing.assert_close(ours, unmerged, atol=1e-5, rtol=1e-5)  # float32 rounding (logits ~6)
 
 
 def test_policies_skip_and_dense(pair):
@@ -270,7 +357,7 @@ def test_all_zero_layer_is_skipped_and_reported(pair, tmp_path):
     report = extract_lowrank(base, t2, tmp_path / "lore", tau=0.5)
     entry = next(t for t in report["tensors"] if t["name"] == "model.layers.0.self_attn.k_proj.weight")
     assert entry["rank"] == 0 and "all zero" in entry["note"]
-    assert "rank-0 (all-zero) tensors skipped: 1" in summary(report)
+    assert "rank-0 (all-zero) tensors skipped: 1" in lore_summary(report)
     cfg = json.loads((tmp_path / "lore" / "adapter_config.json").read_text())
     assert "model.layers.0.self_attn.k_proj" not in cfg["rank_pattern"]
     assert not any("layers.0.self_attn.k_proj" in k for k in load_file(tmp_path / "lore" / "adapter_model.safetensors"))
@@ -310,6 +397,38 @@ def test_verification_refuses_factors_peft_would_ignore(pair, tmp_path):
     verify_peft(tmp_path / "ok", config)
     with pytest.raises(ReadaptError, match="PEFT would ignore 1 tensors"):
         verify_peft(tmp_path / "bad", config)
+
+
+def test_recorded_base_is_absolute_so_the_adapter_loads_from_any_folder(tmp_path, monkeypatch):
+    """extract --tau recorded the base as typed ('base'), so AutoPeftModelForCausalLM failed elsewhere."""
+    from peft import AutoPeftModelForCausalLM
+
+    from readapt.delta import extract
+
+    work = tmp_path / "work"
+    base = save_tiny(work / "base", "llama")
+    perturb(base, work / "tuned", scale=0.01)
+    monkeypatch.chdir(work)
+    extract_lowrank("base", "tuned", "lore", rank=2)
+    extract("base", "tuned", "delta")
+    compress("delta", "lore2", rank=2)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for ad in ("lore", "lore2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoPeftModelForCausalLM.from_pretrained(work / ad)
+        assert model.peft_config["default"].r == 2
+        cfg = json.loads((work / ad / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == str(base.absolute())
+    manifest = json.loads((work / "delta" / "readapt_delta.json").read_text())
+    assert manifest["base"]["spec"] == str(base.absolute()) and manifest["tuned"]["spec"] == str(work / "tuned")
+    # a model id from the Hugging Face cache is recorded as the id, its revision apart (as PEFT keeps them)
+    from readapt.addends import save_lora
+
+    (tmp_path / "ad").mkdir()
+    cfg = save_lora(tmp_path / "ad", [("m.q", torch.ones(2, 1), torch.ones(1, 2))], base_model="org/name@v2")
+    assert (cfg["base_model_name_or_path"], cfg["revision"]) == ("org/name", "v2")
 
 
 # -- spectrum and CLI ---------------------------------------------------------------------------------

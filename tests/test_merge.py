@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import readapt
 from readapt.errors import ReadaptError
-from tiny import perturb, read_all, save_tiny, tiny_model
+from tests.tiny import perturb, read_all, save_tiny, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]
 
@@ -85,6 +85,75 @@ def test_roundtrip_16bit(tmp_path, dtype, capsys):
     with capsys.disabled():
         print(f"\n{dtype} delta stored in {dtype}: {100 * exact / total:.2f}% of elements exact")
     assert exact > 0.5 * total
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_roundtrip_is_bit_exact_where_float32_cannot_hold_the_difference(tmp_path, dtype):
+    """Weights tuned to nearly zero (|Θ| < 2^-16·|Φ|) have a difference float32 cannot hold, so
+    Φ + Δ ≠ Θ there (2 of 134.5M elements on a real SmolLM2 fine-tune). extract records them; merge gives Θ."""
+    from safetensors.torch import load_file, save_file
+
+    base = save_tiny(tmp_path / "base", "llama", dtype=dtype)
+    tuned = perturb(base, tmp_path / "tuned", scale=0.02)
+    f = sorted(tuned.glob("*.safetensors"))[0]
+    sd = load_file(f)
+    B = read_all(base)
+    name = "model.layers.0.mlp.up_proj.weight"
+    W = sd[name]
+    tiny = 2.0 ** (-20 if dtype == torch.bfloat16 else -40)
+    W.view(-1)[:40] = (B[name].view(-1)[:40].float() * tiny).to(dtype)  # tuned to nearly zero
+    W.view(-1)[40] = -0.0  # a signed zero is a bit pattern too
+    sd["model.norm.weight"][3] = B["model.norm.weight"][3] * tiny
+    save_file(sd, f, metadata={"format": "pt"})
+    want = read_all(tuned)
+    delta = readapt.extract(base, tuned, tmp_path / "d")
+    d = read_all(delta)[name].view(-1)
+    naive = (B[name].view(-1).float() + d).to(dtype)
+    planted = int((_bits(naive[:41]) != _bits(want[name].view(-1)[:41])).sum())
+    assert planted >= 30  # these really are elements float32 cannot round-trip
+    got = read_all(readapt.merge(base, tmp_path / "m1", [(delta, 1.0)]))
+    for n in want:
+        assert torch.equal(_bits(got[n]), _bits(want[n])), n
+    manifest = json.loads((delta / "readapt_delta.json").read_text())
+    assert manifest["exact"]["elements"] >= planted + 1
+    assert set(manifest["exact"]["tensors"]) == {name, "model.norm.weight"}
+    got = read_all(readapt.merge(base, tmp_path / "m0", [(delta, 0.0)]))
+    assert all(torch.equal(_bits(got[n]), _bits(B[n])) for n in B)
+    half = read_all(readapt.merge(base, tmp_path / "mh", [(delta, 0.5)]))[name].view(-1)
+    lerp = torch.lerp(B[name].view(-1)[:41].float(), want[name].view(-1)[:41].float(), 0.5).to(dtype)
+    assert torch.equal(half[:41], lerp)
+    assert "bit for bit" in (delta / "README.md").read_text()
+    # compress carries norms as tuned values: Θ, not Φ + Δ
+    from safetensors.torch import load_file as load
+
+    readapt.compress(delta, tmp_path / "c", rank=1)
+    assert torch.equal(load(tmp_path / "c" / "adapter_model.safetensors")["base_model.model.model.norm.weight"],
+                       want["model.norm.weight"])
+
+
+def test_float32_tuned_over_bfloat16_base_warns_and_dtype_keeps_it(tmp_path):
+    """A float32 fine-tune of a bfloat16 base was extracted and merged back into bfloat16 silently."""
+    base = save_tiny(tmp_path / "base", "llama", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(torch.randn_like(prm) * 1e-4)  # below bf16's resolution for most weights
+    model.save_pretrained(tmp_path / "tuned")
+    with pytest.warns(UserWarning, match="float32 over the base's bfloat16.*merge --dtype float32"):
+        delta = readapt.extract(base, tmp_path / "tuned", tmp_path / "d")
+    for addend in (delta, tmp_path / "tuned"):
+        with pytest.warns(UserWarning, match="carries float32 weights but the merged model is written in the "
+                                             "base's bfloat16.*--dtype float32"):
+            readapt.merge(base, tmp_path / f"m{len(os.listdir(tmp_path))}", [(addend, 1.0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = read_all(readapt.merge(base, tmp_path / "m32", [(delta, 1.0)], dtype="float32"))
+    want = read_all(tmp_path / "tuned")
+    assert all(got[n].dtype == torch.float32 and torch.equal(got[n], want[n]) for n in want)
 
 
 def test_full_checkpoint_addend_and_load(tmp_path):
@@ -383,9 +452,7 @@ def test_tiny_model_logits_after_merge(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, dtype):
     """Extract and delta/checkpoint merges run in float32 blocks; block size must not change a single bit."""
-    import importlib
-
-    ck = importlib.import_module("readapt.checkpoint")
+    import readapt.checkpoint.reader as ck
 
     base = save_tiny(tmp_path / "base", "qwen2", dtype=dtype)
     inst = perturb(base, tmp_path / "inst", scale=0.05)
@@ -411,11 +478,10 @@ def test_blockwise_elementwise_merge_equals_whole_tensor(tmp_path, monkeypatch, 
 def test_untouched_tensors_are_copied_in_blocks(tmp_path, monkeypatch):
     """A LoRA touching two modules: every other tensor is copied byte for byte, block by block, and a
     NaN found in a copied base tensor is still refused."""
-    import importlib
-
     from safetensors.torch import load_file, save_file
 
-    ck = importlib.import_module("readapt.checkpoint")
+    import readapt.checkpoint.reader as ck
+
     monkeypatch.setattr(ck, "COPY_BLOCK", 24)
     base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
     got = read_all(readapt.merge(base, tmp_path / "out", [(adapter, 1.0)]))
@@ -430,9 +496,9 @@ def test_untouched_tensors_are_copied_in_blocks(tmp_path, monkeypatch):
 
 
 def test_nan_in_a_touched_base_tensor_is_named(tmp_path):
-    import importlib
-
     from safetensors.torch import load_file, save_file
+
+    from readapt.merging import iter_merged
 
     base = save_tiny(tmp_path / "base")
     delta = readapt.extract(base, perturb(base, tmp_path / "t"), tmp_path / "d")
@@ -445,7 +511,6 @@ def test_nan_in_a_touched_base_tensor_is_named(tmp_path):
     save_file(sd, base / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after adding"):
         readapt.merge(base, tmp_path / "out", [(delta, 0.0)], dtype="float16")
-    iter_merged = importlib.import_module("readapt.merge").iter_merged
     with pytest.raises(ReadaptError, match="'model.norm.weight' has NaN/Inf after casting to torch.float16"):
         list(iter_merged(readapt.Checkpoint.open(base), [], torch.float16))
     assert not (tmp_path / "out").exists()
@@ -508,7 +573,8 @@ def test_a_half_present_adapter_is_refused_naming_the_module(tmp_path):
 
 def test_extract_refuses_an_adapter_as_base_or_tuned(tmp_path):
     """extract used to accept a delta folder (or a PEFT adapter) as BASE and write TUNED - DELTA."""
-    from readapt.lowrank import extract_lowrank, spectrum
+    from readapt.lowrank import extract_lowrank
+    from readapt.spectra import spectrum
 
     base, adapter = _lora(tmp_path, "llama", r=2, lora_alpha=2, target_modules=["q_proj"])
     tuned = perturb(base, tmp_path / "t")

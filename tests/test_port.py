@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import shutil
 
 import pytest
 import torch
-from tiny import VOCAB, config_of, perturb, read_all, save_tiny
+from tests.tiny import VOCAB, config_of, perturb, read_all, save_tiny
 
+import readapt.checkpoint.reader as reader
 from readapt.cli import main
 from readapt.delta import extract
 from readapt.errors import ReadaptError
-from readapt.merge import merge
-from readapt.port import port, summary
+from readapt.cards import port_summary
+from readapt.merging import merge
+from readapt.porting import port
 
 EXTRA = ["<|im_start|>", "<|im_end|>", "x0", "x1", "x2", "x3"]
 
@@ -116,7 +117,7 @@ def test_merged_port_is_new_base_plus_sBA_exactly_and_equals_peft(versions, tmp_
 def test_drift_statistics_match_a_direct_computation(versions, chunk, monkeypatch):
     """Patched tensors are compared whole, unpatched ones in blocks read from disk: both give the direct
     float64 computation (chunk=7 runs every tensor through several partial blocks)."""
-    monkeypatch.setattr(importlib.import_module("readapt.checkpoint"), "BLOCK", chunk)
+    monkeypatch.setattr(reader, "BLOCK", chunk)
     v1, v2, ad = versions
     report = port(ad, v2, None, from_=v1)  # report only
     W1, W2, F = read_all(v1), read_all(v2), factors(ad)
@@ -135,7 +136,7 @@ def test_drift_statistics_match_a_direct_computation(versions, chunk, monkeypatc
     n = "model.norm.weight"
     assert report["drift"]["tensors"][n]["drift"] == pytest.approx(float((W2[n] - W1[n]).double().norm()
                                                                          / W1[n].double().norm()), rel=1e-6)
-    assert "layer 1" in summary(report)
+    assert "layer 1" in port_summary(report)
 
 
 def test_grown_vocabulary_rows_follow_token_strings(tmp_path):
@@ -148,7 +149,7 @@ def test_grown_vocabulary_rows_follow_token_strings(tmp_path):
     assert st["model.embed_tokens.weight"] == st["lm_head.weight"] == "adjusted"
     assert report["vocabulary"]["shared_tokens"] == 64 and report["vocabulary"]["new_tokens"] == 6
     assert report["vocabulary"]["moved_tokens"] == 60  # every word moved up by 6; the 4 special tokens stayed
-    assert "60 of them moved to another id" in summary(report)
+    assert "60 of them moved to another id" in port_summary(report)
     got, new, F = read_all(tmp_path / "merged"), read_all(v2), factors(ad)
     head = (F["lm_head"][0] @ F["lm_head"][1]) * 2.0  # 64×16 on v1's ids
     emb = (F["model.embed_tokens"][0] @ F["model.embed_tokens"][1]).T * 2.0
@@ -441,7 +442,7 @@ def test_warnings_a_user_needs(versions, tmp_path):
 
     save_file({k.replace("model.", "model.language_model.", 1): v for k, v in read_all(v2).items()},
               renamed / "model.safetensors", metadata={"format": "pt"})
-    assert "re-keyed: 14 tensors" in summary(port(ad, renamed, None))
+    assert "re-keyed: 14 tensors" in port_summary(port(ad, renamed, None))
 
 
 def test_drift_layers_in_numeric_order(tmp_path):
@@ -517,7 +518,7 @@ def test_rows_follow_the_text_a_token_stands_for_across_tokenizer_conventions(tm
     assert (v["matched_by_string"], v["matched_by_text"], v["same_string_other_text"],
             v["other_text_matched_by_text"], v["new_tokens"], v["same_convention"]) == (6, 9, 1, 1, 3, False)
     assert v["old_convention"].startswith("SentencePiece") and v["new_convention"].startswith("byte-level")
-    text = summary(report)
+    text = port_summary(report)
     assert "15 shared tokens carried" in text and "(6 by identical string, 9 by identical text" in text
     assert "different conventions" in text and "1 tokens with the same string stand for other text" in text
 

@@ -1,4 +1,4 @@
-"""readapt.train: knowledge adapters trained on unlabeled text (issue 4), on a tiny Llama on CPU."""
+"""readapt.training: knowledge adapters trained on unlabeled text, on a tiny Llama on CPU."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import warnings
 
 import pytest
 import torch
-from tiny import read_all, save_tiny, tiny_tokenizer
+from tests.tiny import read_all, save_tiny, tiny_tokenizer
 
 from readapt.errors import ReadaptError
-from readapt.train import pack, read_texts, train
+from readapt.textdata import pack
+from readapt.training import train
+from readapt.userfiles import read_texts
 
 FAST = dict(rank=8, alpha=16, lr=2e-2, batch_size=4, max_length=16, quiet=True)
 
@@ -134,7 +136,8 @@ def test_loss_falls_log_card_and_peft_reload(world, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from readapt.train import evaluate, load_blocks
+    from readapt.textdata import load_blocks
+    from readapt.trainmodel import heldout_loss
 
     out = train(world / "base", world / "data.jsonl", tmp_path / "k", max_steps=12, dropout=0.0,
                 eval_data=world / "heldout.txt", **FAST)
@@ -164,7 +167,7 @@ def test_loss_falls_log_card_and_peft_reload(world, tmp_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world / "base"), out).eval()
     from accelerate import Accelerator
 
-    again = evaluate(model, tok_blocks, tail, 4, Accelerator(cpu=True))
+    again = heldout_loss(model, tok_blocks, tail, 4, Accelerator(cpu=True))
     assert again["eval_loss"] == pytest.approx(evals[1]["eval_loss"], abs=1e-6)
     assert again["eval_tokens"] == evals[1]["eval_tokens"] == 4 * 15 + 6  # 70 words + EOS = 4 blocks of 16 + a tail of 7
 
@@ -440,7 +443,7 @@ def test_two_processes_train_what_one_does(world, tmp_path):
 def test_lora_model_has_no_deprecation_chatter(world):
     """peft 0.21 reads transformers 5's deprecated model.is_gradient_checkpointing; lora_model hides that
     one FutureWarning (it showed once per adapter in the demo's output)."""
-    from readapt.train import lora_model
+    from readapt.trainmodel import lora_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

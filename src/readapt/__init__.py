@@ -4,32 +4,32 @@ The public API is a handful of typed functions; each CLI subcommand is a thin la
 
     readapt.extract(base, tuned, out)                        # RE-Adapter Δ = Θ − Φ          (delta.py)
     readapt.extract_lowrank(base, tuned, out, tau=0.5)       # LoRE-Adapter as a PEFT LoRA    (lowrank.py)
-    readapt.compress(delta, out, tau=0.5); readapt.spectrum(...)
-    readapt.merge(base, out, [(delta, 0.5), (lora, 0.5)])    # Ω = Φ + Σ sᵢ·Ψᵢ, a HF folder   (merge.py)
+    readapt.compress(delta, out, tau=0.5); readapt.spectrum(...)                (lowrank.py, spectra.py)
+    readapt.merge(base, out, [(delta, 0.5), (lora, 0.5)])    # Ω = Φ + Σ sᵢ·Ψᵢ, a HF folder   (merging.py)
     readapt.load_merged(base, [(delta, 0.5)])                # the same Ω in memory
-    readapt.train(base, ["corpus.jsonl"], out)               # knowledge adapter (LoRA/DoRA)  (train.py)
-    readapt.port(patch, new_base, out)                       # PortLLM                        (port.py)
-    readapt.evaluate(...), readapt.sweep(...), readapt.score(...)                          (evaluate.py)
+    readapt.train(base, ["corpus.jsonl"], out)               # knowledge adapter (LoRA/DoRA)  (training.py)
+    readapt.port(patch, new_base, out)                       # PortLLM                        (porting.py)
+    readapt.evaluate(...), readapt.sweep(...), readapt.score(...)                          (evaluation.py)
     readapt.rouge_l_recall(...), readapt.contains_em(...)                                  (metrics.py)
-    readapt.demo()                                           # the synthetic world       (demoworld/)
+    readapt.demo()                                           # the synthetic world            (demoworld/)
 
 Modules import transformers/peft/matplotlib/bm25s lazily, so `import readapt` costs about one
-`import torch`. Note that the function names shadow their module names as attributes of the package:
-`readapt.merge` is the function; the module is `importlib.import_module("readapt.merge")`.
+`import torch`. No module is named like a function here: `readapt.merge` is the function and
+`readapt.merging` its module, so `import readapt.merging as m` gives the module.
 """
 
-__version__ = "0.1.0"
-
-from readapt.errors import ReadaptError  # noqa: E402
-from readapt.checkpoint import Checkpoint  # noqa: E402
-from readapt.delta import extract  # noqa: E402
-from readapt.merge import load_merged, merge  # noqa: E402
-from readapt.lowrank import compress, extract_lowrank, spectrum  # noqa: E402
-from readapt.train import train  # noqa: E402
-from readapt.port import port  # noqa: E402
-from readapt.metrics import contains_em, rouge_l_recall  # noqa: E402
-from readapt.evaluate import evaluate, score, sweep  # noqa: E402
-from readapt.demoworld import demo  # noqa: E402
+from readapt._version import __version__
+from readapt.errors import ReadaptError
+from readapt.checkpoint import Checkpoint
+from readapt.delta import extract
+from readapt.merging import load_merged, merge
+from readapt.lowrank import compress, extract_lowrank
+from readapt.spectra import spectrum
+from readapt.training import train
+from readapt.porting import port
+from readapt.metrics import contains_em, rouge_l_recall
+from readapt.evaluation import evaluate, score, sweep
+from readapt.demoworld import demo
 
 __all__ = ["__version__", "ReadaptError", "Checkpoint", "extract", "extract_lowrank", "compress", "spectrum",
            "merge", "load_merged", "train", "port", "evaluate", "sweep", "score", "rouge_l_recall",

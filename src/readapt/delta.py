@@ -1,4 +1,4 @@
-"""Delta algebra: the RE-Adapter Δ = Θ − Φ, stored as a delta folder, and full checkpoints as addends.
+"""Extract: the RE-Adapter Δ = Θ − Φ of two checkpoints, written as a delta folder (a readapt.addends.DeltaFolder).
 
 RE-Adapt (Fleshman & Van Durme, 2024, §3): the instruction tuning of an instruct model Θ is isolated as
 its difference from the pretrained model Φ it was tuned from,
@@ -9,9 +9,16 @@ and re-applied later to Φ (or to Φ plus a knowledge adapter) with any scale β
 
 A delta folder holds Δ as safetensors shards (`model*.safetensors` + index, the layout of a checkpoint)
 plus `readapt_delta.json`, the manifest of what it was made from. By default Δ is stored in float32:
-then Φ + 1.0·Δ gives back Θ bit for bit for float32, bfloat16 and float16 checkpoints (fp32(Θ) − fp32(Φ)
-is exact whenever the two values are within 2^16 of each other in magnitude, Sterbenz-like). `dtype=
-"bfloat16"` halves the size and the round trip is then exact only for ~80-97% of elements.
+then Φ + 1.0·Δ gives back Θ bit for bit for float32, bfloat16 and float16 checkpoints. For almost every
+element fp32(Θ) − fp32(Φ) is exact (it is whenever the two are within ~2^16 of each other in magnitude);
+where it is not (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|: 2 of 134.5M elements of a real SmolLM2
+fine-tune, 5 of 268M of Gemma-3), Φ + Δ in float32 is not Θ. extract finds these elements (bitwise
+Φ + Δ ≠ Θ in float32, the operation merge performs) and records their tuned values in
+readapt_exact.safetensors (readapt.roundtrip; the manifest's `exact` entry counts them per tensor); merge
+gives them Θ at β=1 and lerp(Φ, Θ, β) otherwise: Φ at β=0 and, at any β,
+Φ + β(Θ − Φ) to float32 rounding (closer than Φ + βΔ). compress's dense tensors get Θ there too.
+`dtype="bfloat16"` halves the size and the round trip is then exact only for ~80-97% of elements (no
+exceptions are recorded for it).
 """
 
 from __future__ import annotations
@@ -21,197 +28,101 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from readapt import __version__
-from readapt import checkpoint
-from readapt.adapters import is_peft_folder
-from readapt.checkpoint import (Blocks, Checkpoint, TensorInfo, aligned_blocks, compare_configs, float32_view,
-                                output_folder, parse_dtype, progress, resolve_model, write_tensors)
-from readapt.errors import ReadaptError
-
-MANIFEST = "readapt_delta.json"
+from readapt._version import __version__
+from readapt.cards import delta_card
+from readapt.checkpoint import (DELTA_MANIFEST, Blocks, Checkpoint, Pair, ReadOptions, output_folder, progress,
+                                reader, recorded_name, write_tensors)
+from readapt.numerics import parse_dtype, precision
+from readapt.roundtrip import EXACT_FILE, ExceptionLog
 
 
-def is_delta_folder(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def open_model(spec, allow_pickle: bool = False, *, fix: str) -> Checkpoint:
-    """A model checkpoint; a PEFT adapter or a delta folder in its place is refused, saying what to do (`fix`)."""
-    path = resolve_model(spec)
-    if is_peft_folder(path) or is_delta_folder(path):
-        what = "a PEFT adapter" if is_peft_folder(path) else "a delta folder"
-        raise ReadaptError(f"{spec} is {what}, not a model: {fix}")
-    return Checkpoint.open(path, allow_pickle)
-
-
-EXTRACT_FIX = ("BASE and TUNED must both be model checkpoints; to use an adapter, merge it into its model first "
-               "(`readapt merge MODEL --add ADAPTER -o FOLDER`)")
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _describe(ckpt: Checkpoint, spec) -> dict:
     dtypes = sorted({str(ckpt.dtype(n)).removeprefix("torch.") for n in ckpt.names})
-    return {"spec": str(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes, "tensor_count": len(ckpt.names),
-            "model_type": (ckpt.config or {}).get("model_type")}
-
-
-def shared_tensors(base: Checkpoint, other: Checkpoint, other_label: str, skip_missing: bool) -> tuple[list[str], list[str]]:
-    """Names in both checkpoints (in base order) with equal shapes, and the names skipped.
-
-    Tensors on one side only are an error listing them, unless skip_missing. A shape difference is
-    always an error naming the tensor and both shapes.
-    """
-    only_base = [n for n in base.names if n not in other]
-    only_other = [n for n in other.names if n not in base]
-    if (only_base or only_other) and not skip_missing:
-        parts = []
-        if only_base:
-            parts.append(f"{len(only_base)} only in the base ({', '.join(only_base[:5])}{' ...' if len(only_base) > 5 else ''})")
-        if only_other:
-            parts.append(f"{len(only_other)} only in {other_label} ({', '.join(only_other[:5])}"
-                         f"{' ...' if len(only_other) > 5 else ''})")
-        raise ReadaptError(f"the checkpoints do not hold the same tensors: {'; '.join(parts)}. "
-                           f"Pass --skip-missing (skip_missing=True) to leave those tensors out.")
-    shared = [n for n in base.names if n in other]
-    for n in shared:
-        if base.shape(n) != other.shape(n):
-            raise ReadaptError(f"tensor {n!r} has shape {list(base.shape(n))} in the base but "
-                               f"{list(other.shape(n))} in {other_label}: these are different architectures")
-    return shared, only_base + only_other
-
-
-def check_configs(base: Checkpoint, other_config: dict | None, other_label: str) -> None:
-    errors, warns = compare_configs(base.config, other_config, "the base", other_label)
-    if errors:
-        raise ReadaptError("the architectures differ: " + "; ".join(errors))
-    for w in warns:
-        warnings.warn(w, stacklevel=3)
+    return {"spec": recorded_name(spec), "path": str(ckpt.path.resolve()), "dtypes": dtypes,
+            "tensor_count": len(ckpt.names), "model_type": (ckpt.config or {}).get("model_type")}
 
 
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike, *,
             dtype: str | torch.dtype | None = None, skip_missing: bool = False, overwrite: bool = False,
-            max_shard_size: int | str = "5GB", allow_pickle: bool = False) -> Path:
+            max_shard_size: int | str = "5GB", allow_pickle: bool = False, read: ReadOptions | None = None) -> Path:
     """Write the RE-Adapter Δ = tuned − base (float32 arithmetic) as a delta folder at `out`.
 
     Streams block by block: one BLOCK-element slice of each input at a time, whatever the tensor size.
     `dtype` is the stored dtype of Δ (default float32, which makes base + 1.0·Δ reproduce `tuned`
     exactly). Returns the output folder.
     """
-    b, t = open_model(base, allow_pickle, fix=EXTRACT_FIX), open_model(tuned, allow_pickle, fix=EXTRACT_FIX)
-    check_configs(b, t.config, "the tuned model")
-    names, skipped = shared_tensors(b, t, "the tuned model", skip_missing)
+    pair = Pair.open(base, tuned, ReadOptions.of(read, allow_pickle), skip_missing=skip_missing)
     out_dtype = parse_dtype(dtype) or torch.float32
-    floats = [n for n in names if b.dtype(n).is_floating_point and t.dtype(n).is_floating_point]
-    plan = [(n, out_dtype, b.shape(n)) for n in floats]
-    manifest = {
-        "format": "readapt-delta", "format_version": 1, "readapt_version": __version__,
-        "formula": "delta = tuned - base (float32 arithmetic)",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "base": _describe(b, base), "tuned": _describe(t, tuned), "delta_dtype": str(out_dtype).removeprefix("torch."),
-        "tensor_count": len(plan), "skipped": sorted(skipped + [n for n in names if n not in floats]),
-        "base_config": b.config,
-    }
+    floats = [n for n in pair.names if pair.floating(n)]
+    _warn_finer(pair, floats, tuned)
+    manifest = _manifest(pair, base, tuned, out_dtype, floats)
+    plan = [(n, out_dtype, pair.base.shape(n)) for n in floats]
 
-    def difference(n: str):
-        """Δ[n] = Θ[n] − Φ[n] in float32, block by block from both files (reused buffers)."""
-        size = min(math.prod(b.shape(n)), checkpoint.BLOCK)
-        buf = torch.empty(size) if t.dtype(n) != torch.float32 else None
-        out = torch.empty(size, dtype=out_dtype) if out_dtype != torch.float32 else None
-        for theta, phi in aligned_blocks(t.stored(n), b.stored(n)):
-            d = float32_view(theta, buf).sub_(phi)  # Φ's block is widened to float32 by the subtraction
-            yield d if out is None else out[: d.numel()].copy_(d)
+    with output_folder(out, overwrite, inputs=[pair.base.path, pair.tuned.path]) as tmp:
+        log = ExceptionLog(tmp) if out_dtype == torch.float32 else None  # float32 Δ: where Φ + Δ ≠ Θ
 
-    def tensors():
-        with progress(sum(b.infos[n].end - b.infos[n].start for n in floats), "extract") as bar:
-            for n in floats:
-                bar.update(b.infos[n].end - b.infos[n].start)
-                yield n, Blocks(out_dtype, b.shape(n), difference(n))
+        def tensors():
+            with progress(sum(pair.nbytes(n) for n in floats), "extract") as bar:
+                for n in floats:
+                    bar.update(pair.nbytes(n))
+                    yield n, Blocks(out_dtype, pair.base.shape(n), _difference(pair, n, out_dtype, log))
 
-    with output_folder(out, overwrite, inputs=[b.path, t.path]) as tmp:
         write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size,
                       metadata={"readapt": "delta", "formula": manifest["formula"]})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "README.md").write_text(_card(manifest))
+        if log is not None:
+            manifest["exact"] = {
+                "rule": "where base + delta (float32) is not tuned bit for bit, merge uses lerp(base, tuned, scale)",
+                "elements": log.write(), "of": sum(math.prod(pair.base.shape(n)) for n in floats),
+                "file": EXACT_FILE, "tensors": log.counts}
+        (tmp / DELTA_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "README.md").write_text(delta_card(manifest))
     return Path(out)
 
 
-def _card(m: dict) -> str:
-    return f"""---
-library_name: readapt
-tags: [readapt, re-adapter, weight-delta]
----
-# RE-Adapter (weight delta)
-
-Made by readapt {m['readapt_version']} on {m['created']}:
-
-    delta = tuned - base        (float32 arithmetic, stored as {m['delta_dtype']})
-
-- base: `{m['base']['spec']}` ({', '.join(m['base']['dtypes'])}, {m['base']['tensor_count']} tensors)
-- tuned: `{m['tuned']['spec']}` ({', '.join(m['tuned']['dtypes'])}, {m['tuned']['tensor_count']} tensors)
-- tensors in the delta: {m['tensor_count']}; skipped: {len(m['skipped'])}
-
-Apply it with any scale (β=1 gives back the tuned model; β<1 is partial adaptation):
-
-    readapt merge BASE --add THIS_FOLDER:0.5 -o OUT
-
-See `readapt_delta.json` for the full manifest.
-"""
+def _difference(pair: Pair, n: str, out_dtype: torch.dtype, log: ExceptionLog | None) -> Iterator[torch.Tensor]:
+    """Δ[n] in `out_dtype`, block by block (Pair.delta_blocks); for a float32 Δ, the elements where Φ + Δ
+    (merge's operation at β=1) is not Θ bit for bit go to `log` with their tuned values."""
+    size = min(math.prod(pair.base.shape(n)), reader.BLOCK)
+    r_buf = torch.empty(size) if log is not None else None
+    out = torch.empty(size, dtype=out_dtype) if out_dtype != torch.float32 else None
+    start = 0
+    for th, ph, d in pair.delta_blocks(n):
+        r = torch.add(ph, d, out=r_buf[: th.numel()]).view(torch.int32) if log is not None else None
+        if r is not None and not torch.equal(r, th.view(torch.int32)):  # one pass, no mask, when exact
+            idx = (r != th.view(torch.int32)).nonzero().view(-1)
+            log.add(n, idx + start, th[idx])
+        start += th.numel()
+        yield d if out is None else out[: d.numel()].copy_(d)
 
 
-class _StoredTensors:
-    """An addend whose tensors are stored whole in a checkpoint-layout folder (`self.ckpt`)."""
-
-    ckpt: Checkpoint
-
-    def targets(self) -> dict[str, tuple[int, ...]]:
-        return {n: self.ckpt.shape(n) for n in self.ckpt.names}
-
-    def stored(self, name: str) -> torch.Tensor | TensorInfo:
-        """Where the tensor is stored (merge reads it block by block and combines it elementwise)."""
-        return self.ckpt.stored(name)
+def _warn_finer(pair: Pair, floats: list[str], tuned) -> None:
+    """Warn when the tuned model stores tensors in a finer dtype than the base (merge would round them)."""
+    b, t = pair.base, pair.tuned
+    finer = [n for n in floats if precision(t.dtype(n)) > precision(b.dtype(n))]
+    if finer:
+        warnings.warn(f"the tuned model {tuned} stores {len(finer)} tensors in {_name(t.dtype(finer[0]))} over the "
+                      f"base's {_name(b.dtype(finer[0]))} (e.g. {finer[0]}): the delta keeps that precision, but "
+                      f"`readapt merge` writes the base's dtype by default, which rounds it away; pass "
+                      f"`merge --dtype {_name(t.dtype(finer[0]))}` to keep it", stacklevel=3)
 
 
-class DeltaFolder(_StoredTensors):
-    """A delta folder as an addend: Ψ[name] = Δ[name]."""
-
-    kind = "delta"
-
-    def __init__(self, folder: str | os.PathLike, label: str | None = None):
-        self.path = Path(folder)
-        self.label = label or str(folder)
-        from readapt.userfiles import OBJECT, STRING, check_fields, load
-
-        file = self.path / MANIFEST
-        self.manifest = check_fields(load(file), file, {"base": OBJECT, "tuned": OBJECT, "base_config": OBJECT,
-                                                        "formula": STRING})
-        for part in ("base", "tuned"):
-            check_fields(self.manifest.get(part) or {}, f"{file} ({part})", {"path": STRING, "spec": STRING})
-        check_fields(self.manifest.get("base_config") or {}, f"{file} (base_config)", checkpoint.CONFIG_FIELDS)
-        self.ckpt = Checkpoint.open(self.path)
-        self.config = self.manifest.get("base_config")
-
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        return self.ckpt.read(name).float() if name in self.ckpt else None
-
-
-class CheckpointDifference(_StoredTensors):
-    """A full checkpoint Θ as an addend: Ψ[name] = Θ[name] − Φ[name] (no delta written)."""
-
-    kind = "checkpoint"
-
-    def __init__(self, ckpt: Checkpoint, label: str | None = None):
-        self.ckpt = ckpt
-        self.path = ckpt.path
-        self.label = label or str(ckpt.path)
-        self.config = ckpt.config
-
-    def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        """Θ[name]: merge blends Φ towards it with lerp."""
-        return self.ckpt.read(name).float() if name in self.ckpt else None
-
-    def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
-        target = self.target(name, base)
-        return None if target is None else target.sub_(base)
+def _manifest(pair: Pair, base, tuned, out_dtype: torch.dtype, floats: list[str]) -> dict:
+    """readapt_delta.json: what the delta was made from and how (the `exact` entry is added once written)."""
+    return {
+        "format": "readapt-delta", "format_version": 1, "readapt_version": __version__,
+        "formula": "delta = tuned - base (float32 arithmetic)",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base": _describe(pair.base, base), "tuned": _describe(pair.tuned, tuned),
+        "delta_dtype": _name(out_dtype), "tensor_count": len(floats),
+        "skipped": sorted(pair.skipped + [n for n in pair.names if n not in floats]),
+        "base_config": pair.base.config,
+    }

@@ -2,7 +2,9 @@
 
 Every file readapt reads from a user goes through `open_regular`, every JSON document through `parse`
 (`load` for a file, `lines` for JSON lines, `members` for a safetensors header), so that each way a file
-can be wrong is one line naming the file, by construction:
+can be wrong is one line naming the file, by construction. On top of them: `read_jsonl` (records with
+required keys: questions, passages, predictions, training text) and `read_texts` (training documents from
+JSON lines or plain text).
 
     not a regular file      a FIFO, device, socket or folder: refused without blocking (a FIFO is opened
                             with O_NONBLOCK, which never waits for a writer); a broken link
@@ -25,7 +27,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -264,3 +266,71 @@ def check_fields(obj: Mapping, source: str | os.PathLike, fields: Mapping[str, C
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise ReadaptError(f"{source}: {key!r} is {shown}; it must be {what}")
     return obj
+
+
+# --- records and documents ------------------------------------------------------------------------------
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
+    """JSON lines -> list of dicts; a bad line is a ReadaptError naming the file and line number."""
+    path = Path(path)
+    rows = []
+    for lineno, row in lines(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ReadaptError(f"{path}:{lineno}: missing key(s) {missing}; each line needs {list(required)}")
+        if "answers" in required and not (
+            isinstance(row["answers"], list) and row["answers"] and all(isinstance(a, str) for a in row["answers"])
+        ):
+            raise ReadaptError(
+                f"{path}:{lineno}: 'answers' must be a non-empty list of strings, got {row['answers']!r}"
+            )
+        row.setdefault("id", str(lineno))
+        row["_line"] = lineno
+        rows.append(row)
+    if not rows:
+        raise ReadaptError(f"{path}: no JSON lines in the file")
+    return rows
+
+
+def check_strings(path, rows: list[dict], key: str) -> None:
+    """Refuse a row of `read_jsonl` whose `key` is not a string, naming the file and line."""
+    bad = next((r for r in rows if not isinstance(r[key], str)), None)
+    if bad is not None:
+        raise ReadaptError(f"{path}:{bad['_line']}: {key!r} must be a string, got {bad[key]!r}")
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The documents of one data file: JSON lines with a string "text" field, or a plain-text file (one
+    document). Blank lines and empty texts are skipped; anything else malformed is an error naming the
+    file and line."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ReadaptError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise ReadaptError(f"data path {path} is not a file; pass .jsonl or .txt files (--data may repeat)")
+    suffix = path.suffix.lower()
+    docs: list[str] = []
+    try:
+        if suffix in JSONL_SUFFIXES:
+            for rec in read_jsonl(path, required=("text",)):
+                if not isinstance(rec["text"], str):
+                    raise ReadaptError(f'{path}:{rec["_line"]}: "text" is a {type(rec["text"]).__name__}, '
+                                       f'not a string')
+                if rec["text"].strip():
+                    docs.append(rec["text"])
+        elif suffix in TEXT_SUFFIXES:
+            text = path.read_text(encoding="utf-8")
+            if text.strip():
+                docs.append(text)
+        else:
+            raise ReadaptError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; use JSON lines "
+                               f'(.jsonl, one {{"text": ...}} per line) or plain text (.txt)')
+    except UnicodeDecodeError as err:
+        raise ReadaptError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not docs:
+        raise ReadaptError(f"{path} contains no text; remove it from --data or fill it")
+    return docs

@@ -157,40 +157,21 @@ def lore_summary(report: dict) -> dict:
 
 
 def knowledge(s: Settings, seed: int, phi: Path, theta: Path, psi: Path, delta: Path) -> dict:
-    """Teacher-forced bio completion (models.bio_completion) of A and B under Φ, Θ, Φ+Ψ and Φ+Ψ+Δ, and the
-    interference figures of Ψ and Δ (per layer: cosine of their weight differences, norms relative to Φ)."""
+    """Teacher-forced bio completion (models.bio_completion) of A and B under Φ, Θ, Φ+Ψ and Φ+Ψ+Δ, and how Ψ
+    and Δ meet in weight space (readapt.interference, from load_merged: per layer cos(Ψ, Δ), ‖Ψ‖/‖Φ‖, ‖Δ‖/‖Φ‖)."""
     from readapt.demoworld.models import bio_completion
     from readapt.demoworld.world import make_world
 
     world, tok = make_world(seed, dict(s.sizes)), build_tokenizer()
-    nets = {"pretrained": [], "instruct": None, "pretrained + Ψ": [(psi, 1.0)], "pretrained + Ψ + Δ": [(psi, 1.0), (delta, 1.0)]}
-    out, weights = {}, {}
-    for name, adds in nets.items():
-        net, _ = readapt.load_merged(theta if adds is None else phi, adds or [])
-        weights[name] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    nets = {"pretrained": (phi, []), "instruct": (theta, []), "pretrained + Ψ": (phi, [(psi, 1.0)]),
+            "pretrained + Ψ + Δ": (phi, [(psi, 1.0), (delta, 1.0)])}
+    out = {}
+    for name, (base, adds) in nets.items():
+        net, _ = readapt.load_merged(base, adds)
         for pop in "AB":
             out[f"{name} on {pop}"] = bio_completion(net, tok, world[pop])
-    tick(0.5)
-    base = weights["pretrained"]
-    psi_w = {k: weights["pretrained + Ψ"][k] - base[k] for k in base}
-    delta_w = {k: weights["instruct"][k] - base[k] for k in base}
-    return {"bio_completion": out, "interference": interference(base, psi_w, delta_w)}
-
-
-def interference(base: dict, psi: dict, delta: dict) -> dict:
-    """Per layer ('layers.<i>', and 'other' for embeddings/norms): cos(Ψ, Δ) = ⟨Ψ, Δ⟩/(‖Ψ‖‖Δ‖) over the layer's
-    tensors flattened, ‖Ψ‖/‖Φ‖ and ‖Δ‖/‖Φ‖ (sums in float64)."""
-    import re
-
-    acc: dict[str, list[float]] = {}
-    for k, w in base.items():
-        m = re.search(r"layers\.(\d+)\.", k)
-        a = acc.setdefault(f"layer {m.group(1)}" if m else "other", [0.0, 0.0, 0.0, 0.0])
-        p, d, w = psi[k].double(), delta[k].double(), w.double()
-        for i, v in enumerate(((p * d).sum(), (p * p).sum(), (d * d).sum(), (w * w).sum())):
-            a[i] += float(v)
-    return {name: {"cos": dot / math.sqrt(pp * dd) if pp and dd else None, "psi_rel": math.sqrt(pp / ww),
-                   "delta_rel": math.sqrt(dd / ww)} for name, (dot, pp, dd, ww) in acc.items()}
+        tick(0.2)
+    return {"bio_completion": out, "interference": net.readapt_interference}
 
 
 # --- PortLLM ---------------------------------------------------------------------------------------------

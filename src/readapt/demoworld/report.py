@@ -83,15 +83,16 @@ def port_tables(res: dict) -> dict[str, dict]:
 
 def world_tables(res: dict) -> dict[str, dict]:
     """Bio completion (teacher-forced) per model and population, and the interference figures of Ψ and Δ."""
-    bio = res["knowledge"]
     inter = res["interference"]
+    layers = {**inter["layers"], "all layers": inter["overall"]}
     return {
         "knowledge": _table("Knowledge: % of facts completed after a bio prefix (teacher-forced); chance 5.5",
-                            ["facts completed"], [[k, v] for k, v in bio.items()]),
-        "interference": _table("Interference of Ψ (knowledge adapter, dense) and Δ = Θ − Φ, per layer",
+                            ["facts completed"], [[k, v] for k, v in res["knowledge"].items()]),
+        "interference": _table("How Ψ (knowledge adapter) and Δ = Θ − Φ meet in Φ + Ψ + Δ, per layer "
+                               "(readapt.interference, as `readapt merge` reports it)",
                                ["cos(Ψ, Δ)", "‖Ψ‖/‖Φ‖", "‖Δ‖/‖Φ‖"],
-                               [[k, _num(v["cos"]), v["psi_rel"], v["delta_rel"]] for k, v in inter.items()],
-                               unit="ratio"),
+                               [[k, _num(v["cos"]["1,2"]), _num(v["rel"][0]), _num(v["rel"][1])]
+                                for k, v in layers.items()], unit="ratio"),
     }
 
 
