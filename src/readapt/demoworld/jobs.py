@@ -108,7 +108,7 @@ def _run_pool(jobs: list[Job], workers: int, bar: _Bar) -> dict:
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(queue,)) as pool:
         try:
             while pending or running:
-                for job in _ready(pending, done):
+                for job in _ready(pending, done)[: workers - len(running)]:  # in the order given
                     pending.remove(job)
                     running[pool.submit(_invoke, job.name, job.fn, _args(job, done), job.kwargs)] = job
                     bar.start(job)

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from readapt.demoworld import experiments as ex
@@ -51,11 +51,12 @@ def complete(folder: Path) -> bool:
 
 @dataclass(frozen=True)
 class Seed:
-    """The paths of one seed's models, adapters, data and run."""
+    """The paths of one seed's models, adapters, data and run (`code`: the source hash, taken once)."""
 
     s: Settings
     seed: int
     root: Path
+    code: str = field(default_factory=source_hash)
 
     @property
     def models(self) -> Path:
@@ -79,7 +80,7 @@ class Seed:
 
     @property
     def run(self) -> Path:
-        return self.root / "runs" / source_hash()
+        return self.root / "runs" / self.code
 
     def tag(self, name: str) -> str:
         return f"seed {self.seed}: {name}"
@@ -110,8 +111,12 @@ COST = {"pretrained": 60, "instruct": 80, "pretrained_v2": 25, "data": 3, "knowl
         "eval": 2.5, "port": 8, "memory": 12}
 
 
-def training_jobs(p: Seed) -> list[Job]:
-    """Φ, Θ, Φ₂ snapshots, the data files and the adapters that are not yet built."""
+def training_jobs(p: Seed, table2_only: bool = False) -> list[Job]:
+    """Φ, Θ, Φ₂ snapshots, the data files and the adapters that are not yet built (`table2_only`: what the
+    closed-book table needs: Φ, Θ, the data, Ψ on Φ and on Θ)."""
+    if table2_only:
+        keep = {p.tag(n) for n in ("pretrained", "instruct", "data", "knowledge", "knowledge_on_instruct")}
+        return [j for j in training_jobs(p) if j.name in keep]
     s, seed, jobs = p.s, p.seed, []
 
     def add(name, folder, fn, args, needs=(), cost_key=None):

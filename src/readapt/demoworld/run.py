@@ -35,7 +35,8 @@ def _say(msg: str) -> None:
 def build(s: Settings, seeds: list[int], cache: Path, capacity: bool = False) -> list[dict]:
     """Train what is missing and run what was not run, for every seed at once -> per-seed results."""
     points = [Seed(s, seed, cache / s.key(seed)) for seed in seeds]
-    jobs = [j for p in points for j in (*training_jobs(p), *experiment_jobs(p, table2_only=capacity))]
+    jobs = [*(j for p in points for j in training_jobs(p, capacity)),  # training first: the long jobs
+            *(j for p in points for j in experiment_jobs(p, capacity))]
     if jobs:
         _say(f"{len(jobs)} jobs to run for {s.label}, seeds {seeds} (cache {cache})")
     done = run_jobs(jobs, workers=min(2, len(os.sched_getaffinity(0))))
