@@ -29,18 +29,19 @@ class Settings:
     instruct_lr2: float = 1e-3  # phase 2 (its own warm-up and decay)
     reading_share: float = 0.5  # phase 2 share of chat examples that carry a stranger's bio as context
     rehearsal_rows: int = 8  # rows of A's bios added to every phase-2 step
+    instruct_frozen: tuple[str, ...] = ("mlp",)  # parameters (by name) instruction tuning leaves as Φ has them
     v2_steps: tuple[int, ...] = (20, 60, 200)  # version 2 = Φ pre-trained further on A's and C's bios: snapshots
     v2_lr: float = 1e-3
     # adapters trained with readapt.train (all linear layers)
     lora_rank: int = 32
     lora_alpha: int = 64  # s = alpha / r = 2, as in the paper (r=64, alpha=128)
     lora_lr: float = 2e-3
-    lora_copies: int = 100  # paraphrased bios of each person of B in the knowledge corpus (1 epoch)
+    lora_copies: int = 150  # paraphrased bios of each person of B in the knowledge corpus (1 epoch)
     replay: float = 0.5  # A's bios in the knowledge corpus, as a share of B's (see world.py: without, Ψ erases A)
     task_examples: int = 1500  # chat QA examples in the task corpus (PortLLM patch)
     lora_batch: int = 16  # blocks of lora_block tokens per step
     lora_block: int = 128
-    version: int = 2  # bump when the training code changes: invalidates caches
+    version: int = 3  # bump when the training code changes: invalidates caches
 
     def key(self, seed: int) -> str:
         blob = json.dumps({**asdict(self), "seed": seed}, sort_keys=True)
