@@ -115,7 +115,9 @@ CASES = [
     ("score", ["score", "P.jsonl"], ("P.jsonl", None), dict(metrics=None, overwrite=False)),
     ("score", ["score", "P.jsonl", "-o", "out", "--overwrite", "--metrics", "contains_em"], ("P.jsonl", "out"),
      dict(metrics=["contains_em"], overwrite=True)),
-    ("demo", ["demo"], ("readapt-demo",), dict(quick=False, seeds=1, cache_dir=None, overwrite=False)),
+    ("demo", ["demo"], ("readapt-demo",), dict(quick=False, seeds=None, cache_dir=None, overwrite=False)),
+    ("demo --capacity-sweep", ["demo", "--capacity-sweep", "--seeds", "2"], ("readapt-capacity",),
+     dict(seeds=2, cache_dir=None, overwrite=False)),
     ("demo", ["demo", "--quick", "--seeds", "2", "-o", "out", "--cache-dir", "cache", "--overwrite"], ("out",),
      dict(quick=True, seeds=2, cache_dir="cache", overwrite=True)),
 ]

@@ -7,6 +7,7 @@
     readapt merge ... --as-lora             readapt.folding.fold                 (the row "merge --as-lora")
     readapt eval / sweep / score            readapt.evaluation.evaluate / sweep / score
     readapt demo                            readapt.demoworld.demo
+    readapt demo --capacity-sweep           readapt.demoworld.capacity_sweep      (the row "demo --capacity-sweep")
 
 A row holds the function, its --help line, the declaration of its flags (readapt.flags) and the function
 that turns the parsed flags into the call. `train`'s flags are TrainSettings' fields; --allow-pickle makes the
@@ -28,7 +29,7 @@ import readapt.flags as flags
 from readapt._version import __version__
 from readapt.cards import fold_summary, interference_summary, lore_summary, port_summary
 from readapt.delta import extract
-from readapt.demoworld import demo
+from readapt.demoworld import capacity_sweep, demo
 from readapt.errors import ReadaptError, os_error
 from readapt.evaluation import evaluate, score, sweep
 from readapt.flags import policy, qa_kwargs, read_options, train_settings
@@ -133,6 +134,12 @@ def _wrote(folder) -> int:
     return 0
 
 
+def _capacity_sweep(fn, a):
+    if a.quick:
+        raise ReadaptError("demo --capacity-sweep and --quick do not go together: the sweep is of the full world")
+    fn(a.output or "readapt-capacity", seeds=a.seeds, cache_dir=a.cache_dir, overwrite=a.overwrite)
+
+
 # --- the table ------------------------------------------------------------------------------------------
 
 _TRAIN_DESCRIPTION = (
@@ -168,18 +175,22 @@ COMMANDS: dict[str, Command] = {
     "score": Command(score, "score answers generated elsewhere: Rouge-L recall and contains-EM", flags.score_flags,
                      lambda fn, a: fn(a.predictions, a.output, metrics=a.metrics, overwrite=a.overwrite)),
     "demo": Command(demo, "both papers' experiments end to end in a synthetic world, on a CPU in minutes",
-                    flags.demo_flags, lambda fn, a: fn(a.output, quick=a.quick, seeds=a.seeds, cache_dir=a.cache_dir,
-                                                       overwrite=a.overwrite)),
+                    flags.demo_flags, lambda fn, a: fn(a.output or "readapt-demo", quick=a.quick, seeds=a.seeds,
+                                                       cache_dir=a.cache_dir, overwrite=a.overwrite)),
+    "demo --capacity-sweep": Command(capacity_sweep, "demo: closed-book experiments at three model sizes", None,
+                                     _capacity_sweep),
 }
 
 
 def row(args: argparse.Namespace) -> str:
     """The row of COMMANDS that runs: `extract` with --tau or --rank is LoRE-Adapt (extract_lowrank), `merge`
-    with --as-lora is the fold (readapt.folding.fold)."""
+    with --as-lora is the fold (readapt.folding.fold), `demo` with --capacity-sweep is capacity_sweep."""
     if args.command == "extract" and (args.tau is not None or args.rank is not None):
         return "extract --tau"
     if args.command == "merge" and args.as_lora:
         return "merge --as-lora"
+    if args.command == "demo" and args.capacity_sweep:
+        return "demo --capacity-sweep"
     return args.command
 
 

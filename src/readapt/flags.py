@@ -286,10 +286,14 @@ def score_flags(p: argparse.ArgumentParser) -> None:
 
 
 def demo_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller world, the same pipeline (about 2 minutes)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1 and report mean ± std (default 1)")
-    p.add_argument("-o", "--output", default="readapt-demo", help="output folder (default ./readapt-demo; a previous "
-                   "demo there is replaced)")
+    p.add_argument("--quick", action="store_true", help="a smoke test: a smaller world, the same pipeline, one seed "
+                   "(about 3 minutes); its verdicts are all 'not testable'")
+    p.add_argument("--seeds", type=int, default=None, help="judge over seeds 0..N-1, mean ± std (default 3; 1 with "
+                   "--quick); a verdict needs at least 2")
+    p.add_argument("--capacity-sweep", action="store_true", help="instead: the closed-book experiments at three "
+                   "model sizes (how the RE-Adapt vs fine-tuned instruct gap moves with capacity; slow)")
+    p.add_argument("-o", "--output", default=None, help="output folder (default ./readapt-demo, or "
+                   "./readapt-capacity with --capacity-sweep; a previous demo there is replaced)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder that is not a demo")
     p.add_argument("--cache-dir", default=None, help="trained models and results (default ~/.cache/readapt/demo, or "
                    "$READAPT_DEMO_CACHE)")
