@@ -479,9 +479,12 @@ def test_cli_chat_template_kwargs(world, tmp_path, capsys):
                  "--limit", "2", "--chat-template-kwargs", '{"enable_thinking": true}']) == 0
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["chat_template_kwargs"] == {"enable_thinking": True} and summary["batch_size"] == 16
-    for bad, why in (("[1]", "not a JSON object"), ("{oops", "not JSON")):
+    capsys.readouterr()
+    for bad, why in (("[1]", "a list where an object is expected"), ("{oops", "malformed JSON"),
+                     ('{"a": NaN}', "NaN is not JSON"), ("[" * 50000 + "]" * 50000, "nested too deeply")):
         with pytest.raises(SystemExit) as exit_:
             main(["sweep", str(world["base"]), "--add", str(world["t1"]), "--questions", q, "-o", str(tmp_path / "s"),
                   "--chat-template-kwargs", bad])
-        assert exit_.value.code == 2 and why in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and why in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()

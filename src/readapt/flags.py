@@ -6,11 +6,11 @@ TrainSettings, the keyword arguments eval and sweep share). readapt.cli says whi
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from dataclasses import fields
 
 from readapt.checkpoint import ReadOptions, parse_size
+from readapt import userfiles
 from readapt.errors import ReadaptError
 from readapt.loreplan import EMBEDDING_POLICIES, VECTOR_POLICIES, Policy
 from readapt.numerics import parse_device, parse_dtype
@@ -67,13 +67,13 @@ def _metric_list(text: str) -> list[str]:
 
 
 def _json_object(text: str) -> dict:
+    """A JSON object given on the command line, parsed as strictly as readapt's JSON files (userfiles.parse:
+    no NaN, no repeated keys, no nesting too deep for the parser)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err.msg})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"enable_thinking\": true}}'")
-    return value
+        return userfiles.parse(text, "the value", dict)
+    except ReadaptError as err:
+        what = str(err).split("; ")[0]  # without the advice about files
+        raise argparse.ArgumentTypeError(f"{what}; write a JSON object such as '{{\"enable_thinking\": true}}'") from None
 
 
 # --- flags shared by several commands ---------------------------------------------------------------------
