@@ -113,6 +113,14 @@ def test_merged_port_is_new_base_plus_sBA_exactly_and_equals_peft(versions, tmp_
     assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
 
 
+def test_new_base_given_from_home_is_recorded_as_its_real_path(versions, tmp_path, monkeypatch):
+    v1, v2, ad = versions
+    monkeypatch.setenv("HOME", str(v2.parent))
+    port(ad, f"~/{v2.name}", tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(v2.absolute())
+
+
 @pytest.mark.parametrize("chunk", [1 << 20, 7])
 def test_drift_statistics_match_a_direct_computation(versions, chunk, monkeypatch):
     """Patched tensors are compared whole, unpatched ones in blocks read from disk: both give the direct

@@ -79,7 +79,8 @@ def _retargeted_config(src: LoraAdapter, modules: dict[str, str], new: Checkpoin
     """adapter_config.json for the new base: its name, and, where modules were renamed or dropped, exactly the
     carried modules under their new names with their own r and alpha."""
     cfg = dict(src.config)
-    cfg["base_model_name_or_path"] = str(Path(to).absolute()) if Path(to).expanduser().is_dir() else str(to)
+    folder = Path(to).expanduser()
+    cfg["base_model_name_or_path"] = str(folder.absolute()) if folder.is_dir() else str(to)
     n_lora = len({src.modules[n].name for n in src.modules if any(p.startswith("lora_") for p in src.modules[n].parts)})
     if modules and (any(a != b for a, b in modules.items()) or len(modules) < n_lora):
         cfg["rank_pattern"] = {b: src.rank_alpha(a)[0] for a, b in modules.items()}
