@@ -113,12 +113,15 @@ def test_merged_port_is_new_base_plus_sBA_exactly_and_equals_peft(versions, tmp_
     assert all((peft[k] - got[k]).abs().max().item() == 0 for k in got)
 
 
-def test_new_base_given_from_home_is_recorded_as_its_real_path(versions, tmp_path, monkeypatch):
+def test_paths_given_from_home_are_recorded_as_real_paths(versions, tmp_path, monkeypatch):
     v1, v2, ad = versions
-    monkeypatch.setenv("HOME", str(v2.parent))
-    port(ad, f"~/{v2.name}", tmp_path / "adapter")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "v2").symlink_to(v2, target_is_directory=True)
+    port(ad, "~/v2", "~/adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(v2.absolute())
+    report = json.loads((tmp_path / "adapter" / "port_report.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "v2")
+    assert report["output"]["path"] == str(tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("chunk", [1 << 20, 7])

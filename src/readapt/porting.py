@@ -115,7 +115,7 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
                      "model_type": (s.new.config or {}).get("model_type")},
         "old_base": {"spec": str(s.old.path) if s.old else None, "path": str(s.old.path.resolve()) if s.old else None,
                      "source": s.old_source or "unknown"},
-        "output": None if out is None else {"path": str(Path(out).absolute()), "merged": merge},
+        "output": None if out is None else {"path": str(Path(out).expanduser().absolute()), "merged": merge},
         "counts": {c: sum(it.status == c for it in items) for c in ("carried", "adjusted", "skipped")},
         "vocabulary": vocab.stats or None,
         "warnings": _warnings(s, from_, items, vocab, base_copies),
@@ -325,4 +325,4 @@ def _recorded_base(src: LoraAdapter | DeltaFolder) -> str | None:
 
 
 def _same_folder(a: Path, b: Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
