@@ -14,8 +14,9 @@ mapped to the new base (readapt.portmap) and gets one status in the report:
                tokenizer stands for the same text as token i of the old one, each decoded in its own
                tokenizer's convention (readapt.vocab: SentencePiece ▁ and <0xNN>, byte-level Ġ, ...;
                identical strings first; special tokens by identical string only); new tokens get no
-               patch. DoRA magnitudes rescaled (below). PEFT modules_to_save copies turned back
-               into a patch (copy − old tensor) and added to the new tensor.
+               patch. DoRA magnitudes rescaled (below). PEFT modules_to_save copies and trainable
+               tokens (whole saved values) turned back into a patch (saved − old values) and added to
+               the new values (trainable-token rows follow their tokens to the new ids).
     skipped    absent from the new base, other shape differences, tokenizers missing, ... (with why)
 
 DoRA (Liu et al. 2024): W′ = m ⊙ (W + sBA) / ‖W + sBA‖, norm per output row (per column for embeddings).
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 
 from readapt._version import __version__
-from readapt.addends import DeltaFolder, Kind, LoraAdapter, PortedDelta, open_addend
+from readapt.addends import TOKENS, DeltaFolder, Kind, LoraAdapter, PortedDelta, open_addend
 from readapt.cards import PORT_REPORT, port_card, port_summary
 from readapt.checkpoint import (DELTA_MANIFEST, Checkpoint, ReadOptions, check_output, compare_configs,
                                 is_delta_folder, is_peft_folder, open_model, output_folder, resolve_model)
@@ -187,17 +188,21 @@ def _match(s: _Sources) -> tuple[list[Item], Vocab, list[str]]:
     vocab = Vocab([p for p in (s.old.path if s.old else None, s.path) if p is not None], s.new.path)
     modules = s.src.modules if isinstance(s.src, LoraAdapter) else {}
     base_copies = [n for n, m in modules.items() if set(m.parts) <= {"base_layer.weight", "base_layer.bias"}]
+    tokens = {n for n, m in modules.items() if TOKENS in m.parts}
+    if s.old is not None:  # trainable tokens record rows, not the tensor's shape: the old base has it
+        targets = {n: s.old.shape(n) if n in tokens and n in s.old else shape for n, shape in targets.items()}
     items = [Item(n, None, "skipped", TIED_OLD, shape) if s.old is not None and tied_head(n, s.old) else
              map_tensor(n, shape, s.new, names, vocab, s.new.config or {})
              for n, shape in targets.items() if n not in base_copies]
     for it in items if modules else ():
         parts = modules[it.name].parts
         full = any(p in ("weight", "bias") or p.startswith("modules_to_save") for p in parts)
-        if it.status != "skipped" and full and s.old is None:
-            it.status, it.why = "skipped", ("a modules_to_save copy of the old tensor: its patch is "
-                                            "(copy − old tensor); pass --from OLD_BASE to carry it")
-        elif it.status != "skipped" and full:
-            it.status, it.why = "adjusted", "modules_to_save copy: new tensor + (copy − old tensor); " + it.why
+        what = "trainable-token rows" if it.name in tokens else "a modules_to_save copy"
+        if (it.status != "skipped" or it.name in tokens) and (full or it.name in tokens) and s.old is None:
+            it.status, it.why = "skipped", (f"{what} of the old tensor: its patch is (saved − old values); pass "
+                                            f"--from OLD_BASE to carry it")
+        elif it.status != "skipped" and (full or it.name in tokens):
+            it.status, it.why = "adjusted", f"{what}: new values + (saved − old values); " + it.why
         elif it.status != "skipped" and "lora_magnitude_vector" in parts and s.old is not None:
             it.status, it.why = "adjusted", "DoRA magnitude rescaled m′ = m·‖W_new‖/‖W_old‖; " + it.why
     return items, vocab, base_copies

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from readapt._version import __version__
-from readapt.addends import PREFIX, DoraVariant, LoraAdapter, PortedDelta
-from readapt.checkpoint import DELTA_MANIFEST, Checkpoint, write_file, write_tensors
+from readapt.addends import PREFIX, TOKENS, DoraVariant, LoraAdapter, PortedDelta
+from readapt.checkpoint import DELTA_MANIFEST, Checkpoint, read_rows, write_file, write_tensors
 from readapt.errors import ReadaptError
 from readapt.numerics import is_finite
 from readapt.portmap import Item, remap_rows
@@ -28,8 +28,10 @@ from readapt.portmap import Item, remap_rows
 def write_peft(folder: Path, src: LoraAdapter, items: list[Item], new: Checkpoint, old: Checkpoint | None,
                 to) -> None:
     """The adapter's tensors under the new module names, vocabulary rows remapped, DoRA m rescaled,
-    modules_to_save copies rebuilt on the new tensors, base_layer copies dropped; adapter_config retargeted."""
+    modules_to_save copies and trainable tokens rebuilt on the new tensors, base_layer copies dropped;
+    adapter_config retargeted."""
     modules: dict[str, str] = {}  # old module -> new module, for LoRA-factor modules
+    tokens: dict[str, list[int]] = {}  # new module -> its trainable-token rows in the new base
 
     def tensors():
         for it in items:
@@ -38,7 +40,11 @@ def write_peft(folder: Path, src: LoraAdapter, items: list[Item], new: Checkpoin
             for part, key in mod.parts.items():
                 if part.startswith("base_layer"):
                     continue
-                t = _ported_part(src, it, part, key, new, old)
+                if part == TOKENS:
+                    rows, t = _ported_tokens(src, it, new, old)
+                    tokens[new_mod] = rows
+                else:
+                    t = _ported_part(src, it, part, key, new, old)
                 if part.startswith("lora_"):
                     modules[mod.name] = new_mod
                 head = PREFIX if key.startswith(PREFIX) else ""
@@ -46,7 +52,10 @@ def write_peft(folder: Path, src: LoraAdapter, items: list[Item], new: Checkpoin
                 del t
 
     write_file(folder / "adapter_model.safetensors", tensors(), metadata={"readapt": "port"})
-    (folder / "adapter_config.json").write_text(json.dumps(_retargeted_config(src, modules, new, to), indent=2) + "\n")
+    cfg = _retargeted_config(src, modules, new, to)
+    if cfg.get("trainable_token_indices") is not None:  # the rows carried, on the new ids; none if none was
+        cfg["trainable_token_indices"] = tokens or None
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _ported_part(src: LoraAdapter, it: Item, part: str, key: str, new: Checkpoint,
@@ -73,6 +82,32 @@ def _ported_part(src: LoraAdapter, it: Item, part: str, key: str, new: Checkpoin
                                f"cannot be remapped (not supported)")
         return remap_rows(t, it.rows)  # B: vocab×r, rows are tokens
     return t.clone()
+
+
+def _ported_tokens(src: LoraAdapter, it: Item, new: Checkpoint, old: Checkpoint) -> tuple[list[int], torch.Tensor]:
+    """Trainable tokens on the new base: (rows R′ in the new vocabulary, values new[R′] + (saved − old[R])).
+    R′ follows each old row's token to its new id (it.rows); rows whose token the new base lacks are dropped."""
+    rows, saved = src.token_rows(src.modules[it.name])
+    if not is_finite(saved):
+        raise ReadaptError(f"the patch {src.path} has NaN/Inf values in the trainable tokens of {it.name}: it "
+                           f"cannot be ported")
+    new_rows = rows
+    if it.rows is not None:  # it.rows[j]: the old row of new row j (-1: none)
+        inverse = torch.full((int(it.old_shape[0]),), -1, dtype=torch.long)
+        kept = it.rows >= 0
+        inverse[it.rows[kept]] = torch.arange(len(it.rows))[kept]
+        new_rows = inverse[rows]
+    keep = new_rows >= 0
+    patch = saved[keep].float() - _rows(old, it.name, rows[keep])
+    values = _rows(new, it.new_name, new_rows[keep]).add_(patch).to(saved.dtype)
+    return new_rows[keep].tolist(), values
+
+
+def _rows(ckpt: Checkpoint, name: str, rows: torch.Tensor) -> torch.Tensor:
+    """The rows `rows` of the tensor `name`, float32, each read alone (the tensor is never read whole)."""
+    stored = ckpt.stored(name)
+    return torch.stack([read_rows(stored, r, r + 1)[0].float() for r in rows.tolist()]) if len(rows) else \
+        torch.zeros(0, ckpt.shape(name)[1])
 
 
 def _retargeted_config(src: LoraAdapter, modules: dict[str, str], new: Checkpoint, to) -> dict:

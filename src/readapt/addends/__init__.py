@@ -9,7 +9,7 @@
 """
 
 from readapt.addends.base import Addend, Kind
-from readapt.addends.lora import PREFIX, LoraAdapter, read_adapter_config, save_lora
+from readapt.addends.lora import PREFIX, TOKENS, LoraAdapter, read_adapter_config, save_lora
 from readapt.addends.open import KINDS, AddSpec, normalise, open_addend
 from readapt.addends.ported import PortedDelta
 from readapt.addends.stored import CheckpointDifference, DeltaFolder
@@ -17,4 +17,4 @@ from readapt.addends.variants import DoraVariant, LoraTerm, LoraVariant
 
 __all__ = ["KINDS", "PREFIX", "AddSpec", "Addend", "CheckpointDifference", "DeltaFolder", "DoraVariant", "Kind",
            "LoraAdapter", "LoraTerm", "LoraVariant", "PortedDelta", "normalise", "open_addend",
-           "read_adapter_config", "save_lora"]
+           "read_adapter_config", "save_lora", "TOKENS"]

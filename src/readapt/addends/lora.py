@@ -53,7 +53,7 @@ from readapt.errors import ReadaptError
 from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
 
 PREFIX = "base_model.model."
-_TOKENS = "token_adapter.trainable_tokens_delta"
+TOKENS = "token_adapter.trainable_tokens_delta"
 _FACTOR = re.compile(
     r"^(?P<mod>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|"
     r"lora_magnitude_vector|base_layer\.weight|base_layer\.bias|modules_to_save\.[^.]+\.(?:weight|bias)|"
@@ -178,7 +178,7 @@ class LoraAdapter(Addend):
                 shape = (a[1], b[0]) if self.config.get("fan_in_fan_out") else (b[0], a[1])
             elif "lora_embedding_A" in p:
                 shape = (self.ckpt.shape(p["lora_embedding_A"])[1], self.ckpt.shape(p["lora_embedding_B"])[0])
-            elif _TOKENS in p:
+            elif TOKENS in p:
                 shape = None  # rows R of a matrix whose row count the adapter does not record
             else:
                 full = [k for part, k in p.items() if part.startswith(("base_layer", "modules_to_save")) or
@@ -201,7 +201,7 @@ class LoraAdapter(Addend):
         mod = self.modules.get(name)
         if mod is None:
             return None
-        if _TOKENS in mod.parts:
+        if TOKENS in mod.parts:
             return self._tokens(name, mod, base)
         saved = self._saved(mod)
         if saved is not None:  # a full replacement tensor
@@ -217,7 +217,7 @@ class LoraAdapter(Addend):
         if mod is None:
             return None, False
         r1 = r0 + len(W)
-        if _TOKENS in mod.parts:
+        if TOKENS in mod.parts:
             return self._tokens(name, mod, W, r0, base.shape[0]), True
         saved = self._saved(mod)
         if saved is not None:
@@ -249,20 +249,26 @@ class LoraAdapter(Addend):
         mod = self.modules.get(name)
         p = mod.parts if mod is not None else {}
         return (self.variant is LoraVariant and ("lora_A.weight" in p or "lora_embedding_A" in p)
-                and _TOKENS not in p and self._saved(mod) is None)
+                and TOKENS not in p and self._saved(mod) is None)
+
+    def token_rows(self, mod: _Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, values): the rows of `mod` that trainable tokens replace (adapter_config.json's
+        trainable_token_indices) and their saved values (PEFT's TrainableTokensLayer stores whole rows)."""
+        spec = self.config.get("trainable_token_indices")
+        if isinstance(spec, dict):  # {layer name: R}: PEFT matches the module by name or name suffix
+            spec = next((v for k, v in spec.items() if mod.name == k or mod.name.endswith("." + k)), None)
+        values = self.ckpt.read(mod.parts[TOKENS])
+        if not isinstance(spec, list) or len(spec) != values.shape[0]:
+            raise ReadaptError(f"{self.path}: {mod.name} has {values.shape[0]} trainable-token rows but "
+                               f"adapter_config.json's trainable_token_indices gives it {spec!r:.60}")
+        return torch.tensor(spec, dtype=torch.long), values
 
     def _tokens(self, name: str, mod: _Module, W: torch.Tensor, r0: int = 0, total: int | None = None
                 ) -> torch.Tensor:
         """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge). W: the whole
         tensor, or its rows r0 … r0 + len(W) of `total`."""
-        spec = self.config.get("trainable_token_indices")
-        if isinstance(spec, dict):  # {layer name: R}: PEFT matches the module by name or name suffix
-            spec = next((v for k, v in spec.items() if mod.name == k or mod.name.endswith("." + k)), None)
-        values = self.ckpt.read(mod.parts[_TOKENS])
-        if not isinstance(spec, list) or len(spec) != values.shape[0]:
-            raise ReadaptError(f"{self.path}: {mod.name} has {values.shape[0]} trainable-token rows but "
-                               f"adapter_config.json's trainable_token_indices gives it {spec!r:.60}")
-        rows, total = torch.tensor(spec, dtype=torch.long), len(W) if total is None else total
+        rows, values = self.token_rows(mod)
+        total = len(W) if total is None else total
         if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < total):
             raise ReadaptError(f"{self.path}: trainable_token_indices of {mod.name} reach row {int(rows.max())}, "
                                f"but the base's {name} has {total} rows: it was made for another base")
