@@ -151,50 +151,63 @@ def test_drift_statistics_match_a_direct_computation(versions, chunk, monkeypatc
 
 
 def token_adapter(base, out, rows):
-    """A PEFT adapter: LoRA on q_proj and trainable tokens `rows` of embed_tokens, both moved from their init."""
+    """A PEFT adapter: LoRA on q_proj, trainable tokens `rows` of embed_tokens, lm_head saved whole
+    (modules_to_save), all moved from their init."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(4)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows}))
+        r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": rows},
+        modules_to_save=["lm_head"]))
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n or "trainable_tokens_delta" in n:
+            if "lora_B" in n or "trainable_tokens_delta" in n or "modules_to_save" in n:
                 p.add_(torch.randn_like(p))
     model.save_pretrained(out)
     return out
 
 
 @pytest.mark.parametrize("vocab", ["same", "grown"])
-def test_trainable_tokens_are_carried_as_new_rows_plus_their_patch(tmp_path, vocab):
+def test_trainable_tokens_and_saved_copies_are_carried_as_new_values_plus_their_patch(tmp_path, vocab, monkeypatch):
     """Trainable tokens store whole rows: ported, row R of the old vocabulary becomes row R′ (the same token
-    in the new one) with values new[R′] + (saved − old[R]); without the old base they cannot be (skipped,
-    and the config no longer lists them, so PEFT loads the adapter as the report says)."""
+    in the new one) with values new[R′] + (saved − old[R]); a modules_to_save copy (lm_head) likewise, row
+    by row, computed in blocks of rows (no tensor read whole). Without the old base neither can be carried
+    (skipped, and the config no longer lists them, so PEFT loads the adapter as the report says)."""
     v1 = save_tiny(tmp_path / "v1", "llama")
     v2, ids2 = grown(tmp_path / "v2") if vocab == "grown" else (perturb(v1, tmp_path / "v2", 0.05, 2), None)
     ad = token_adapter(v1, tmp_path / "ad", [4, 17, 40])
     saved = read_all(ad)["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
-    E, old, new = "model.embed_tokens.weight", read_all(v1), read_all(v2)
+    head = read_all(ad)["base_model.model.lm_head.weight"]  # PEFT saves the copy under the plain name
+    E, H, old, new = "model.embed_tokens.weight", "lm_head.weight", read_all(v1), read_all(v2)
+    monkeypatch.setattr(reader, "BLOCK", 256)  # lm_head 64 × 16: 4 blocks of 16 rows
+    whole, read = [], reader.Checkpoint.read
+    monkeypatch.setattr(reader.Checkpoint, "read", lambda self, n: whole.append(n) or read(self, n))
     report = port(ad, v2, tmp_path / "out")  # the old base is the one the adapter records
-    assert report["old_base"]["path"] == str(v1.resolve()) and statuses(report)[E] == "adjusted" and "trainable-token rows" in port_summary(report)
-    new_rows = [4, 17, 40] if ids2 is None else [ids2[VOCAB[r]] for r in (4, 17, 40)]
+    assert report["old_base"]["path"] == str(v1.resolve()) and statuses(report)[E] == statuses(report)[H] == "adjusted"
+    assert "trainable-token rows" in port_summary(report) and not {E, H} & set(whole)
+    to_new = list(range(64)) if ids2 is None else [ids2[w] for w in VOCAB]  # old id -> new id
+    new_rows = [to_new[r] for r in (4, 17, 40)]
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["trainable_token_indices"] == {"model.embed_tokens": new_rows}
-    got = peft_merged(v2, tmp_path / "out")["model.embed_tokens.weight"]
-    want = new[E].clone()
-    want[new_rows] = new[E][new_rows] + (saved - old[E][[4, 17, 40]])
-    assert torch.equal(got, want)
+    want = {E: new[E].clone(), H: new[H].clone()}
+    want[E][new_rows] = new[E][new_rows] + (saved - old[E][[4, 17, 40]])
+    want[H][to_new] = new[H][to_new] + (head - old[H])
+    got = peft_merged(v2, tmp_path / "out")
+    assert torch.equal(got[E], want[E]) and torch.equal(got[H], want[H])
     port(ad, v2, tmp_path / "merged", merge=True)
-    assert torch.equal(read_all(tmp_path / "merged")[E], want)
+    merged = read_all(tmp_path / "merged")
+    assert torch.equal(merged[E], want[E]) and torch.equal(merged[H], want[H])
 
     shutil.copytree(ad, tmp_path / "bare_ad")  # an adapter whose base is unknown
     cfg_file = tmp_path / "bare_ad" / "adapter_config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": None}))
     report = port(tmp_path / "bare_ad", v2, tmp_path / "bare")
-    assert statuses(report)[E] == "skipped" and "pass --from OLD_BASE" in port_summary(report)
-    assert json.loads((tmp_path / "bare" / "adapter_config.json").read_text())["trainable_token_indices"] is None
-    assert torch.equal(peft_merged(v2, tmp_path / "bare")[E], new[E])
+    assert statuses(report)[E] == statuses(report)[H] == "skipped" and "pass --from OLD_BASE" in port_summary(report)
+    cfg = json.loads((tmp_path / "bare" / "adapter_config.json").read_text())
+    assert cfg["trainable_token_indices"] is None and cfg["modules_to_save"] is None
+    bare = peft_merged(v2, tmp_path / "bare")  # loads (a listed module without its copy: PEFT's KeyError)
+    assert torch.equal(bare[E], new[E]) and torch.equal(bare[H], new[H])
 
 
 def test_grown_vocabulary_rows_follow_token_strings(tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from readapt._version import __version__
 from readapt.addends import PREFIX, TOKENS, DoraVariant, LoraAdapter, PortedDelta
-from readapt.checkpoint import DELTA_MANIFEST, Checkpoint, read_rows, write_file, write_tensors
+from readapt.checkpoint import DELTA_MANIFEST, Blocks, Checkpoint, read_rows, row_spans, write_file, write_tensors
 from readapt.errors import ReadaptError
 from readapt.numerics import is_finite
 from readapt.portmap import Item, remap_rows
@@ -32,6 +32,7 @@ def write_peft(folder: Path, src: LoraAdapter, items: list[Item], new: Checkpoin
     adapter_config retargeted."""
     modules: dict[str, str] = {}  # old module -> new module, for LoRA-factor modules
     tokens: dict[str, list[int]] = {}  # new module -> its trainable-token rows in the new base
+    saved: set[str] = set()  # new modules carrying a modules_to_save copy
 
     def tensors():
         for it in items:
@@ -47,6 +48,8 @@ def write_peft(folder: Path, src: LoraAdapter, items: list[Item], new: Checkpoin
                     t = _ported_part(src, it, part, key, new, old)
                 if part.startswith("lora_"):
                     modules[mod.name] = new_mod
+                if part in ("weight", "bias") or part.startswith("modules_to_save"):
+                    saved.add(new_mod)
                 head = PREFIX if key.startswith(PREFIX) else ""
                 yield head + new_mod + key[len(head) + len(mod.name):], t
                 del t
@@ -55,6 +58,8 @@ def write_peft(folder: Path, src: LoraAdapter, items: list[Item], new: Checkpoin
     cfg = _retargeted_config(src, modules, new, to)
     if cfg.get("trainable_token_indices") is not None:  # the rows carried, on the new ids; none if none was
         cfg["trainable_token_indices"] = tokens or None
+    if cfg.get("modules_to_save") is not None:  # PEFT refuses to load a listed module whose copy is absent
+        cfg["modules_to_save"] = sorted(saved) or None
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -63,15 +68,12 @@ def _ported_part(src: LoraAdapter, it: Item, part: str, key: str, new: Checkpoin
     """One saved tensor of a module, as the new base needs it."""
     mod = src.modules[it.name]
     embedding = "lora_embedding_A" in mod.parts
+    if part in ("weight", "bias") or part.startswith("modules_to_save"):
+        return _ported_copy(src, it, key, new, old)
     t = src.ckpt.read(key)
     if not is_finite(t):
         raise ReadaptError(f"the patch {src.path} has NaN/Inf values in {key!r} "
                            f"({src.ckpt.infos[key].file.name}): it cannot be ported")
-    if part in ("weight", "bias") or part.startswith("modules_to_save"):
-        P = t.float().sub_(old.read(it.name).float())  # the patch, on the old tensor's rows
-        if it.rows is not None:
-            P = remap_rows(P, it.rows)
-        return new.read(it.new_name).float().add_(P).to(t.dtype)  # new tensor + P
     if part == "lora_magnitude_vector":
         return _dora_magnitude(t, it, new, old, embedding)
     if it.rows is not None and embedding and part == "lora_embedding_A":
@@ -82,6 +84,29 @@ def _ported_part(src: LoraAdapter, it: Item, part: str, key: str, new: Checkpoin
                                f"cannot be remapped (not supported)")
         return remap_rows(t, it.rows)  # B: vocab×r, rows are tokens
     return t.clone()
+
+
+def _ported_copy(src: LoraAdapter, it: Item, key: str, new: Checkpoint, old: Checkpoint) -> Blocks:
+    """A saved whole tensor (modules_to_save) on the new base, in blocks of rows: new + (saved − old), the
+    patch's rows following their tokens to the new ids where the vocabulary changed (it.rows; -1: none)."""
+    saved, dtype = src.ckpt.stored(key), src.ckpt.dtype(key)
+
+    def blocks():
+        for r0, r1 in row_spans(new.shape(it.new_name)):
+            values = read_rows(new.stored(it.new_name), r0, r1).float()
+            if it.rows is None:
+                P = read_rows(saved, r0, r1).float().sub_(read_rows(old.stored(it.name), r0, r1).float())
+            else:
+                rows = it.rows[r0:r1]
+                keep = rows >= 0
+                P = torch.zeros_like(values)
+                P[keep] = _rows(src.ckpt, key, rows[keep]).sub_(_rows(old, it.name, rows[keep]))
+            if not is_finite(P):
+                raise ReadaptError(f"the patch {src.path} has NaN/Inf values in {key!r} "
+                                   f"({src.ckpt.infos[key].file.name}): it cannot be ported")
+            yield values.add_(P).to(dtype)
+
+    return Blocks(dtype, tuple(new.shape(it.new_name)), blocks())
 
 
 def _ported_tokens(src: LoraAdapter, it: Item, new: Checkpoint, old: Checkpoint) -> tuple[list[int], torch.Tensor]:

@@ -156,22 +156,25 @@ def _write_tensor(f, name: str, dtype: torch.dtype, shape: tuple[int, ...],
         raise RuntimeError(f"writer got {written} bytes for {name}, expected {_nbytes(dtype, shape)}")
 
 
-def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
+def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor | Blocks]],
                metadata: dict[str, str] | None = None) -> Path:
     """Stream tensors whose shapes are not known in advance into one safetensors file.
 
-    Data goes to a spool file first (one tensor in memory at a time); the header is then written and
-    the spool copied after it in chunks. Used for adapters, whose ranks are known only after each SVD.
+    Data goes to a spool file first (one tensor, or one block of a `Blocks`, in memory at a time); the header
+    is then written and the spool copied after it in chunks. Used for adapters, whose ranks are known only
+    after each SVD.
     """
     path = Path(path)
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     spool = path.with_name(path.name + ".spool")
     with open(spool, "wb") as f:
         for name, t in tensors:
-            if not is_finite(t):
-                raise ReadaptError(f"tensor {name!r} has NaN/Inf values; nothing was written")
             entries.append((name, t.dtype, tuple(t.shape)))
-            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+            for block in t.blocks if isinstance(t, Blocks) else (t,):
+                if not is_finite(block):
+                    raise ReadaptError(f"tensor {name!r} has NaN/Inf values; nothing was written")
+                f.write(block.contiguous().view(-1).view(torch.uint8).numpy().data)
+                del block
             del t  # not held while the producer computes the next tensor
     with open(path, "wb") as out, open(spool, "rb") as src:
         out.write(header_bytes(metadata, entries))
