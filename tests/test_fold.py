@@ -190,6 +190,27 @@ def test_at_rank_r_each_module_is_at_the_eckart_young_floor(world, tmp_path):
         assert t["relative_error"] == pytest.approx(floor, rel=1e-4, abs=1e-6)
 
 
+def test_fold_report_gives_each_module_its_rank_kept_energy_and_error_and_the_sizes(world, tmp_path):
+    """fold_report.json: per module the rank, the energy of Σ sᵢΨᵢ and the part kept, the relative error
+    ‖Ω − Ω̂‖/‖Ω − Φ‖ (for best rank-k factors, √(1 − kept/energy)); totals: the adapter's parameters and bytes
+    against the dense model's."""
+    root, base, *_ = world
+    fold(base, tmp_path / "f", _adds(world), rank=2)
+    report = json.loads((tmp_path / "f" / "fold_report.json").read_text())
+    low = [t for t in report["tensors"] if t["policy"] == "lowrank"]
+    assert len(low) == 12 and all(t["rank"] == 2 and 0 < t["kept"] <= t["energy"] * (1 + 1e-6) for t in low)
+    assert sum(t["kept"] < 0.999 * t["energy"] for t in low) == 8  # not k_proj, up_proj: b's rank 2 alone
+    for t in low:
+        assert t["retained"] == pytest.approx(t["kept"] / t["energy"])
+        assert t["relative_error"] == pytest.approx(max(1 - t["retained"], 0) ** 0.5, abs=1e-3)
+    tot, B = report["totals"], read_all(base)
+    assert tot["adapter_params"] == sum(2 * sum(t["shape"]) for t in low)
+    assert tot["adapter_bytes"] == 4 * tot["adapter_params"]  # float32 factors
+    assert tot["model_params"] == sum(v.numel() for v in B.values())
+    assert tot["model_bytes"] == sum(v.numel() * v.element_size() for v in B.values())
+    assert tot["not_carried"] == []
+
+
 @pytest.mark.parametrize("svd", ["gram", "randomized"])
 def test_small_errors_are_measured_not_cancelled(svd):
     """The reported error of a gram/randomized factorization is ‖Δ − BA‖² measured: energy − kept, both summed
