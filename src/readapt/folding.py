@@ -89,7 +89,7 @@ def fold(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec
     job = LorePass(entries, source, rule)
 
     def amend(report: dict, folder: Path) -> None:
-        if verify:
+        if verify:  # in place of write_lore's verify_peft, which imports PEFT and builds the model
             check_written(folder, entries, job.extra_config, b.names)
         _fold_fields(report, folder, b, source, exact)
 
