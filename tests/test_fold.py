@@ -314,6 +314,10 @@ def test_plan_from_the_adapters_is_the_model_class_plan(world, tmp_path, monkeyp
         assert got == want and len(got) == 14 + 2 * classified
         assert len(calls) == classified
         calls.clear()
+    source = folding.FromMerge(*open_inputs(base, [(c, 0.5)], False, ReadOptions()))
+    source.config = {**source.config, "architectures": ["LlavaForConditionalGeneration"]}  # may store more tensors
+    folding.plan(source, Policy())  # than its causal-LM class has: the model class says what each is
+    assert len(calls) == 1
 
 
 def _corrupt_rank(folder):

@@ -151,11 +151,13 @@ class FromMerge:
 def plan(source: FromMerge, policy: Policy) -> list[Entry]:
     """The LoRE plan of the tensors the addends touch, each with its policy. When every one is a 2-D weight that
     PEFT wrapped as a Linear LoRA in every addend (plain lora_A/lora_B terms: `LoraAdapter.on_linear`) and none
-    has the vocabulary as its output dimension (lm_head, tied or not, is the model class's to tell), each is a
-    'linear' weight of its module, which is what loreplan.classify reads off the model class (tests/test_fold.py
-    checks that both agree) without importing transformers and building the model; else classify."""
-    vocab = source.config.get("vocab_size")
-    if vocab is not None and all(
+    has the vocabulary as its output dimension (lm_head, tied or not, is the model class's to tell), on a
+    *ForCausalLM checkpoint (whose class has every tensor it stores; a multimodal one may store a tower that its
+    causal-LM class lacks), each is a 'linear' weight of its module, which is what loreplan.classify reads off
+    the model class (tests/test_fold.py checks that both agree) without importing transformers and building the
+    model; else classify."""
+    vocab, archs = source.config.get("vocab_size"), source.config.get("architectures") or [""]
+    if vocab is not None and all(arch.endswith("ForCausalLM") for arch in archs) and all(
             len(source.base.shape(n)) == 2 and source.base.shape(n)[0] != vocab and n.endswith(".weight")
             and all(isinstance(a, LoraAdapter) and a.factored(n) and a.on_linear(n) for a, _ in source.terms[n])
             for n in source.names):
