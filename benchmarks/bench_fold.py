@@ -5,7 +5,7 @@
 On make_pair.py's float32 Llama pair (hidden 1024, intermediate 2816, vocab 32000, 8 layers: 168M parameters,
 0.67 GB; --layers 16 doubles the decoder), with two rank-64 LoRAs on every linear layer of the base
 (bench_port.make_adapter, seeds 0 and 1, lora_alpha 128), each job in its own process under /usr/bin/time -v
-(wall seconds, peak RSS):
+(wall seconds, peak RSS), `--repeat` rounds of every job in turn (min / median / max):
 
     merge                  readapt merge BASE --add L1:0.5 --add L2:0.5 -o OUT            (a full model folder)
     fold exact             ... --as-lora                                                   (rank 128, no SVD)
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -78,19 +79,23 @@ def jobs(work: Path, layers: int, rank: int) -> dict[str, tuple[list[str], Path]
 
 
 def measure(work: Path, layers: int, rank: int, repeat: int) -> dict:
-    rows = {}
-    for name, (cmd, folder) in jobs(work, layers, rank).items():
-        runs = []
-        for _ in range(repeat):
+    """Each job `repeat` times, interleaved (round r runs every job once, in turn), each after `sync`."""
+    todo = jobs(work, layers, rank)
+    runs: dict[str, list[dict]] = {name: [] for name in todo}
+    for _ in range(repeat):
+        for name, (cmd, folder) in todo.items():
             shutil.rmtree(folder, ignore_errors=True)
             subprocess.run(["sync"])
             res = timed(cmd, work / "job.log")
             if res["rc"] != 0:
                 raise RuntimeError(f"{name} failed:\n{(work / 'job.log').read_text()[-3000:]}")
             res["cpu_seconds"] = cpu_seconds(work / "job.log")
-            runs.append(res)
-        row = {"seconds": [r["seconds"] for r in runs], "cpu_seconds": [r["cpu_seconds"] for r in runs],
-               "peak_rss_gb": [r["peak_rss_gb"] for r in runs], "cmd": runs[0]["cmd"]}
+            runs[name].append(res)
+    rows = {}
+    for name, (cmd, folder) in todo.items():
+        rs = runs[name]
+        row = {k: [r[k] for r in rs] for k in ("seconds", "cpu_seconds", "peak_rss_gb")}
+        row.update({f"{k}_min_median_max": spread(row[k]) for k in ("seconds", "cpu_seconds")}, cmd=rs[0]["cmd"])
         for report in ("fold_report.json", "lore_report.json"):
             if (folder / report).is_file():
                 rep = json.loads((folder / report).read_text())
@@ -99,10 +104,15 @@ def measure(work: Path, layers: int, rank: int, repeat: int) -> dict:
                 low = [t for t in rep["tensors"] if t["policy"] == "lowrank" and t["rank"] > 0]
                 row["modules_from_factors"] = f"{sum(t.get('from_factors', False) for t in low)}/{len(low)}"
         rows[name] = row
-        print(f"{layers:>2} layers  {name:32s} wall {row['seconds']} s  CPU {row['cpu_seconds']} s  "
-              f"{row['peak_rss_gb']} GB  "
+        print(f"{layers:>2} layers  {name:32s} wall {row['seconds_min_median_max']} s  CPU "
+              f"{row['cpu_seconds_min_median_max']} s  {max(row['peak_rss_gb'])} GB  "
               f"{'' if 'relative_error' not in row else 'rel. error %.4g' % row['relative_error']}", flush=True)
     return rows
+
+
+def spread(xs: list[float]) -> list[float]:
+    """[min, median, max]."""
+    return [min(xs), round(statistics.median(xs), 2), max(xs)]
 
 
 def _warm(work: Path, layers: int, rank: int) -> dict:

@@ -190,6 +190,27 @@ def test_at_rank_r_each_module_is_at_the_eckart_young_floor(world, tmp_path):
         assert t["relative_error"] == pytest.approx(floor, rel=1e-4, abs=1e-6)
 
 
+def test_fold_report_gives_each_module_its_rank_kept_energy_and_error_and_the_sizes(world, tmp_path):
+    """fold_report.json: per module the rank, the energy of Σ sᵢΨᵢ and the part kept, the relative error
+    ‖Ω − Ω̂‖/‖Ω − Φ‖ (for best rank-k factors, √(1 − kept/energy)); totals: the adapter's parameters and bytes
+    against the dense model's."""
+    root, base, *_ = world
+    fold(base, tmp_path / "f", _adds(world), rank=2)
+    report = json.loads((tmp_path / "f" / "fold_report.json").read_text())
+    low = [t for t in report["tensors"] if t["policy"] == "lowrank"]
+    assert len(low) == 12 and all(t["rank"] == 2 and 0 < t["kept"] <= t["energy"] * (1 + 1e-6) for t in low)
+    assert sum(t["kept"] < 0.999 * t["energy"] for t in low) == 8  # not k_proj, up_proj: b's rank 2 alone
+    for t in low:
+        assert t["retained"] == pytest.approx(t["kept"] / t["energy"])
+        assert t["relative_error"] == pytest.approx(max(1 - t["retained"], 0) ** 0.5, abs=1e-3)
+    tot, B = report["totals"], read_all(base)
+    assert tot["adapter_params"] == sum(2 * sum(t["shape"]) for t in low)
+    assert tot["adapter_bytes"] == 4 * tot["adapter_params"]  # float32 factors
+    assert tot["model_params"] == sum(v.numel() for v in B.values())
+    assert tot["model_bytes"] == sum(v.numel() * v.element_size() for v in B.values())
+    assert tot["not_carried"] == []
+
+
 @pytest.mark.parametrize("svd", ["gram", "randomized"])
 def test_small_errors_are_measured_not_cancelled(svd):
     """The reported error of a gram/randomized factorization is ‖Δ − BA‖² measured: energy − kept, both summed
@@ -238,6 +259,107 @@ def test_dora_addend_is_its_weight_space_difference_not_peft_add_weighted_adapte
         print(f"\nDoRA + LoRA vs dense merge: fold max abs diff {ours:.3g}, PEFT add_weighted_adapter {theirs:.3g}")
     assert ours <= 2e-6 * scale
     assert theirs > 1e4 * ours
+
+
+# --- a fresh command: the plan from the adapters, the written adapter checked on its header ------------------
+
+
+_FOLD_ONLY = """
+import sys
+from readapt.folding import fold
+base, out, *adds = sys.argv[1:]
+fold(base, out, [(a, 0.5) for a in adds], rank=4)
+print(sorted({m.split(".")[0] for m in sys.modules} & {"transformers", "peft"}))
+"""
+
+
+def test_fold_of_linear_loras_imports_neither_transformers_nor_peft(world, tmp_path):
+    """A fresh `merge --as-lora` of LoRAs on Linear layers plans from the adapters and checks the written header,
+    so it pays neither import (~3 CPU-s, more than the fold of two rank-64 LoRAs at 168M); PEFT alone loads the
+    output, and its merge is the dense merge (rank 4 holds every module's sum)."""
+    root, base, *_ = world
+    c = _lora(base, tmp_path / "c", 5, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    d = _lora(base, tmp_path / "d", 6, r=2, lora_alpha=2, target_modules=["q_proj", "gate_proj"])
+    run = subprocess.run([sys.executable, "-c", _FOLD_ONLY, str(base), str(tmp_path / "f"), str(c), str(d)],
+                         check=True, capture_output=True, text=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
+    report = json.loads((tmp_path / "f" / "fold_report.json").read_text())
+    assert {t["kind"] for t in report["tensors"]} == {"linear"} and len(report["tensors"]) == 8
+    got = _peft_only_merged(base, tmp_path / "f", tmp_path)
+    want = read_all(readapt.merge(base, tmp_path / "m", [(c, 0.5), (d, 0.5)]))
+    diff, scale = _max_diff(got, want)
+    assert diff <= 2e-6 * scale  # rank 4: every module's sum has rank ≤ 2 + 2, so its best rank-4 factors are it
+    assert {t["rank"] for t in report["tensors"] if "q_proj" in t["name"]} == {4}
+
+
+def test_plan_from_the_adapters_is_the_model_class_plan(world, tmp_path, monkeypatch):
+    """Linear LoRAs only: the plan read off the adapters equals loreplan.classify's on the model class; an
+    embedding or lm_head LoRA (a's) takes the model class's plan."""
+    import readapt.folding as folding
+    from readapt.checkpoint import ReadOptions
+    from readapt.loreplan import Policy, classify
+    from readapt.merging import open_inputs
+
+    root, base, a, b, *_ = world
+    c = _lora(base, tmp_path / "c", 5, r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"])
+    calls = []
+    monkeypatch.setattr(folding, "classify", lambda *args: calls.append(1) or classify(*args))
+    for adds, classified in (([(c, 0.5), (b, 0.5)], 0), ([(c, 0.5), (a, 0.5)], 1)):
+        base_ckpt, addends = open_inputs(base, adds, False, ReadOptions())
+        source = folding.FromMerge(base_ckpt, addends)
+        got = folding.plan(source, Policy())
+        want = classify(source.config, source.names, base_ckpt.shape, source.floating)
+        Policy().apply(want)
+        assert got == want and len(got) == 14 + 2 * classified
+        assert len(calls) == classified
+        calls.clear()
+    source = folding.FromMerge(*open_inputs(base, [(c, 0.5)], False, ReadOptions()))
+    source.config = {**source.config, "architectures": ["LlavaForConditionalGeneration"]}  # may store more tensors
+    folding.plan(source, Policy())  # than its causal-LM class has: the model class says what each is
+    assert len(calls) == 1
+
+
+def _corrupt_rank(folder):
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["rank_pattern"]["model.layers.1.self_attn.q_proj"] += 1
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("lora_B.bias", "q_proj.lora_B.bias .*planned None"),  # mergekit's: PEFT drops it without lora_bias
+    ("rank", "layers.1.self_attn.q_proj: rank_pattern 8, alpha_pattern 7"),
+])
+def test_a_bad_fold_is_refused_and_nothing_written(world, tmp_path, monkeypatch, bad, message):
+    import readapt.lowrank as lowrank
+
+    root, base, *_ = world
+    save = lowrank.save_lora
+
+    def broken(folder, factors, *, extra_tensors, **kw):
+        extra = [(f"{P}model.layers.0.self_attn.q_proj.lora_B.bias", torch.ones(16))] if bad == "lora_B.bias" else []
+        out = save(folder, factors, extra_tensors=[*extra_tensors, *extra], **kw)
+        if bad == "rank":
+            _corrupt_rank(folder)
+        return out
+
+    monkeypatch.setattr(lowrank, "save_lora", broken)
+    with pytest.raises(ReadaptError, match=message):
+        fold(base, tmp_path / "f", _adds(world))
+    assert not (tmp_path / "f").exists()
+
+
+def test_adapter_config_fields_are_peft_loraconfig_fields(world, tmp_path):
+    """save_lora writes adapter_config.json itself (importing PEFT to build a LoraConfig costs more than a fold);
+    every field it writes is a LoraConfig field that PEFT reads back unchanged."""
+    root, base, a, *_ = world
+    with pytest.warns(UserWarning, match="clamped"):
+        fold(base, tmp_path / "f", [(a, 0.5), (world[5], 0.5)], rank=64)  # LoRA + checkpoint: norms dense too
+    written = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
+    peft = LoraConfig.from_pretrained(str(tmp_path / "f")).to_dict()
+    assert set(written) <= set(peft)
+    assert {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft.items() if k in written} == written
+    assert written["modules_to_save"] and written["rank_pattern"]
 
 
 # --- fidelity ----------------------------------------------------------------------------------------

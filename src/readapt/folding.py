@@ -15,7 +15,12 @@ s·B·A for LoRA, W′ − W for DoRA, Δ for a delta folder, Θ − Φ for a ch
 Embeddings, lm_head, norms and biases are carried as `extract --tau` carries them (readapt.loreplan's
 Policy): norms and biases dense as Ω's own values (PEFT modules_to_save, bias="lora_only"), a tied
 embedding as the changed rows of Ω (PEFT trainable tokens). The pass and the writer are LoRE's
-(readapt.lowrank.LorePass, write_lore): same rank rule, same PEFT layout, same check that PEFT loads it.
+(readapt.lowrank.LorePass, write_lore): same rank rule, same PEFT layout.
+
+A fold of LoRAs on Linear layers imports neither transformers nor PEFT (together ~3 CPU-s, more than the fold
+of two rank-64 LoRAs on a 168M model): the plan comes from the adapters (`plan`) and the written adapter is
+checked on its header against the plan (`check_written`) instead of being loaded by PEFT; tests/test_fold.py
+loads every form of the output with PeftModel.from_pretrained.
 
 The report (fold_report.json) gives per tensor the rank, the kept energy and the relative error
 ‖Ω − Ω̂‖/‖Ω − Φ‖ = ‖D − B̂Â‖/‖D‖, the mode, and the adapter's size against the dense model's; with a
@@ -27,14 +32,16 @@ factors alone (dropping the magnitude renormalisation), which is why a DoRA adde
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from readapt.addends import Addend, AddSpec, CheckpointDifference, DeltaFolder, Kind, LoraAdapter, LoraTerm
+from readapt.addends import PREFIX, Addend, AddSpec, CheckpointDifference, DeltaFolder, Kind, LoraAdapter, LoraTerm
 from readapt.cards import FOLD_REPORT, fold_card
 from readapt.checkpoint import Blocks, Checkpoint, ReadOptions, recorded_name
 from readapt.errors import ReadaptError
@@ -58,6 +65,7 @@ def fold(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec
     rank-k approximation (`rank`, or `tau`: k = min{k : Σ_{i≤k}σᵢ²/Σσⱼ² ≥ τ}), so that
     PeftModel.from_pretrained(BASE, out).merge_and_unload() ≈ `merge(base, ..., adds)`. `dtype`: the factors'
     (default float32). `calibration`: a text file; adds mean KL(Ω ‖ Φ + adapter) per token and top-1 agreement.
+    `verify`: check the written adapter against the plan before it is committed (`check_written`).
     Refuses what merge refuses; nothing is written on failure.
     """
     factor_dtype = parse_dtype(dtype) or torch.float32
@@ -70,8 +78,7 @@ def fold(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec
     if not addends:
         raise ReadaptError("nothing to fold: give at least one adapter with its scale")
     source = FromMerge(b, addends)
-    entries = classify(source.config, source.names, b.shape, source.floating)
-    policy.apply(entries)
+    entries = plan(source, policy)
     if exact:
         _check_exact(entries, source)
     cal = Calibration(calibration, b, device) if calibration is not None else None
@@ -79,12 +86,16 @@ def fold(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec
     provenance = {"base": recorded_name(base), "addends": [
         {"spec": a.label, "kind": str(a.kind), "scale": s} for a, s in addends]}
 
+    job = LorePass(entries, source, rule)
+
     def amend(report: dict, folder: Path) -> None:
+        if verify:  # in place of write_lore's verify_peft, which imports PEFT and builds the model
+            check_written(folder, entries, job.extra_config, b.names)
         _fold_fields(report, folder, b, source, exact)
 
-    return write_lore(out, LorePass(entries, source, rule), overwrite=overwrite,
-                      inputs=[b.path] + [a.path for a, _ in addends], base_model=recorded_name(base),
-                      provenance=provenance, verify=verify, report_file=FOLD_REPORT, card=fold_card, amend=amend,
+    return write_lore(out, job, overwrite=overwrite, inputs=[b.path] + [a.path for a, _ in addends],
+                      base_model=recorded_name(base), provenance=provenance, verify=False,
+                      report_file=FOLD_REPORT, card=fold_card, amend=amend,
                       fidelity=None if cal is None else lambda folder: cal.measure(b, addends, folder))
 
 
@@ -135,6 +146,75 @@ class FromMerge:
     def tuned(self, name: str) -> torch.Tensor:
         t = merged(self.base, name, self.terms[name])
         return materialize(t) if isinstance(t, Blocks) else t
+
+
+def plan(source: FromMerge, policy: Policy) -> list[Entry]:
+    """The LoRE plan of the tensors the addends touch, each with its policy. When every one is a 2-D weight that
+    PEFT wrapped as a Linear LoRA in every addend (plain lora_A/lora_B terms: `LoraAdapter.on_linear`) and none
+    has the vocabulary as its output dimension (lm_head, tied or not, is the model class's to tell), on a
+    *ForCausalLM checkpoint (whose class has every tensor it stores; a multimodal one may store a tower that its
+    causal-LM class lacks), each is a 'linear' weight of its module, which is what loreplan.classify reads off
+    the model class (tests/test_fold.py checks that both agree) without importing transformers and building the
+    model; else classify."""
+    vocab, archs = source.config.get("vocab_size"), source.config.get("architectures") or [""]
+    if vocab is not None and all(arch.endswith("ForCausalLM") for arch in archs) and all(
+            len(source.base.shape(n)) == 2 and source.base.shape(n)[0] != vocab and n.endswith(".weight")
+            and all(isinstance(a, LoraAdapter) and a.factored(n) and a.on_linear(n) for a, _ in source.terms[n])
+            for n in source.names):
+        entries = [Entry(n, "linear", n.removesuffix(".weight"), tuple(source.base.shape(n))) for n in source.names]
+    else:
+        entries = classify(source.config, source.names, source.base.shape, source.floating)
+    policy.apply(entries)
+    return entries
+
+
+def check_written(folder: Path, entries: Sequence[Entry], extra: dict, base_names: Sequence[str]) -> None:
+    """The adapter written to `folder` against the plan, from its header and adapter_config.json alone: exactly
+    the tensors PEFT loads for it with their shapes (`planned`), rank_pattern = alpha_pattern = {m: k}, and a
+    target_modules that matches (re.fullmatch, as PEFT matches it) exactly those of the base's modules.
+    A cheap stand-in for loading it with PEFT (readapt.lowrank.verify_peft), which the tests do."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    want, ranks = planned(entries, extra)
+    written = Checkpoint.open(folder)
+    got = {n: tuple(written.shape(n)) for n in written.names}
+    modules = {n.rsplit(".", k)[0] for n in base_names for k in range(1, n.count(".") + 1)}
+    wrapped = {m for m in modules if re.fullmatch(cfg["target_modules"], m)}
+    bad = [f"{n} {got.get(n)} (planned {want.get(n)})" for n in sorted(got.keys() | want.keys())
+           if got.get(n) != want.get(n)]
+    bad += [f"{m}: rank_pattern {cfg['rank_pattern'].get(m)}, alpha_pattern {cfg['alpha_pattern'].get(m)} "
+            f"(planned {ranks.get(m)})" for m in sorted(ranks.keys() | cfg["rank_pattern"].keys())
+            if not ranks.get(m) == cfg["rank_pattern"].get(m) == cfg["alpha_pattern"].get(m)]
+    bad += [f"target_modules wraps {m} (planned: {m in ranks})" for m in sorted(wrapped ^ ranks.keys())]
+    if any(n.endswith(".base_layer.bias") for n in want) and cfg.get("bias") != "lora_only":
+        bad.append(f"bias {cfg.get('bias')!r} with base_layer.bias saved (PEFT would drop it)")
+    if bad:
+        raise ReadaptError(f"the adapter written to {folder} is not what PEFT would load as the planned fold "
+                           f"({'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); this is a readapt bug, "
+                           f"please report")
+
+
+def planned(entries: Sequence[Entry], extra: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """({tensor name: shape} of the adapter as PEFT names it, {low-rank module: rank}) for the plan `entries`
+    after LorePass filled them (and its `extra` config): per low-rank module m of rank k, lora_A.weight k×in
+    and lora_B.weight out×k (embeddings: lora_embedding_A k×vocab, lora_embedding_B dim×k); the changed
+    dense tensors as tuned values: a tied embedding's rows (trainable tokens), a LoRA module's bias
+    (base_layer.bias), every parameter of a modules_to_save module."""
+    rows, saved = extra.get("trainable_token_indices") or {}, set(extra.get("modules_to_save") or ())
+    ranks = {e.module: e.rank for e in entries if e.policy == "lowrank" and e.rank > 0 and e.module not in saved}
+    want: dict[str, tuple[int, ...]] = {}
+    for e in entries:
+        p = f"{PREFIX}{e.module}."
+        if e.module in saved and e.kind not in ("tied", "nonfloat", "unknown"):
+            want[PREFIX + e.name] = e.shape
+        elif e.module in ranks and e.policy == "lowrank":
+            (o, i), k = e.shape, e.rank
+            want.update({p + "lora_embedding_A": (k, o), p + "lora_embedding_B": (i, k)} if e.kind == "embedding"
+                        else {p + "lora_A.weight": (k, i), p + "lora_B.weight": (o, k)})
+        elif e.rank == -1 and e.module in rows:
+            want[p + "token_adapter.trainable_tokens_delta"] = (len(rows[e.module]), e.shape[1])
+        elif e.rank == -1 and e.kind == "bias" and e.module in ranks:
+            want[p + "base_layer.bias"] = e.shape
+    return want, ranks
 
 
 def _from_phi(a: Addend, name: str) -> bool:

@@ -8,7 +8,8 @@ module (addends.save_lora); norms, biases and tied embeddings are carried as PEF
 
     extract_lowrank(base, tuned, out, tau=0.5)    Δ = Θ − Φ from two checkpoints (no delta written)
     compress(delta_folder, out, rank=64)          Δ from a delta folder (readapt extract)
-    (readapt.folding runs the same pass on Σ sᵢΨᵢ: merge --as-lora)
+    (readapt.folding runs the same pass on Σ sᵢΨᵢ: merge --as-lora; it checks what it wrote on the
+    header, folding.check_written, instead of loading it with PEFT)
 
 Both stream: one delta tensor in memory at a time (pass 1 factors each low-rank tensor as it comes and
 notes which dense tensors changed; pass 2 re-reads only those as tuned values), then PEFT itself loads

@@ -263,6 +263,15 @@ class LoraAdapter(Addend):
                                f"adapter_config.json's trainable_token_indices gives it {spec!r:.60}")
         return torch.tensor(spec, dtype=torch.long), values
 
+    def on_linear(self, name: str) -> bool:
+        """Whether `name` is the weight of a module PEFT wrapped as a Linear LoRA: 2-D lora_A/lora_B, not
+        fan_in_fan_out (PEFT writes lora_embedding_A/B for nn.Embedding, 3-D and 4-D factors for convolutions,
+        and fan_in_fan_out for transformers' Conv1D)."""
+        mod = self.modules.get(name)
+        p = mod.parts if mod is not None else {}
+        return ("lora_A.weight" in p and not self.config.get("fan_in_fan_out")
+                and len(self.ckpt.shape(p["lora_A.weight"])) == 2)
+
     def _tokens(self, name: str, mod: _Module, W: torch.Tensor, r0: int = 0, total: int | None = None
                 ) -> torch.Tensor:
         """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge). W: the whole
@@ -329,6 +338,10 @@ def save_lora(folder: Path, factors: Iterable[tuple[str, torch.Tensor, torch.Ten
     factors: (module name e.g. "model.layers.0.self_attn.q_proj", B: out×k, A: k×in); each rank k
     goes into rank_pattern and alpha_pattern under the module's fully qualified name. Streams: one
     factor pair in memory at a time. Returns the adapter_config written.
+
+    The config's fields are written here, not through PEFT's LoraConfig: importing PEFT (which imports
+    transformers) costs ~3 CPU-s, more than the fold of two rank-64 LoRAs at 168M, which needs neither
+    otherwise; tests/test_fold.py checks that every field written is a LoraConfig field read back unchanged.
     """
     ranks: dict[str, int] = {}
 
