@@ -209,6 +209,9 @@ def test_fold_report_gives_each_module_its_rank_kept_energy_and_error_and_the_si
     assert tot["model_params"] == sum(v.numel() for v in B.values())
     assert tot["model_bytes"] == sum(v.numel() * v.element_size() for v in B.values())
     assert tot["not_carried"] == []
+    card = (tmp_path / "f" / "README.md").read_text()  # the same per module, as a table in the model card
+    for t in low:
+        assert f"| {t['name']} | 2 | {100 * t['retained']:.2f}% | {t['relative_error']:.3g} |" in card
 
 
 @pytest.mark.parametrize("svd", ["gram", "randomized"])

@@ -238,9 +238,21 @@ for serving many variants on one base.
 
     {fold_summary(report).replace(chr(10), chr(10) + '    ')}
 
-Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)` (or a multi-LoRA server). Per-module ranks,
-kept energy and relative errors: `{FOLD_REPORT}`.
+Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)` (or a multi-LoRA server). The same per
+module, with totals, in `{FOLD_REPORT}`:
+
+{fold_table(report)}
 """
+
+
+def fold_table(report: dict) -> str:
+    """Per module of a fold report: rank (-1: carried dense), share of ‖Σ sᵢΨᵢ‖² kept, ‖Ω − Ω̂‖/‖Ω − Φ‖."""
+    rows = ["| tensor | rank | energy kept | relative error |", "|---|---|---|---|"]
+    for t in report["tensors"]:
+        kept = f"{100 * t['kept'] / t['energy']:.2f}%" if t["energy"] else "-"
+        err = "-" if t.get("relative_error") is None else f"{t['relative_error']:.3g}"
+        rows.append(f"| {t['name']} | {t['rank']} | {kept} | {err} |")
+    return "\n".join(rows)
 
 
 def spectrum_readme(report: dict, provenance: dict, svd: str) -> str:
