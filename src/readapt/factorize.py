@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from readapt.errors import ReadaptError
+from readapt.numerics import one_thread
 
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
 TAU_TOL = 1e-9  # v_k is a float64 sum: "v_k ≥ τ" is tested as v_k ≥ τ − 1e-9 so that τ=1 keeps what is there
@@ -88,20 +88,6 @@ class Factorization:
     clamped: bool = False  # the requested rank was above min(out, in) or the numerical rank
 
 
-@contextmanager
-def _one_thread(device: torch.device, small: bool = True):
-    """Run a stretch of small CPU ops on one thread (measured 5-10× faster on a busy 2-core machine)."""
-    if device.type != "cpu" or not small:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 SMALL_EIG = 1024  # Gram matrices up to this size are decomposed on one thread (see gram_eig)
 
 
@@ -114,7 +100,7 @@ def gram_eig(G: torch.Tensor, vectors: bool = True):
     and 0.2–8 s on two (eigvalsh 0.035 s vs 0.09–0.2 s), and `extract --tau 0.5` of the real SmolLM2 pair
     69 s on two threads, 24 s on one; unloaded, 10.2–11.3 s on two, 11.4–12.3 s on one. Larger matrices
     keep the default threads, which pay for themselves there on a quiet machine."""
-    with _one_thread(G.device, G.shape[0] <= SMALL_EIG):
+    with one_thread(G.device, G.shape[0] <= SMALL_EIG):
         if not vectors:
             return torch.linalg.eigvalsh(G).flip(0)
         lam, Q = torch.linalg.eigh(G)  # ascending
@@ -166,7 +152,7 @@ def factorize(delta: torch.Tensor, *, tau: float | None = None, rank: int | None
         # two power steps on Δ), then Rayleigh–Ritz: G ≈ Q (W Λ Wᵀ) Qᵀ
         q = min(rank + (oversample if oversample is not None else max(16, rank)), G.shape[0])
         gen = torch.Generator(device=G.device).manual_seed(seed)
-        with _one_thread(G.device):  # small s×q products: thread hand-offs cost more than they save
+        with one_thread(G.device):  # small s×q products: thread hand-offs cost more than they save
             Q = _orth(G @ torch.randn(G.shape[0], q, generator=gen, device=G.device))
             for _ in range(power_iters):
                 Q = _orth(G @ Q)

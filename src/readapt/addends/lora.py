@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 from readapt.addends.base import Addend, Kind
-from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo, is_peft_folder, read_rows, row_spans, write_file
+from readapt.checkpoint import (Checkpoint, ReadOptions, TensorInfo, is_peft_folder, read_rows, row_blocks, row_spans,
+                                write_file)
 from readapt.errors import ReadaptError
 from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
 
@@ -106,11 +107,13 @@ class LoraTerm:
             d = d.T
         return d.mul_(self.scale)
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
+    def rows(self, r0: int, r1: int, buf: torch.Tensor | None = None) -> torch.Tensor:
         """Ψ[r0:r1] = s·B[r0:r1]·A (transposed: s·(A[:, r0:r1])ᵀ·Bᵀ), each element the same dot product over
-        the rank as in `delta` (bit for bit for blocks of checkpoint.row_spans), then scaled in place."""
-        d = self.A[:, r0:r1].T @ self.B.T if self.transposed else self.B[r0:r1] @ self.A
-        return d.mul_(self.scale)
+        the rank as in `delta` (bit for bit for blocks of checkpoint.row_spans), then scaled in place; into
+        the float32 buffer `buf` (large enough) if given."""
+        a, b = (self.A[:, r0:r1].T, self.B.T) if self.transposed else (self.B[r0:r1], self.A)
+        out = None if buf is None else buf[: a.shape[0] * b.shape[1]].view(a.shape[0], b.shape[1])
+        return torch.matmul(a, b, out=out).mul_(self.scale)
 
 
 class LoraVariant:
@@ -182,15 +185,16 @@ class DoraVariant(LoraVariant):
         dimension runs over the whole vocabulary (`stored_norm`, one pass over the base first)."""
         if "lora_magnitude_vector" not in mod.parts:
             return None
-        r1 = r0 + len(W)
+        r1, embedding = r0 + len(W), "lora_embedding_A" in mod.parts
+        if adapter.config.get("fan_in_fan_out") and not embedding:
+            raise ReadaptError(f"{adapter.path}: DoRA with fan_in_fan_out=True is not supported")
         term = adapter.kept(name, "term", lambda: adapter.term(name))
         m = adapter.kept(name, "m", lambda: adapter.ckpt.read(mod.parts["lora_magnitude_vector"]).float())
-        combined = term.rows(r0, r1).add_(W)  # W + d: addition commutes bit for bit
-        if "lora_embedding_A" in mod.parts:
+        if embedding:  # the norm first: its pass over the base reads blocks of its own
             norm = adapter.kept(name, "norm", lambda: DoraVariant.stored_norm(base, embedding=True, term=term))
+        combined = term.rows(r0, r1, adapter.buffer(name, base)).add_(W)  # W + d: addition commutes bit for bit
+        if embedding:
             return (m / norm).view(1, -1).mul(combined)
-        if adapter.config.get("fan_in_fan_out"):
-            raise ReadaptError(f"{adapter.path}: DoRA with fan_in_fan_out=True is not supported")
         norm = DoraVariant.weight_norm(combined, embedding=False)
         return combined.mul_((m[r0:r1] / norm).view(-1, 1))
 
@@ -203,8 +207,7 @@ class DoraVariant(LoraVariant):
         order that depends on the shape and the thread count; a tensor of one block is normed as
         `weight_norm`, bit for bit."""
         spans = row_spans(base.shape)
-        rows = ((r0, r1, read_rows(base, r0, r1).float()) for r0, r1 in spans)
-        sums = (W if term is None else term.rows(r0, r1).add_(W) for r0, r1, W in rows)  # W + d (commutes)
+        sums = (W if term is None else term.rows(r0, r1).add_(W) for r0, r1, W in row_blocks(base, spans))  # W + d
         if not embedding:
             return torch.cat([DoraVariant.weight_norm(X, embedding=False) for X in sums])
         if len(spans) == 1:
@@ -339,7 +342,8 @@ class LoraAdapter(Addend):
              ) -> tuple[torch.Tensor | None, bool]:
         """Rows r0 … r0 + len(W) of what `target` / `delta` give for `name`, from the factors: s·B[rows]·A,
         DoRA's W′ rows, a saved full tensor's rows, trainable tokens in those rows; (None, False) if the
-        adapter leaves `name` alone. 2-D tensors (1-D ones, biases, are merged whole)."""
+        adapter leaves `name` alone. 2-D tensors (1-D ones, biases, are merged whole). LoRA and DoRA rows
+        come in a buffer reused for the next block (`buffer`)."""
         mod = self.modules.get(name)
         if mod is None:
             return None, False
@@ -353,7 +357,7 @@ class LoraAdapter(Addend):
         if target is not None:
             return target, True
         term = self.kept(name, "term", lambda: self.term(name))
-        return (None if term is None else term.rows(r0, r1)), False
+        return (None if term is None else term.rows(r0, r1, self.buffer(name, base))), False
 
     def kept(self, name: str, key: str, make: Callable[[], object]):
         """make(), computed once for the base tensor `name` and kept while its blocks are merged (factors,
@@ -363,6 +367,12 @@ class LoraAdapter(Addend):
         if key not in self._kept:
             self._kept[key] = make()
         return self._kept[key]
+
+    def buffer(self, name: str, base: TensorInfo | torch.Tensor) -> torch.Tensor:
+        """A float32 buffer for the largest row block of `name` (checkpoint.row_spans), kept and reused while
+        its blocks are merged: what `rows` returns lives in it until the next block is asked for."""
+        return self.kept(name, "buffer", lambda: torch.empty(
+            max(r1 - r0 for r0, r1 in row_spans(base.shape)) * math.prod(base.shape[1:])))
 
     def _saved(self, mod: _Module) -> str | None:
         """The part of `mod` that is a full replacement tensor (modules_to_save; base_layer.bias with
