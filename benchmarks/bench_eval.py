@@ -12,7 +12,7 @@ Generation: readapt.generation.generate on chat prompts of the tests' word-level
 Llama of the demo world's size (4 layers, hidden 128) and of the tests' size (2 layers, hidden 16).
 Score: a predictions file of one question whose response and reference are random words (1000-word
 vocabulary), the reference taking `share` of the file; each run is a fresh process (peak RSS from
-wait4), readapt's Rouge-L against rouge-score's own scorer (the implementation before issue 12), the
+wait4), readapt's Rouge-L against rouge-score's own scorer (the implementation readapt used before its linear-memory Rouge-L), the
 latter under an address-space cap so that its quadratic table fails instead of swapping.
 """
 

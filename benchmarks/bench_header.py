@@ -1,4 +1,4 @@
-"""Memory and time of reading a hostile safetensors header (issue 12, item 5).
+"""Memory and time of reading a hostile safetensors header.
 
     python benchmarks/bench_header.py [--work benchmarks/_work/header] [--mb 99] [--src OTHER/src]
 

@@ -1,4 +1,4 @@
-"""Port benchmark (issue 5): peak memory of `readapt port --merge` vs one LoRA training step on the same model.
+"""Port benchmark: peak memory of `readapt port --merge` vs one LoRA training step on the same model.
 
     python benchmarks/bench_port.py [--work benchmarks/_work/port] [--rank 64] [--no-train]
                                     [--layers 8 --hidden 1024 --intermediate 2816]   # make_pair's sizes

@@ -1,4 +1,4 @@
-"""Training benchmarks (issue 4), CPU unless a GPU is visible.
+"""Training benchmarks, CPU unless a GPU is visible.
 
     python benchmarks/bench_train.py speed                        # tokens/s and peak RSS, tiny + small model
     python benchmarks/bench_train.py step-memory CKPT [--max-length 512 --batch-size 1 --rank 64 --no-dora
@@ -15,7 +15,7 @@ in a fresh subprocess per setting, so that the peak RSS (ru_maxrss) belongs to t
 
 `step-memory CKPT` measures ONE LoRA/DoRA training step (forward, backward, AdamW step) with batch 1 and
 max length 512 on a checkpoint folder: the memory a fine-tune of that checkpoint needs at the least, to be
-compared with the memory of a training-free port (PortLLM, issue 5). Python callers:
+compared with the memory of a training-free port (PortLLM). Python callers:
 `step_memory(ckpt, batch_size=1, max_length=512, rank=64, dora=True) -> dict` (it too runs in a subprocess).
 """
 

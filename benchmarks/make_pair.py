@@ -5,7 +5,7 @@
 
 writes OUT_DIR/base and OUT_DIR/instruct, where instruct = base + a rank-16 perturbation + noise in every
 2-D tensor (the shape of a real instruction-tuning delta: a few strong directions over a noise floor)
-and base + noise for the norms. Defaults give the 168M-parameter float32 pair of the foundation issue.
+and base + noise for the norms. Defaults give the 168M-parameter float32 pair the benchmarks use.
 Tensors are generated and written one at a time with readapt's streaming writer, so building an 8B pair
 needs no more memory than its largest tensor.
 """

@@ -130,7 +130,7 @@ def test_parse_size():
             parse_size(bad)
 
 
-# --- hostile and broken inputs (issue 12) ---------------------------------------------------------------
+# --- hostile and broken inputs -----------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _no_hang(seconds=60):
@@ -309,7 +309,7 @@ def test_valid_edge_cases_accepted_like_safetensors(tmp_path):
     assert infos["scalar"].shape == () and infos["empty"].shape == (0, 3)
 
 
-# --- output folders: leftovers and races (issue 12) -----------------------------------------------------
+# --- output folders: leftovers and races -------------------------------------------------------------
 
 
 def test_stale_temporary_siblings_of_dead_runs_removed(tmp_path):

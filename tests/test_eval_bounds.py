@@ -1,4 +1,4 @@
-"""Bounds of eval (issue 12): --max-new-tokens is capped at what the model's context leaves."""
+"""Bounds of eval: --max-new-tokens is capped at what the model's context leaves."""
 
 import json
 import warnings

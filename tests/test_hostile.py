@@ -1,4 +1,4 @@
-"""Hostile and broken inputs through the command line (issue 12): every one is refused with one line and
+"""Hostile and broken inputs through the command line: every one is refused with one line and
 exit status 2, or accepted with a valid output; nothing is left behind and no input changes.
 
 The fuzz test at the end mutates the JSON of a tiny checkpoint and its LoRA adapter (safetensors headers,

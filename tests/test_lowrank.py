@@ -400,7 +400,7 @@ def test_verification_refuses_factors_peft_would_ignore(pair, tmp_path):
 
 
 def test_recorded_base_is_absolute_so_the_adapter_loads_from_any_folder(tmp_path, monkeypatch):
-    """Issue 11: extract --tau recorded the base as typed ('base'), so AutoPeftModelForCausalLM failed elsewhere."""
+    """extract --tau recorded the base as typed ('base'), so AutoPeftModelForCausalLM failed elsewhere."""
     from peft import AutoPeftModelForCausalLM
 
     from readapt.delta import extract

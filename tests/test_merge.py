@@ -93,7 +93,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_roundtrip_is_bit_exact_where_float32_cannot_hold_the_difference(tmp_path, dtype):
-    """Issue 11: weights tuned to nearly zero (|Θ| < 2^-16·|Φ|) have a difference float32 cannot hold, so
+    """Weights tuned to nearly zero (|Θ| < 2^-16·|Φ|) have a difference float32 cannot hold, so
     Φ + Δ ≠ Θ there (2 of 134.5M elements on a real SmolLM2 fine-tune). extract records them; merge gives Θ."""
     from safetensors.torch import load_file, save_file
 
@@ -136,7 +136,7 @@ def test_roundtrip_is_bit_exact_where_float32_cannot_hold_the_difference(tmp_pat
 
 
 def test_float32_tuned_over_bfloat16_base_warns_and_dtype_keeps_it(tmp_path):
-    """Issue 11: a float32 fine-tune of a bfloat16 base was extracted and merged back into bfloat16 silently."""
+    """A float32 fine-tune of a bfloat16 base was extracted and merged back into bfloat16 silently."""
     base = save_tiny(tmp_path / "base", "llama", dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():

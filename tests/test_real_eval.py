@@ -1,17 +1,14 @@
-"""Real checkpoints (issue 11): eval prompts are the chat template's own, answers do not depend on the batch
+"""Real checkpoints: eval prompts are the chat template's own, answers do not depend on the batch
 size, and the held-out loss `train` reports is transformers' loss on the text packed with BOS.
 
 The cache is `$READAPT_REAL_CACHE` or ~/.cache/readapt/real (benchmarks/real_models.py builds it); a test
-whose model or tokenizer is not there is skipped, saying which. (The skip is local to this file until
-tests/conftest.py has the `real_models` fixture.)
+whose model or tokenizer is not there is skipped, saying which (the `real_models` fixture).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ import torch
 from readapt.evaluation import evaluate
 from readapt.prompts import build_prompts
 
-CACHE = Path(os.environ.get("READAPT_REAL_CACHE") or Path.home() / ".cache" / "readapt" / "real").expanduser()
 pytestmark = pytest.mark.real
 
 QUESTIONS = [{"question": "What is the capital of France"}, {"question": "Who wrote Hamlet?"}]
@@ -29,27 +25,19 @@ TEXT = ("Permission is hereby granted, free of charge, to any person obtaining a
         "limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies.")
 
 
-def need(*parts: str) -> Path:
-    path = CACHE.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is not in the real-model cache (build it: python benchmarks/real_models.py, "
-                    f"or set READAPT_REAL_CACHE)")
-    return path
-
-
-def tokenizer(name: str):
+def tokenizer(real_models, name: str):
     from transformers import AutoTokenizer
 
-    folder = need("smollm2-135m-instruct") if name == "smollm2" else need("tokenizers", name)
+    folder = real_models["smollm2-135m-instruct" if name == "smollm2" else f"tokenizers/{name}"]
     return AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama3", "llama3_1", "qwen3", "gemma3"])
-def test_prompts_are_apply_chat_template(name):
+def test_prompts_are_apply_chat_template(real_models, name):
     """The paper's turns rendered by the model's own template (all five take a system turn; Gemma-3's folds
     it into the user turn); Qwen3's with thinking off (the empty think block that
     apply_chat_template(..., enable_thinking=False) writes)."""
-    tok = tokenizer(name)
+    tok = tokenizer(real_models, name)
     turns = [[{"role": "system", "content": "Answer the following question."},
               {"role": "user", "content": "What is the capital of France?"}],
              [{"role": "system", "content": "Answer the following question given this context: Hamlet is a "
@@ -62,9 +50,9 @@ def test_prompts_are_apply_chat_template(name):
     assert build_prompts(tok, QUESTIONS, CONTEXTS) == (expected, "system")
 
 
-def test_answers_do_not_depend_on_the_batch_size(tmp_path):
+def test_answers_do_not_depend_on_the_batch_size(real_models, tmp_path):
     """SmolLM2 (bf16) at the defaults: the same greedy answers in one left-padded batch as one by one."""
-    model = need("smollm2-135m-instruct")
+    model = real_models["smollm2-135m-instruct"]
     rows = [{"id": str(i), "question": q, "answers": [a]} for i, (q, a) in enumerate([
         ("What is the capital of France", "Paris"), ("Who painted the Mona Lisa", "Leonardo"),
         ("What is the largest planet in the solar system", "Jupiter"), ("How many legs does a spider have", "8"),
@@ -81,7 +69,7 @@ def test_answers_do_not_depend_on_the_batch_size(tmp_path):
 
 
 @pytest.mark.parametrize("name, bos", [("gemma-3-270m", True), ("smollm2-135m-instruct", False)])
-def test_held_out_loss_is_transformers_loss_with_bos(tmp_path, name, bos):
+def test_held_out_loss_is_transformers_loss_with_bos(real_models, tmp_path, name, bos):
     """The held-out loss `train` reports before training = transformers' loss on tokenizer(text) + EOS (which
     starts with BOS where the tokenizer adds one: Gemma, not SmolLM2) cut into blocks of 64, each block starting
     with BOS where the tokenizer adds one (token-weighted mean over the blocks)."""
@@ -89,7 +77,7 @@ def test_held_out_loss_is_transformers_loss_with_bos(tmp_path, name, bos):
 
     from readapt.training import train
 
-    base = need(name)
+    base = real_models[name]
     (tmp_path / "heldout.txt").write_text(" ".join([TEXT] * 3))  # ~165 tokens: blocks starting mid-document
     (tmp_path / "train.txt").write_text(" ".join([TEXT] * 2))  # one block to train on
     with warnings.catch_warnings():

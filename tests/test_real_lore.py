@@ -1,4 +1,4 @@
-"""Real checkpoints (issue 11): a LoRE adapter is one model however it is loaded, and base + 1.0·Δ is the
+"""Real checkpoints: a LoRE adapter is one model however it is loaded, and base + 1.0·Δ is the
 tuned model bit for bit, on SmolLM2-135M-Instruct and Gemma-3-270m (both tie lm_head to the embeddings).
 
 Runs on the cache that benchmarks/real_models.py builds ($READAPT_REAL_CACHE, default ~/.cache/readapt/real)
@@ -6,34 +6,23 @@ and is skipped, saying so, where a model is not built. Select it with `pytest -m
 """
 
 import json
-import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.real
 
-CACHE = Path(os.environ.get("READAPT_REAL_CACHE", "~/.cache/readapt/real")).expanduser()
 PAIRS = {"smollm2": ("smollm2-135m-instruct", "smollm2-135m-tuned"), "gemma3": ("gemma-3-270m", "gemma-3-270m-tuned")}
 TEXT = "Permission is hereby granted, free of charge, to any person obtaining a copy"
 
 
-def _pair(key: str) -> tuple[Path, Path]:
-    folders = [CACHE / name for name in PAIRS[key]]
-    for f in folders:
-        if not (f / "config.json").is_file():
-            pytest.skip(f"real checkpoint {f} is not built (python benchmarks/real_models.py builds the cache)")
-    return folders[0], folders[1]
-
-
 @pytest.fixture(scope="module", params=sorted(PAIRS))
-def real(request):
+def real(request, real_models):
     """(name, base folder, tuned folder, input ids of a short real text)."""
     from transformers import AutoTokenizer
 
-    base, tuned = _pair(request.param)
+    base, tuned = (real_models[name] for name in PAIRS[request.param])
     ids = AutoTokenizer.from_pretrained(base)(TEXT, return_tensors="pt").input_ids
     return request.param, base, tuned, ids
 

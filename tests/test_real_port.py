@@ -8,13 +8,11 @@ shows which old row each new row got. Every carried pair is then decoded by the 
 tokenizer's own byte tokens) and must give the same text.
 
 The cache is `$READAPT_REAL_CACHE` or ~/.cache/readapt/real (benchmarks/real_models.py builds it); without
-its tokenizers these tests are skipped. (The skip is local to this file until tests/conftest.py has the
-`real_models` fixture.)
+its tokenizers these tests are skipped, saying which (the `real_models` fixture).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -24,34 +22,25 @@ from tests.tiny import read_all, save_tiny
 
 from readapt.porting import port
 
-CACHE = Path(os.environ.get("READAPT_REAL_CACHE") or Path.home() / ".cache" / "readapt" / "real").expanduser()
 ROWS = {"llama2": 32000, "llama3": 128256, "llama3_1": 128256, "gemma3": 262144, "qwen3": 151936}  # the real models'
 
-pytestmark = [pytest.mark.real, pytest.mark.skipif(
-    not all((CACHE / "tokenizers" / n / "tokenizer.json").is_file() for n in ("llama2", "llama3")),
-    reason=f"no real tokenizers in {CACHE / 'tokenizers'} (build them: python benchmarks/real_models.py "
-           f"--only tokenizers, or set READAPT_REAL_CACHE)")]
-
-
-def _has(name: str) -> bool:
-    return (CACHE / "tokenizers" / name / "tokenizer.json").is_file()
+pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, real_models):
     """name -> a tiny Llama folder with that real tokenizer (built on first use)."""
     root, made = tmp_path_factory.mktemp("real-vocab"), {}
 
     def get(name: str) -> Path:
-        if not _has(name):
-            pytest.skip(f"no {name} tokenizer in {CACHE / 'tokenizers'}")
+        real = real_models[f"tokenizers/{name}"]  # skips, saying how to build it, when absent
         if name not in made:
             path = save_tiny(root / name, "llama", seed=len(made), vocab_size=ROWS[name], hidden_size=8,
                              intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
             for f in path.iterdir():  # the tiny tokenizer out, the real one in
                 if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                     f.unlink()
-            for f in (CACHE / "tokenizers" / name).iterdir():
+            for f in real.iterdir():
                 shutil.copy(f, path / f.name)
             made[name] = path
         return made[name]

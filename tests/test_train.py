@@ -1,4 +1,4 @@
-"""readapt.training: knowledge adapters trained on unlabeled text (issue 4), on a tiny Llama on CPU."""
+"""readapt.training: knowledge adapters trained on unlabeled text, on a tiny Llama on CPU."""
 
 from __future__ import annotations
 

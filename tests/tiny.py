@@ -97,11 +97,12 @@ def perturb(src, dst, scale: float = 0.01, seed: int = 1, max_shard_size="50GB")
 
 
 def read_all(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors folder (single file or shards), via safetensors itself."""
+    """Every tensor of a safetensors folder (single file or shards), via safetensors itself (a delta's
+    round-trip exceptions, readapt_exact.safetensors, are not weights)."""
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
+    for f in sorted(p for p in Path(folder).glob("*.safetensors") if p.name != "readapt_exact.safetensors"):
         out.update(load_file(f))
     return out
 

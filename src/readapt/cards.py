@@ -3,6 +3,7 @@ summaries of its reports, one function each, with the names of the report files 
 
     delta_card(manifest)          extract        merge_card(base, addends, dtype)     merge
     lore_card(report)             extract --tau, compress (embeds lore_summary)
+    fold_card(report), fold_summary(report)   merge --as-lora
     spectrum_readme(report, ...)  spectrum       port_card(report), port_summary(report)  port
     train_card(...)               train
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from readapt._version import __version__
 
 LORE_REPORT = "lore_report.json"
+FOLD_REPORT = "fold_report.json"
 PORT_REPORT = "port_report.json"
 
 
@@ -48,11 +50,12 @@ def _exact_line(m: dict) -> str:
         return "- stored in a 16-bit dtype: base + 1.0·delta is within one rounding of tuned, not exact\n"
     e = m["exact"]
     return (f"- base + 1.0·delta gives tuned bit for bit: {e['elements']} of {e['of']:,} elements, whose "
-            f"difference float32 cannot hold, are kept as tuned values in `readapt_delta.json` (`exact`)\n")
+            f"difference float32 cannot hold, are kept as tuned values in `readapt_exact.safetensors`\n")
 
 
-def merge_card(base, addends, dtype) -> str:
-    """README.md of a merged model folder: Ω = Φ + Σ sᵢ·Ψᵢ with each addend, its kind and scale."""
+def merge_card(base, addends, dtype, interference: dict | None = None) -> str:
+    """README.md of a merged model folder: Ω = Φ + Σ sᵢ·Ψᵢ with each addend, its kind and scale, and with two
+    or more addends how they meet per layer (readapt.interference)."""
     rows = "\n".join(f"| `{a.label}` | {a.kind} | {s:g} |" for a, s in addends)
     terms = " + ".join(f"{s:g}·Ψ{i + 1}" for i, (_, s) in enumerate(addends))
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -74,7 +77,51 @@ Made by readapt {__version__} on {now}:
 
 A checkpoint adapter means its difference from the base; a delta folder is a RE-Adapter; a PEFT adapter
 contributes s·B·A (DoRA: W′ − W). Load with `transformers.AutoModelForCausalLM.from_pretrained`.
+{interference_section(interference) if interference else ""}"""
+
+
+def interference_section(summary: dict) -> str:
+    """The card's table of how the addends meet: per layer, each ‖sᵢΨᵢ‖/‖Φ‖ and each pair's cosine."""
+    k = len(summary["addends"])
+    pairs = list(summary["overall"].get("cos", {}))
+    head = [f"‖s·Ψ{i + 1}‖/‖Φ‖" for i in range(k)] + [f"cos(Ψ{p.replace(',', ', Ψ')})" for p in pairs]
+
+    def row(label, v):
+        cells = [_fixed(r) for r in v["rel"]] + [_fixed(v["cos"][p], signed=True) for p in pairs]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    rows = [row(k_, v) for k_, v in summary["layers"].items()] + [row("**all**", summary["overall"])]
+    return f"""
+## How the addends meet (weight space)
+
+Per layer, over the tensors this merge touches: each scaled difference's size relative to the base, and the
+cosine between each pair (0: orthogonal, > 0 the same direction, < 0 opposite). Orthogonal differences can
+still interfere in function. The figures are in `readapt_interference.json`.
+
+| layer | {" | ".join(head)} |
+|---|{"---|" * len(head)}
+{chr(10).join(rows)}
 """
+
+
+def interference_summary(summary: dict) -> str:
+    """A few lines for the terminal: per pair, the cosine over all touched tensors and its range over layers;
+    per addend, its size relative to the base."""
+    o, layers = summary["overall"], summary["layers"]
+    lines = ["interference (weight space; cos between scaled differences, size relative to the base):"]
+    for pair, c in o.get("cos", {}).items():
+        per = [v["cos"][pair] for v in layers.values() if v["cos"].get(pair) is not None]
+        rng = f", per layer {min(per):+.3f} … {max(per):+.3f}" if per else ""
+        i, j = (int(x) for x in pair.split(","))
+        lines.append(f"  cos(Ψ{i}, Ψ{j}) = {_fixed(c, True)} overall{rng}")
+    for i, (label, r) in enumerate(zip(summary["addends"], o.get("rel", []))):
+        lines.append(f"  ‖s·Ψ{i + 1}‖/‖Φ‖ = {_fixed(r)}  ({label})")
+    return "\n".join(lines)
+
+
+def _fixed(x: float | None, signed: bool = False) -> str:
+    """A cosine with three decimals and its sign, a relative size with three significant digits; n/a for none."""
+    return "n/a" if x is None else f"{x:+.3f}" if signed else f"{x:.3g}"
 
 
 def lore_summary(report: dict) -> str:
@@ -97,7 +144,16 @@ def lore_summary(report: dict) -> str:
     notes = [t for t in report["tensors"] if t["note"] and t["kind"] in ("tied", "unknown")]
     for t in notes[:5]:
         lines.append(f"note: {t['name']}: {t['note']}")
+    if report.get("fidelity"):
+        lines.append(fidelity_line(report["fidelity"]))
     return "\n".join(lines)
+
+
+def fidelity_line(f: dict) -> str:
+    """The line of a --calibration measurement (readapt.fidelity): KL and top-1 agreement, and its caveats."""
+    notes = "".join(f"; {n}" for n in f["notes"])
+    return (f"functional fidelity on {f['tokens']} tokens of {Path(f['file']).name}: mean KL(dense ‖ base + adapter) "
+            f"{f['mean_kl']:.3g} nats/token, top-1 agreement {100 * f['top1_agreement']:.2f}%{notes}")
 
 
 def lore_card(report: dict) -> str:
@@ -119,6 +175,71 @@ Per 2-D weight Δ = U S Vᵀ: {rule_text}; B = U_k S_k, A = V_kᵀ (SVD: {report
 
 Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)`, or merge with any scale:
 `readapt merge BASE --add THIS_FOLDER:0.5 -o OUT`. Per-tensor ranks and energies: `{LORE_REPORT}`.
+"""
+
+
+def _size(nbytes: int) -> str:
+    return next(f"{nbytes / d:.3g} {u}" for u, d in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("bytes", 1))
+                if nbytes >= d or d == 1)
+
+
+def fold_summary(report: dict) -> str:
+    """A one-screen text summary of a fold report (merge --as-lora)."""
+    terms = "".join(f" {'-' if a['scale'] < 0 else '+'} {abs(a['scale']):g}·{a['spec']}"
+                    for a in report["source"]["addends"])
+    rule = report["rule"]
+    if report["mode"] == "exact":
+        how = ("exact: each module's LoRA factors concatenated (rank Σ rᵢ, scale 1), so PEFT's merge gives the "
+               "dense merge up to float32 rounding" if report["exact"] else
+               f"exact mode, but {len(report['totals']['not_carried'])} changed tensors were skipped by policy")
+    else:
+        how = (f"compressed: per module the best rank-{'k(τ=%g)' % rule['tau'] if 'tau' in rule else rule['rank']} "
+               f"approximation of Σ sᵢΨᵢ (LoRE's rule)")
+    low = [t for t in report["tensors"] if t["policy"] == "lowrank" and t["rank"] > 0]
+    lines = [f"fold of base{terms} into one LoRA; {how}"]
+    if low:
+        ranks = sorted(t["rank"] for t in low)
+        worst = max(low, key=lambda t: t["relative_error"] or 0.0)
+        n_fac = sum(t["from_factors"] for t in low)
+        error = ("" if report["mode"] == "exact" else
+                 f"; relative error ‖Ω−Ω̂‖/‖Ω−Φ‖ {report['relative_error']:.4g} overall, worst "
+                 f"{worst['relative_error']:.4g} ({worst['name']}), energy kept "
+                 f"{100 * report['energy_kept_share']:.2f}%")
+        how = (f"{n_fac} from their LoRA factors, {len(low) - n_fac} from the dense sum" if report["mode"] != "exact"
+               else "their LoRA factors stacked")
+        lines.append(f"{len(low)} modules low rank (ranks {ranks[0]}-{ranks[-1]}, median {ranks[len(ranks) // 2]}; "
+                     f"{how}){error}")
+    dense = [t for t in report["tensors"] if t["rank"] == -1]
+    if dense:
+        lines.append(f"{len(dense)} tensors carried as Ω's values (norms, biases, tied embedding rows: exact)")
+    tot = report["totals"]
+    lines.append(f"adapter {_size(tot['adapter_bytes'])} ({tot['adapter_params']:,} parameters) vs the dense model "
+                 f"{_size(tot['model_bytes'])} ({tot['model_params']:,}): "
+                 f"{100 * tot['adapter_bytes'] / max(tot['model_bytes'], 1):.2f}%")
+    if tot["not_carried"]:
+        lines.append(f"not carried (policy skip): {', '.join(tot['not_carried'][:5])}"
+                     f"{' ...' if len(tot['not_carried']) > 5 else ''}")
+    if report.get("fidelity"):
+        lines.append(fidelity_line(report["fidelity"]))
+    return "\n".join(lines)
+
+
+def fold_card(report: dict) -> str:
+    """README.md of a folded adapter (merge --as-lora), with the summary of its report."""
+    return f"""---
+library_name: peft
+tags: [readapt, fold, partial-adaptation, lora]
+---
+# Folded adapter: a partial adaptation as one LoRA
+
+Made by readapt {report['readapt_version']} on {report['created']}: Ω = Φ + Σ sᵢ·Ψᵢ
+(Φ: `{report['source']['base']}`) as one PEFT LoRA on Φ, scale 1 per module (rank_pattern = alpha_pattern),
+for serving many variants on one base.
+
+    {fold_summary(report).replace(chr(10), chr(10) + '    ')}
+
+Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)` (or a multi-LoRA server). Per-module ranks,
+kept energy and relative errors: `{FOLD_REPORT}`.
 """
 
 
@@ -153,7 +274,7 @@ def vocabulary_matched(st: dict, details: bool = True) -> str:
     return how
 
 
-def _fmt(x) -> str:
+def fmt(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
@@ -182,14 +303,14 @@ def port_summary(report: dict) -> str:
         lines.append(f"  warning: {w}")
     d = report.get("drift")
     if d:
-        lines.append(f"  drift vs the old base (total): drift {_fmt(d['total']['drift'])}, patch/drift "
-                     f"{_fmt(d['total']['patch_to_drift'])}, cos {_fmt(d['total']['cos_patch_drift'])}")
+        lines.append(f"  drift vs the old base (total): drift {fmt(d['total']['drift'])}, patch/drift "
+                     f"{fmt(d['total']['patch_to_drift'])}, cos {fmt(d['total']['cos_patch_drift'])}")
         lines.append("    drift = ‖θ′−θ‖/‖θ‖ (how far the new version moved); patch/drift = ‖P‖/‖θ′−θ‖ (the patch "
                      "is small next to the move when ≪ 1); cos = cos(P, θ′−θ) (≈ 0: unrelated directions)")
         lines.append(f"    {'layer':28s} {'drift':>9s} {'patch/drift':>12s} {'cos':>9s}")
         for k, r in d["layers"].items():
-            lines.append(f"    {k:28s} {_fmt(r['drift']):>9s} {_fmt(r['patch_to_drift']):>12s} "
-                         f"{_fmt(r['cos_patch_drift']):>9s}")
+            lines.append(f"    {k:28s} {fmt(r['drift']):>9s} {fmt(r['patch_to_drift']):>12s} "
+                         f"{fmt(r['cos_patch_drift']):>9s}")
     if report.get("output"):
         lines.append(f"  wrote {report['output']['path']} (details: {PORT_REPORT})")
     return "\n".join(lines)

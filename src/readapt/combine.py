@@ -14,17 +14,22 @@ Everything happens in place on W and on the x (which the caller hands over).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
 
 import torch
 
 Term = tuple[torch.Tensor | None, float, bool]  # (Ψ or Φ′, scale s, is_target)
+Observer = Callable[[torch.Tensor, list[tuple[torch.Tensor | None, float]]], None]  # (Φ, [(Ψᵢ or None, sᵢ)])
 
 
-def combine(W: torch.Tensor, terms: Iterable[Term]) -> torch.Tensor:
+def combine(W: torch.Tensor, terms: Iterable[Term], observe: Observer | None = None) -> torch.Tensor:
     """Ω = Φ + Σ sᵢ·Ψᵢ on the float32 base W (in place; returns it). `terms` may be a generator: each term
-    is taken when it is needed, so a whole-tensor merge holds the sum and one term, never all of them."""
+    is taken when it is needed, so a whole-tensor merge holds the sum and one term, never all of them.
+    `observe(Φ, [(Ψᵢ, sᵢ)])` (readapt.interference) sees the base and every difference before they are
+    summed; then all terms are held at once. The result is the same, bit for bit."""
+    if observe is not None:
+        return _observed(W, list(terms), observe)
     it = iter(terms)
     first, second = next(it, None), None
     if first is not None:
@@ -41,6 +46,17 @@ def combine(W: torch.Tensor, terms: Iterable[Term]) -> torch.Tensor:
         d = x.sub_(W) if is_target else x
         acc = d.mul_(s) if acc is None else acc.add_(d, alpha=s)
     return W if acc is None else W.add_(acc)
+
+
+def _observed(W: torch.Tensor, terms: list[Term], observe: Observer) -> torch.Tensor:
+    """combine, with the differences Ψᵢ (Φ′ᵢ − Φ for a target) shown to `observe` first. The operations on W
+    are combine's own: a single term is still lerped (its difference is measured on a copy)."""
+    if sum(x is not None for x, _, _ in terms) <= 1:
+        observe(W, [((x - W) if t and x is not None else x, s) for x, s, t in terms])
+        return combine(W, terms)
+    diffs = [x.sub_(W) if t and x is not None else x for x, _, t in terms]
+    observe(W, [(d, s) for d, (_, s, _) in zip(diffs, terms)])
+    return combine(W, [(d, s, False) for d, (_, s, _) in zip(diffs, terms)])
 
 
 def keep_exact(W: torch.Tensor, at: torch.Tensor, phi: torch.Tensor, theta: torch.Tensor, s: float) -> torch.Tensor:

@@ -13,8 +13,9 @@ then Φ + 1.0·Δ gives back Θ bit for bit for float32, bfloat16 and float16 ch
 element fp32(Θ) − fp32(Φ) is exact (it is whenever the two are within ~2^16 of each other in magnitude);
 where it is not (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|: 2 of 134.5M elements of a real SmolLM2
 fine-tune, 5 of 268M of Gemma-3), Φ + Δ in float32 is not Θ. extract finds these elements (bitwise
-Φ + Δ ≠ Θ in float32, the operation merge performs) and records their tuned values in the manifest
-(`exact`); merge gives them Θ at β=1 and lerp(Φ, Θ, β) otherwise: Φ at β=0 and, at any β,
+Φ + Δ ≠ Θ in float32, the operation merge performs) and records their tuned values in
+readapt_exact.safetensors (readapt.roundtrip; the manifest's `exact` entry counts them per tensor); merge
+gives them Θ at β=1 and lerp(Φ, Θ, β) otherwise: Φ at β=0 and, at any β,
 Φ + β(Θ − Φ) to float32 rounding (closer than Φ + βΔ). compress's dense tensors get Θ there too.
 `dtype="bfloat16"` halves the size and the round trip is then exact only for ~80-97% of elements (no
 exceptions are recorded for it).
@@ -37,6 +38,7 @@ from readapt.cards import delta_card
 from readapt.checkpoint import (DELTA_MANIFEST, Blocks, Checkpoint, Pair, ReadOptions, output_folder, progress,
                                 reader, recorded_name, write_tensors)
 from readapt.numerics import parse_dtype, precision
+from readapt.roundtrip import EXACT_FILE, ExceptionLog
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -64,41 +66,40 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     _warn_finer(pair, floats, tuned)
     manifest = _manifest(pair, base, tuned, out_dtype, floats)
     plan = [(n, out_dtype, pair.base.shape(n)) for n in floats]
-    exceptions: dict[str, dict] = {}  # float32 Δ: elements where Φ + Δ ≠ Θ, with their tuned values
-
-    def tensors():
-        with progress(sum(pair.nbytes(n) for n in floats), "extract") as bar:
-            for n in floats:
-                bar.update(pair.nbytes(n))
-                yield n, Blocks(out_dtype, pair.base.shape(n), _difference(pair, n, out_dtype, exceptions))
 
     with output_folder(out, overwrite, inputs=[pair.base.path, pair.tuned.path]) as tmp:
+        log = ExceptionLog(tmp) if out_dtype == torch.float32 else None  # float32 Δ: where Φ + Δ ≠ Θ
+
+        def tensors():
+            with progress(sum(pair.nbytes(n) for n in floats), "extract") as bar:
+                for n in floats:
+                    bar.update(pair.nbytes(n))
+                    yield n, Blocks(out_dtype, pair.base.shape(n), _difference(pair, n, out_dtype, log))
+
         write_tensors(tmp, plan, tensors(), max_shard_size=max_shard_size,
                       metadata={"readapt": "delta", "formula": manifest["formula"]})
-        if out_dtype == torch.float32:
+        if log is not None:
             manifest["exact"] = {
                 "rule": "where base + delta (float32) is not tuned bit for bit, merge uses lerp(base, tuned, scale)",
-                "elements": sum(len(e["index"]) for e in exceptions.values()),
-                "of": sum(math.prod(pair.base.shape(n)) for n in floats), "tensors": exceptions}
+                "elements": log.write(), "of": sum(math.prod(pair.base.shape(n)) for n in floats),
+                "file": EXACT_FILE, "tensors": log.counts}
         (tmp / DELTA_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(delta_card(manifest))
     return Path(out)
 
 
-def _difference(pair: Pair, n: str, out_dtype: torch.dtype, exceptions: dict) -> Iterator[torch.Tensor]:
+def _difference(pair: Pair, n: str, out_dtype: torch.dtype, log: ExceptionLog | None) -> Iterator[torch.Tensor]:
     """Δ[n] in `out_dtype`, block by block (Pair.delta_blocks); for a float32 Δ, the elements where Φ + Δ
-    (merge's operation at β=1) is not Θ bit for bit go to `exceptions` ({n: {"index", "tuned"}})."""
+    (merge's operation at β=1) is not Θ bit for bit go to `log` with their tuned values."""
     size = min(math.prod(pair.base.shape(n)), reader.BLOCK)
-    r_buf = torch.empty(size) if out_dtype == torch.float32 else None
+    r_buf = torch.empty(size) if log is not None else None
     out = torch.empty(size, dtype=out_dtype) if out_dtype != torch.float32 else None
     start = 0
     for th, ph, d in pair.delta_blocks(n):
-        r = torch.add(ph, d, out=r_buf[: th.numel()]).view(torch.int32) if out is None else None
+        r = torch.add(ph, d, out=r_buf[: th.numel()]).view(torch.int32) if log is not None else None
         if r is not None and not torch.equal(r, th.view(torch.int32)):  # one pass, no mask, when exact
             idx = (r != th.view(torch.int32)).nonzero().view(-1)
-            e = exceptions.setdefault(n, {"index": [], "tuned": []})
-            e["index"] += (idx + start).tolist()
-            e["tuned"] += th[idx].tolist()
+            log.add(n, idx + start, th[idx])
         start += th.numel()
         yield d if out is None else out[: d.numel()].copy_(d)
 

@@ -93,6 +93,10 @@ def _adds(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--add", action="append", default=[], type=scale_spec, metavar="ADAPTER[:SCALE]", help=help)
 
 
+def _calibration(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--calibration", default=None, metavar="TEXT_FILE", help=help)
+
+
 # the LoRE flags (the SVD and Policy's fields): extract shows them short, after "LoRE:"; compress, spectrum in full
 _LORE_HELP = {
     "svd": ("LoRE SVD path (auto: gram for --tau, randomized for --rank)",
@@ -135,6 +139,8 @@ def extract_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=None, help="LoRE: per layer keep the smallest rank whose "
                    "squared singular values reach this share of the layer's (0 < tau <= 1; paper: 0.5)")
     p.add_argument("--rank", type=int, default=None, help="LoRE: fixed rank per layer (clamped, with a warning)")
+    _calibration(p, "LoRE: text (.jsonl {\"text\"} or .txt) on which to report the adapter's mean KL to TUNED "
+                    "per token and top-1 agreement")
     _lore(p, short=True)
 
 
@@ -144,11 +150,22 @@ def merge_flags(p: argparse.ArgumentParser) -> None:
           "scale defaults to 1.0, negative subtracts; repeat for several")
     _output(p)
     _inputs(p)
-    p.add_argument("--dtype", default=None, type=_dtype, help="output dtype (default: the base checkpoint's)")
+    p.add_argument("--dtype", default=None, type=_dtype, help="output dtype (default: the base checkpoint's); with "
+                   "--as-lora the factors' dtype (default float32)")
     p.add_argument("--skip-missing", action="store_true", help="for full-checkpoint adapters: skip one-sided tensors")
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
     p.add_argument("--whole-tensors", action="store_true", help="LoRA/DoRA terms on whole tensors, not in blocks "
                    "of rows: PEFT's merge bit for bit also for DoRA on large embeddings, at ~2.4x the largest tensor")
+    # the fold (the row "merge --as-lora"): the same sum written as one PEFT LoRA on BASE
+    p.add_argument("--as-lora", action="store_true", help="write the merge as ONE PEFT LoRA adapter on BASE: exact "
+                   "(LoRA factors concatenated) for LoRA addends, or with --rank/--tau the best low-rank fit of the "
+                   "sum (needed for deltas, checkpoints, DoRA)")
+    p.add_argument("--rank", type=int, default=None, help="--as-lora: fixed rank per module (LoRE's rule)")
+    p.add_argument("--tau", type=float, default=None, help="--as-lora: per module keep the smallest rank whose "
+                   "squared singular values reach this share of the sum's (0 < tau <= 1)")
+    _calibration(p, "--as-lora: text (.jsonl {\"text\"} or .txt) on which to report mean KL(merged ‖ BASE + "
+                    "adapter) per token and top-1 agreement")
+    _lore(p, short=True)
 
 
 # --- compress, spectrum ---------------------------------------------------------------------------------
@@ -162,6 +179,8 @@ def compress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="fixed rank per layer (clamped, with a warning)")
     p.add_argument("--base", default=None, help="base checkpoint for dense tensors (default: the delta's manifest)")
     p.add_argument("--dtype", default=None, type=_dtype, help="factor dtype (default float32)")
+    _calibration(p, "text (.jsonl {\"text\"} or .txt) on which to report the adapter's mean KL to base + delta "
+                    "per token and top-1 agreement (needs the base)")
     _lore(p, short=False)
     _inputs(p)
 
@@ -267,10 +286,14 @@ def score_flags(p: argparse.ArgumentParser) -> None:
 
 
 def demo_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller world, the same pipeline (about 2 minutes)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1 and report mean ± std (default 1)")
-    p.add_argument("-o", "--output", default="readapt-demo", help="output folder (default ./readapt-demo; a previous "
-                   "demo there is replaced)")
+    p.add_argument("--quick", action="store_true", help="a smoke test: a smaller world, the same pipeline, one seed "
+                   "(about 3 minutes); its verdicts are all 'not testable'")
+    p.add_argument("--seeds", type=int, default=None, help="judge over seeds 0..N-1, mean ± std (default 3; 1 with "
+                   "--quick); a verdict needs at least 2")
+    p.add_argument("--capacity-sweep", action="store_true", help="instead: the closed-book experiments at three "
+                   "model sizes (how the RE-Adapt vs fine-tuned instruct gap moves with capacity; slow)")
+    p.add_argument("-o", "--output", default=None, help="output folder (default ./readapt-demo, or "
+                   "./readapt-capacity with --capacity-sweep; a previous demo there is replaced)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder that is not a demo")
     p.add_argument("--cache-dir", default=None, help="trained models and results (default ~/.cache/readapt/demo, or "
                    "$READAPT_DEMO_CACHE)")

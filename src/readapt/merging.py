@@ -32,8 +32,9 @@ from readapt.cards import merge_card
 from readapt.checkpoint import (Blocks, Checkpoint, ReadOptions, TensorInfo, aligned_blocks, copy_side_files,
                                 float32_view, open_model, output_folder, progress, reader, row_blocks, row_spans,
                                 write_tensors)
-from readapt.combine import combine, keep_exact
+from readapt.combine import Observer, combine, keep_exact
 from readapt.errors import ReadaptError
+from readapt.interference import INTERFERENCE_FILE, Interference
 from readapt.numerics import is_finite, one_thread, parse_dtype, precision
 
 
@@ -47,7 +48,8 @@ def open_inputs(base: str | os.PathLike, adds: Sequence[AddSpec], skip_missing: 
 
 
 def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
-                dtype: torch.dtype | None = None, copy_untouched: bool = False, whole_tensors: bool = False
+                dtype: torch.dtype | None = None, copy_untouched: bool = False, whole_tensors: bool = False,
+                stats: Interference | None = None
                 ) -> Iterator[tuple[str, torch.Tensor | TensorInfo | Blocks]]:
     """Yield (name, Ω[name]) for every base tensor, Ω = Φ + Σ sᵢ·Ψᵢ in float32, cast to `dtype`
     (default: each tensor's own dtype). With copy_untouched, a tensor no addend touches (and no cast
@@ -56,30 +58,35 @@ def iter_merged(base: Checkpoint, addends: Sequence[tuple[Addend, float]],
     only delta/checkpoint addends touch them, blocks of whole rows where a LoRA/DoRA term does (`_by_rows`).
     Only 1-D tensors (biases, norms) and pure casts are yielded whole. whole_tensors: LoRA/DoRA terms on
     whole tensors as before (`_whole`, ~2.4× the largest touched tensor), bit for bit PEFT's merge also for
-    DoRA on embeddings larger than one block (whose norm `_by_rows` sums in float64)."""
+    DoRA on embeddings larger than one block (whose norm `_by_rows` sums in float64). `stats` accumulates
+    how the addends meet (readapt.interference) as the tensors are computed."""
     touched = [(a, s, set(a.targets())) for a, s in addends]
     for name in base.names:
         terms = [(a, s) for a, s, names in touched if name in names]
-        floating = base.dtype(name).is_floating_point
-        if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
-            yield name, base.stored(name) if copy_untouched else base.read(name)
-            continue
-        out_dtype = (dtype or base.dtype(name)) if floating else base.dtype(name)
-        if terms and floating and all(a.elementwise for a, _ in terms):
-            yield name, Blocks(out_dtype, base.shape(name), _elementwise(name, base, terms, dtype))
-            continue
-        if terms and floating and len(base.shape(name)) >= 2 and not whole_tensors:
-            yield name, Blocks(out_dtype, base.shape(name), _by_rows(name, base, terms, dtype))
-            continue
-        W = base.read(name)
-        if terms and floating:
-            W = W.float()  # Φ in float32 (a fresh buffer unless it already was float32; the raw one is freed)
-            W = _whole(name, W, terms)
-        W = W.to(out_dtype)
-        if not is_finite(W):
-            raise _not_finite(name, base, terms, dtype)
-        yield name, W
-        W = None  # before the next tensor is read: a generator frame keeps what it yielded
+        observe = _observer(stats, name, [i for i, (_, _, names) in enumerate(touched) if name in names])
+        yield name, merged(base, name, terms, dtype, copy_untouched, whole_tensors, observe)
+
+
+def merged(base: Checkpoint, name: str, terms: Sequence[tuple[Addend, float]], dtype: torch.dtype | None = None,
+           copy_untouched: bool = False, whole_tensors: bool = False, observe: Observer | None = None
+           ) -> torch.Tensor | TensorInfo | Blocks:
+    """Ω[name] = Φ[name] + Σ sᵢ·Ψᵢ[name] over the addends `terms` that touch it, as iter_merged yields it."""
+    floating = base.dtype(name).is_floating_point
+    if not terms and (dtype is None or dtype == base.dtype(name) or not floating):
+        return base.stored(name) if copy_untouched else base.read(name)
+    out_dtype = (dtype or base.dtype(name)) if floating else base.dtype(name)
+    if terms and floating and all(a.elementwise for a, _ in terms):
+        return Blocks(out_dtype, base.shape(name), _elementwise(name, base, terms, dtype, observe))
+    if terms and floating and len(base.shape(name)) >= 2 and not whole_tensors:
+        return Blocks(out_dtype, base.shape(name), _by_rows(name, base, terms, dtype, observe))
+    W = base.read(name)
+    if terms and floating:
+        W = W.float()  # Φ in float32 (a fresh buffer unless it already was float32; the raw one is freed)
+        W = _whole(name, W, terms, observe)
+    W = W.to(out_dtype)
+    if not is_finite(W):
+        raise _not_finite(name, base, terms, dtype)
+    return W
 
 
 def _not_finite(name: str, base: Checkpoint, terms, dtype) -> ReadaptError:
@@ -92,7 +99,7 @@ def _not_finite(name: str, base: Checkpoint, terms, dtype) -> ReadaptError:
 
 
 def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, float]],
-                 dtype: torch.dtype | None) -> Iterator[torch.Tensor]:
+                 dtype: torch.dtype | None, observe: Observer | None = None) -> Iterator[torch.Tensor]:
     """Ω[name] block by block for elementwise addends (delta folders: Ψ = D; checkpoints: Φ′): the one
     combine on BLOCK-element float32 blocks read side by side from the base's and the addends' files.
     Memory: one block of each input, reused, whatever the tensor's size. Each output block is finite-checked
@@ -109,11 +116,11 @@ def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, floa
     for blocks in aligned_blocks(*sources):
         W, *xs = [float32_view(b, buf) for b, buf in zip(blocks, bufs)]
         if fix is not None:  # Φ and Θ at the recorded elements of this block, before W changes
-            sel = (fix[0] >= start) & (fix[0] < start + W.numel())
-            at, theta = fix[0][sel] - start, fix[1][sel]
+            at, theta = fix.upto(start + W.numel())
+            at = at - start
             phi = W[at]
         start += W.numel()
-        W = combine(W, [(x, s, is_target) for x, (s, is_target) in zip(xs, kinds)])
+        W = combine(W, [(x, s, is_target) for x, (s, is_target) in zip(xs, kinds)], observe)
         if fix is not None:
             W = keep_exact(W, at, phi, theta, kinds[0][0])
         W = W if out is None else out[: W.numel()].copy_(W)
@@ -123,7 +130,8 @@ def _elementwise(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, floa
 
 
 def _by_rows(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, float]],
-             dtype: torch.dtype | None, block: int | None = None) -> Iterator[torch.Tensor]:
+             dtype: torch.dtype | None, observe: Observer | None = None, block: int | None = None
+             ) -> Iterator[torch.Tensor]:
     """Ω[name] in blocks of whole rows (checkpoint.row_spans, ~`block` elements, default reader.BLOCK): the
     one combine on the float32 base rows W and each addend's rows of Ψ or Φ′ (`Addend.rows`: s·B[rows]·A
     for a LoRA term, DoRA's W′ rows), on one thread. Memory: a block of rows in buffers reused from block to
@@ -144,7 +152,7 @@ def _by_rows(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, float]],
                 yield (x.clone() if repeated and x is not None else x), s, is_target
 
         with one_thread():  # block-sized ops: one thread (numerics.one_thread)
-            W = combine(W, produced()).view(-1)
+            W = combine(W, produced(), observe).view(-1)
             W = W if out is None else out[: W.numel()].copy_(W)
             finite = is_finite(W)
         if not finite:
@@ -152,7 +160,8 @@ def _by_rows(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, float]],
         yield W
 
 
-def _whole(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]]) -> torch.Tensor:
+def _whole(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]],
+           observe: Observer | None = None) -> torch.Tensor:
     """Φ + Σ sᵢ·Ψᵢ for one tensor, in place on the float32 base tensor W: each addend gives its full
     weight Φ′ where it defines one (a checkpoint, DoRA's W′: combine lerps), else its Ψ."""
     def produced():
@@ -160,7 +169,14 @@ def _whole(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]]) ->
             target = addend.target(name, W)
             yield (target, s, True) if target is not None else (addend.delta(name, W), s, False)
 
-    return combine(W, produced())
+    return combine(W, produced(), observe)
+
+
+def _observer(stats: Interference | None, name: str, which: list[int]) -> Observer | None:
+    """combine's observer for tensor `name`, touched by the addends numbered `which`: feeds `stats`."""
+    if stats is None or not which:
+        return None
+    return lambda W, diffs: stats.add(name, W, [(i, d, s) for i, (d, s) in zip(which, diffs) if d is not None])
 
 
 def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec], *,
@@ -186,10 +202,12 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
     plan = [(n, (out_dtype or b.dtype(n)) if b.dtype(n).is_floating_point else b.dtype(n), b.shape(n))
             for n in b.names]
     inputs = [b.path] + [a.path for a, _ in addends]
+    stats = Interference([a.label for a, _ in addends]) if len(addends) > 1 else None
 
     def tensors():
         with progress(b.nbytes, "merge") as bar:
-            for name, t in iter_merged(b, addends, out_dtype, copy_untouched=True, whole_tensors=whole_tensors):
+            for name, t in iter_merged(b, addends, out_dtype, copy_untouched=True, whole_tensors=whole_tensors,
+                                       stats=stats):
                 bar.update(b.infos[name].end - b.infos[name].start)
                 yield name, t
                 del t
@@ -204,7 +222,10 @@ def merge(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpe
                 if key in cfg:
                     cfg[key] = str(out_dtype).removeprefix("torch.")
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "README.md").write_text(merge_card(base, addends, out_dtype or "the base's"))
+        meet = stats.summary() if stats is not None else None
+        (tmp / "README.md").write_text(merge_card(base, addends, out_dtype or "the base's", meet))
+        if meet is not None:
+            (tmp / INTERFERENCE_FILE).write_text(json.dumps(meet, indent=2) + "\n")
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     return Path(out)
@@ -229,9 +250,12 @@ def copy_merged(model, base: Checkpoint, addends: Sequence[tuple[Addend, float]]
                 dtype: torch.dtype | None = None, whole_tensors: bool = False) -> None:
     """Overwrite the parameters of `model` (loaded from `base`) that the addends touch with Ω = Φ + Σ sᵢ·Ψᵢ,
     one tensor at a time; the others already hold Φ and are not read again. Calling it again with other
-    scales recomputes from the files: no error accumulates across calls."""
+    scales recomputes from the files: no error accumulates across calls. With two or more addends,
+    `model.readapt_interference` is set to how they meet (readapt.interference)."""
     params = model.state_dict()
-    for name, t in iter_merged(base, addends, dtype, copy_untouched=True, whole_tensors=whole_tensors):
+    stats = Interference([a.label for a, _ in addends]) if len(addends) > 1 else None
+    for name, t in iter_merged(base, addends, dtype, copy_untouched=True, whole_tensors=whole_tensors,
+                               stats=stats):
         if isinstance(t, TensorInfo):
             continue  # untouched: the model holds Φ[name] already
         if name not in params:
@@ -243,6 +267,7 @@ def copy_merged(model, base: Checkpoint, addends: Sequence[tuple[Addend, float]]
                 i += block.numel()
         else:
             params[name].copy_(t)
+    model.readapt_interference = stats.summary() if stats is not None else None
 
 
 def load_merged(base: str | os.PathLike, adds: Sequence[AddSpec] = (), dtype: str | torch.dtype | None = None,

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo, read_rows
+from readapt.roundtrip import Exceptions
 
 
 class Kind(str, Enum):
@@ -89,8 +90,8 @@ class Addend(ABC):
         x = read_rows(self.stored(name), r0, r0 + len(W)).float()
         return x, self.stores_target
 
-    def exact(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(flat indices, tuned float32 values) where Φ + Ψ is not the tuned weight bit for bit, or None."""
+    def exact(self, name: str) -> Exceptions | None:
+        """Where Φ + Ψ is not the tuned weight bit for bit, with the tuned values (readapt.roundtrip), or None."""
         return None
 
     def made_on(self) -> tuple[str | None, str | None]:

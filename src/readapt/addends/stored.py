@@ -2,8 +2,9 @@
 
 A delta folder (readapt extract) holds Δ = Θ − Φ as safetensors shards plus `readapt_delta.json`, the
 manifest of what it was made from. In float32, Φ + Δ is Θ bit for bit except where fp32(Θ) − fp32(Φ) is not
-exact (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|); the manifest's `exact` entry records the tuned
-values there (`DeltaFolder.exact`), and merge gives those elements Θ at scale 1 and lerp(Φ, Θ, s) otherwise.
+exact (a weight tuned to nearly zero, |Θ| < 2^-16·|Φ|); readapt_exact.safetensors records the tuned
+values there (`DeltaFolder.exact`, readapt.roundtrip), and merge gives those elements Θ at scale 1 and
+lerp(Φ, Θ, s) otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from readapt.addends.base import Addend, Kind
 from readapt.checkpoint import (CONFIG_FIELDS, DELTA_MANIFEST, Checkpoint, Pair, ReadOptions, TensorInfo,
                                 check_configs, is_delta_folder)
-from readapt.errors import ReadaptError
+from readapt.roundtrip import Exceptions, open_exceptions
 from readapt.userfiles import OBJECT, STRING, check_fields, load
 
 
@@ -68,24 +69,16 @@ class DeltaFolder(_StoredTensors):
     def delta(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         return self.ckpt.read(name).float() if name in self.ckpt else None
 
-    def exact(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(flat indices, tuned values in float32) of the elements where Φ + Δ is not Θ (see the module
-        docstring), or None."""
-        e = ((self.manifest.get("exact") or {}).get("tensors") or {}).get(name)
-        if not e:
-            return None
-        idx, val = torch.tensor(e["index"], dtype=torch.long), torch.tensor(e["tuned"], dtype=torch.float32)
-        numel = math.prod(self.ckpt.shape(name))
-        if len(idx) != len(val) or (len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < numel):
-            raise ReadaptError(f"{self.path / DELTA_MANIFEST}: the `exact` entry of {name!r} is corrupt")
-        return idx, val
+    def exact(self, name: str) -> Exceptions | None:
+        """The elements of `name` where Φ + Δ is not Θ, with Θ's values there (readapt.roundtrip), or None."""
+        return open_exceptions(self.path, self.manifest, name, math.prod(self.ckpt.shape(name)))
 
     def tuned(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """Θ = Φ + Δ (float32), with the recorded exceptions: Θ bit for bit."""
         t = base.float().add_(self.ckpt.read(name).float())
         fix = self.exact(name)
-        if fix is not None:
-            t.view(-1)[fix[0]] = fix[1]
+        for idx, val in fix.blocks() if fix is not None else ():
+            t.view(-1)[idx] = val
         return t
 
     def made_on(self) -> tuple[str | None, str | None]:
@@ -99,16 +92,18 @@ class DeltaFolder(_StoredTensors):
 
 class CheckpointDifference(_StoredTensors):
     """A full checkpoint Θ as an addend: Ψ[name] = Θ[name] − Φ[name] (no delta written); merge blends
-    Φ towards Θ[name] with lerp (`target`, `stores_target`)."""
+    Φ towards Θ[name] with lerp (`target`, `stores_target`). Opened for a base, it keeps the Pair (Φ, Θ)
+    it was checked with, whose `delta` gives Θ − Φ whole with Φ read in blocks (a fold's dense sum)."""
 
     kind = Kind.CHECKPOINT
     stores_target = True
 
-    def __init__(self, ckpt: Checkpoint, label: str | None = None):
+    def __init__(self, ckpt: Checkpoint, label: str | None = None, pair: Pair | None = None):
         self.ckpt = ckpt
         self.path = ckpt.path
         self.label = label or str(ckpt.path)
         self.config = ckpt.config
+        self.pair = pair
 
     @classmethod
     def recognises(cls, folder: Path) -> bool:
@@ -118,7 +113,7 @@ class CheckpointDifference(_StoredTensors):
     def open_for(cls, spec, folder: Path, base: Checkpoint, *, read: ReadOptions, skip_missing: bool) -> Addend:
         """The checkpoint as Θ of a Pair with the base: configs compared, shared tensors checked."""
         pair = Pair(base, Checkpoint.open(folder, read), label=str(spec), skip_missing=skip_missing)
-        return cls(pair.tuned, label=str(spec))
+        return cls(pair.tuned, label=str(spec), pair=pair)
 
     def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """Θ[name]: merge blends Φ towards it with lerp."""

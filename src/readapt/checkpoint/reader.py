@@ -152,7 +152,7 @@ class Checkpoint:
         path = resolve_model(spec)
         config = read_config(path)
         index = sorted(path.glob("*.safetensors.index.json"))
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(p for p in path.glob("*.safetensors") if p.name != EXACT_FILE)
         pickles = sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         if index:
             infos, pickled = _read_index(path, index[0]), False
@@ -217,6 +217,7 @@ class Checkpoint:
 
 
 DELTA_MANIFEST = "readapt_delta.json"  # marks a delta folder (readapt extract)
+EXACT_FILE = "readapt_exact.safetensors"  # a float32 delta's round-trip exceptions (readapt.roundtrip), not weights
 ADAPTER_CONFIG = "adapter_config.json"  # marks a PEFT adapter folder
 
 

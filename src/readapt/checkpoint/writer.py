@@ -89,7 +89,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
     shards = shard_plan(plan, parse_size(max_shard_size))
     names = [f"{prefix}.safetensors"] if len(shards) == 1 else [
         f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    headers = [_header(metadata, shard) for shard in shards]
+    headers = [header_bytes(metadata, shard) for shard in shards]
     need_space(folder, sum(map(len, headers)) + sum(_nbytes(dtype, shape) for _, dtype, shape in plan))
     it = iter(tensors)
     weight_map: dict[str, str] = {}
@@ -121,7 +121,7 @@ def _size_text(n: int) -> str:
     return next(f"{n / d:.3g} {u}" for u, d in units if n >= d or d == 1)
 
 
-def _header(metadata: dict[str, str] | None, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> bytes:
+def header_bytes(metadata: dict[str, str] | None, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> bytes:
     """The 8-byte length and the JSON header of a safetensors file whose tensors follow in `entries` order,
     padded with spaces to a multiple of 8 bytes (as safetensors pads it)."""
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
@@ -174,7 +174,7 @@ def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
             f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
             del t  # not held while the producer computes the next tensor
     with open(path, "wb") as out, open(spool, "rb") as src:
-        out.write(_header(metadata, entries))
+        out.write(header_bytes(metadata, entries))
         shutil.copyfileobj(src, out, 1 << 24)
     spool.unlink()
     return path

@@ -16,6 +16,6 @@
    of the papers' claims reproduced in this world.
 """
 
-from readapt.demoworld.run import demo
+from readapt.demoworld.run import capacity_sweep, demo
 
-__all__ = ["demo"]
+__all__ = ["capacity_sweep", "demo"]

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from readapt.demoworld.jobs import tick
 from readapt.demoworld.settings import Settings
 from readapt.demoworld.world import ATTRIBUTES, World, build_tokenizer, make_world
+
 
 def model_config(s: Settings, vocab_size: int):
     from transformers import LlamaConfig
@@ -46,19 +48,10 @@ def _bio_blocks(world: World, people, tok, rng: random.Random, batch: int, block
     return torch.tensor(ids[:need]).view(batch, block)
 
 
-def _chat_batch(world: World, s: Settings, tok, rng: random.Random, batch: int) -> tuple[torch.Tensor, ...]:
-    """(input_ids, labels, attention_mask) [batch, T]: chat QA, loss on the assistant turn (and its EOS).
-
-    A share `reading_share` of examples ask about a stranger (world.stranger) with its bio as context
-    (reading practice); the rest ask about A_train closed book."""
+def _chat_rows(world: World, tok, msgs_list: list[list[dict]]) -> tuple[torch.Tensor, ...]:
+    """(input_ids, labels, attention_mask) [n, T] of chat examples: loss on the assistant turn (and its EOS)."""
     rows, labels = [], []
-    a_train = world["A"][: len(world["A"]) // 2]
-    for _ in range(batch):
-        if rng.random() < s.reading_share:
-            p = world.stranger(rng)
-            msgs = world.chat(p, rng.choice(ATTRIBUTES), rng, context=world.bio(p, rng))
-        else:
-            msgs = world.chat(rng.choice(a_train), rng.choice(ATTRIBUTES), rng)
+    for msgs in msgs_list:
         prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
         full = tok.apply_chat_template(msgs, tokenize=False)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -73,50 +66,90 @@ def _chat_batch(world: World, s: Settings, tok, rng: random.Random, batch: int) 
     return ids, lab, mask
 
 
-def train_model(model, batches, steps: int, lr: float, desc: str, log: list | None = None):
-    """Full-model AdamW training on `batches()` -> (input_ids, labels, attention_mask); returns the model."""
-    from tqdm.auto import tqdm
+def chat_example(world: World, rng: random.Random, reading_share: float) -> list[dict]:
+    """One instruct example: with probability `reading_share` a question about a stranger (world.stranger)
+    with its bio as context (reading), else a closed-book question about a person of A_train."""
+    if rng.random() < reading_share:
+        p = world.stranger(rng)
+        return world.chat(p, rng.choice(ATTRIBUTES), rng, context=world.bio(p, rng))
+    a_train = world["A"][: len(world["A"]) // 2]
+    return world.chat(rng.choice(a_train), rng.choice(ATTRIBUTES), rng)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+def _instruct_batches(world: World, s: Settings, tok, rng: random.Random, reading_share: float, rehearsal: int):
+    """Chat batches of `s.instruct_batch` examples, plus `rehearsal` rows of A's bios (loss on every token)."""
+    def batches():
+        ids, lab, mask = _chat_rows(world, tok, [chat_example(world, rng, reading_share)
+                                                 for _ in range(s.instruct_batch)])
+        if not rehearsal:
+            return ids, lab, mask
+        x = _bio_blocks(world, world["A"], tok, rng, rehearsal, ids.shape[1])
+        return torch.cat([ids, x]), torch.cat([lab, x]), torch.cat([mask, torch.ones_like(x)])
+    return batches
+
+
+def train_model(model, batches, steps: int, lr: float, desc: str, log: list, share: float = 1.0, snapshots=None):
+    """Full-model AdamW on `batches()` -> (input_ids, labels, attention_mask), warm-up then cosine decay.
+
+    Reports `share / steps` of the running job per step (jobs.tick); `snapshots` {step: fn(model)} are
+    called after those steps. Returns the model in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, steps, max(1, steps // 20)))
     model.train()
-    import multiprocessing
-
-    worker = multiprocessing.current_process().name != "MainProcess"  # no interleaved bars from workers
-    bar = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=worker)
-    for step in bar:
+    for step in range(steps):
         ids, labels, mask = batches()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if log is not None:
-            log.append({"model": desc, "step": step, "loss": round(loss.item(), 4)})
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        log.append({"model": desc, "step": step, "loss": round(loss.item(), 4)})
+        tick(share / steps)
+        if snapshots and step + 1 in snapshots:
+            snapshots[step + 1](model.eval())
+            model.train()
     return model.eval()
 
 
-def train_world_model(s: Settings, seed: int, which: str, folder: Path) -> Path:
-    """Train one of the world's models with the plain loop above and save it to `folder / which`:
+def _save(model, tok, folder: Path) -> Path:
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def train_world_model(s: Settings, seed: int, which: str, models: Path) -> Path:
+    """Train one of the world's models into `models / which` (the model in `model/`, or the snapshots
+    `step_<k>/` of version 2; the loss log beside them in training_log.jsonl):
 
     pretrained     Φ  from scratch on A's bios
-    instruct       Θ  Φ fine-tuned on chat QA (loss on the answer): A_train closed book, and strangers with
-                      their bio as context; a share `rehearsal_share` of steps are A's bios again: without
-                      them the tiny model forgets what it read and learns the A_train answers by rote
-                      (measured on held-out A: 44% after 50 chat-only steps, 30% after 100, 20% after 300;
-                      89% after 100 steps with rehearsal, 94% after 200). A large model keeps its knowledge
-                      through instruction tuning; rehearsal stands in for that here.
-    pretrained_v2  Φ₂ Φ pre-trained further on A's and C's bios ("more text")
-    Each job has its own seeds, so jobs give the same model in any order or process.
-    """
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    instruct       Θ  Φ fine-tuned on chat QA (loss on the answer) in two phases: `read_steps` of reading
+                      only (a stranger's bio as context: nothing to recall, so the model must learn to copy),
+                      then `instruct_steps` mixing reading with closed-book A_train questions, with
+                      `rehearsal_rows` of A's bios per step: without them the tiny model forgets what it read
+                      and learns the A_train answers by rote (a large model keeps its knowledge through
+                      instruction tuning; rehearsal stands in for that). Mixing from the start, the model
+                      learns closed-book answers and never learns to read (5% with a stranger's bio after
+                      600 steps; 93% after 350 reading-only steps). The parameters named in `instruct_frozen`
+                      (the MLPs, where the facts are) stay Φ's: measured on seed 0, Δ = Θ − Φ is then 0.19 of Φ
+                      per layer instead of 0.31, and erases less of what Ψ taught (B's facts under Φ+Ψ+Δ: 40%
+                      instead of 29%, of 86% under Φ+Ψ), with held-out A at 97%. Learning closed-book answers
+                      still unlearns reading (98% with a stranger's bio without the rehearsal rows, which
+                      leave closed-book A at 42%; 20% with them).
+    pretrained_v2  Φ₂ Φ pre-trained further on A's and C's bios ("more text"), saved after each of
+                      `v2_steps` steps (version drift growing with k)
+    Each job has its own seeds, so jobs give the same model in any order or process."""
+    from transformers import AutoModelForCausalLM
 
     world, tok = make_world(seed, dict(s.sizes)), build_tokenizer()
     torch.manual_seed(int(hashlib.sha256(f"{seed}/{which}".encode()).hexdigest()[:8], 16))
     rng = random.Random(f"{seed}/training/{which}")
     log: list[dict] = []
+    out = models / which
 
     def lm(people):
         def batches():
@@ -126,26 +159,26 @@ def train_world_model(s: Settings, seed: int, which: str, folder: Path) -> Path:
 
     if which == "pretrained":
         model = AutoModelForCausalLM.from_config(model_config(s, len(tok)))
-        train_model(model, lm(world["A"]), s.pretrain_steps, s.pretrain_lr, which, log)
+        _save(train_model(model, lm(world["A"]), s.pretrain_steps, s.pretrain_lr, which, log), tok, out / "model")
     elif which == "instruct":
-        model = AutoModelForCausalLM.from_pretrained(folder / "pretrained", local_files_only=True)
-        def batches():
-            if rng.random() < s.rehearsal_share:
-                return lm(world["A"])()
-            return _chat_batch(world, s, tok, rng, s.batch)
-
-        train_model(model, batches, s.instruct_steps, s.instruct_lr, which, log)
+        model = AutoModelForCausalLM.from_pretrained(models / "pretrained" / "model", local_files_only=True)
+        for name, param in model.named_parameters():
+            param.requires_grad_(not any(part in name for part in s.instruct_frozen))
+        total = s.read_steps + s.instruct_steps
+        train_model(model, _instruct_batches(world, s, tok, rng, 1.0, 0), s.read_steps, s.instruct_lr,
+                    "instruct (reading)", log, s.read_steps / total)
+        train_model(model, _instruct_batches(world, s, tok, rng, s.reading_share, s.rehearsal_rows),
+                    s.instruct_steps, s.instruct_lr2, "instruct (mixed)", log, s.instruct_steps / total)
+        _save(model, tok, out / "model")
     elif which == "pretrained_v2":
-        model = AutoModelForCausalLM.from_pretrained(folder / "pretrained", local_files_only=True)
-        train_model(model, lm(world["A"] + world["C"]), s.v2_steps, s.v2_lr, which, log)
+        model = AutoModelForCausalLM.from_pretrained(models / "pretrained" / "model", local_files_only=True)
+        snaps = {k: (lambda m, k=k: _save(m, tok, out / f"step_{k}")) for k in s.v2_steps}
+        train_model(model, lm(world["A"] + world["C"]), max(s.v2_steps), s.v2_lr, which, log, snapshots=snaps)
     else:
         raise ValueError(which)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model.save_pretrained(folder / which)
-    tok.save_pretrained(folder / which)
-    with open(folder / which / "training_log.jsonl", "w") as f:
+    with open(out / "training_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
-    return folder / which
+    return out
 
 
 # --- world-quality checks (not the papers' metrics: quick teacher-forced probes) ------------------------

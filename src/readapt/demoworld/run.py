@@ -1,160 +1,183 @@
-"""`readapt demo`: run the world end to end for each seed (cached) and write the report."""
+"""`readapt demo`: build (or reuse) every seed's models and experiments as one job graph, judge, report."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from readapt.demoworld.cache import _build_once, _cold_record, default_cache_dir, source_hash
-from readapt.demoworld.experiments import run_experiments, train_adapters, write_data
-from readapt.demoworld.jobs import Jobs
-from readapt.demoworld.models import bio_completion, train_world_model
-from readapt.demoworld.report import aggregate, claims, format_tables, plots, readme, world_check_failures
-from readapt.demoworld.settings import FULL, MARGIN, QUICK, Settings
-import readapt
+from readapt.errors import ReadaptError
+from readapt.demoworld import checks as wc
+from readapt.demoworld.cache import default_cache_dir
+from readapt.demoworld.claims import all_claims
+from readapt.demoworld.figures import plots
 from readapt.demoworld.internals import output_folder
-from readapt.demoworld.world import build_tokenizer, make_world
+from readapt.demoworld.jobs import run_jobs
+from readapt.demoworld.plan import Seed, collect, experiment_jobs, training_jobs
+from readapt.demoworld.readme import KEY, interference_text, readme
+from readapt.demoworld.report import aggregate, format_tables
+from readapt.demoworld.settings import FULL, QUICK, Settings
+from readapt.demoworld.verdicts import RULE
+
+SMOKE = "smoke test (--quick)"
 
 
 def _say(msg: str) -> None:
-    import sys
-
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def run_seed(s: Settings, seed: int, cache: Path, jobs: Jobs) -> tuple[dict, Path]:
-    """Train (or reuse) the models and adapters of one seed and run (or reuse) its experiments.
-
-    Returns (results, folder of its artefacts)."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    root = cache / s.key(seed)
-    world = make_world(seed, dict(s.sizes))
-    tok = build_tokenizer()
-    wall = {}
-    t0 = time.perf_counter()
-
-    def models_and_checks(tmp: Path):
-        _say(f"seed {seed}: training the pretrained model Φ on A's bios ({root})")
-        train_world_model(s, seed, "pretrained", tmp)  # this process, all its threads
-        _say(f"seed {seed}: training the instruct model Θ and version 2 Φ₂ from Φ")
-        for r in [jobs.submit(train_world_model, s, seed, w, tmp) for w in ("instruct", "pretrained_v2")]:
-            r.result()
-        checks = {}
-        for name, pops in (("pretrained", "A"), ("pretrained_v2", "AC"), ("instruct", "A")):
-            m = AutoModelForCausalLM.from_pretrained(tmp / name, local_files_only=True)
-            for pop in pops:
-                checks[f"{name} on {pop}"] = bio_completion(m, tok, world[pop])
-        (tmp / "bio_completion.json").write_text(json.dumps(checks, indent=2) + "\n")
-
-    mroot = _build_once(root / "models", models_and_checks)
-    models = {k: mroot / k for k in ("pretrained", "instruct", "pretrained_v2")}
-    files_root = _build_once(root / "data", lambda tmp: write_data(world, s, tmp, seed))
-    files = {p.stem: p for p in files_root.glob("*.jsonl")}
-    wall["models"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
-
-    def adapters_and_checks(tmp: Path):
-        _say(f"seed {seed}: training 4 LoRA adapters with readapt.train")
-        ad = train_adapters(s, models, files, tmp, seed, jobs)
-        net, _ = readapt.load_merged(models["pretrained"], [(ad["knowledge"], 1.0)])
-        checks = {"pretrained + knowledge adapter on B": bio_completion(net, tok, world["B"])}
-        (tmp / "bio_completion.json").write_text(json.dumps(checks, indent=2) + "\n")
-
-    aroot = _build_once(root / "adapters", adapters_and_checks)
-    adapters = {k: aroot / k for k in ("knowledge", "knowledge_on_instruct", "task_v1", "task_v2")}
-    wall["adapters"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
-
-    def experiments(tmp: Path):
-        _say(f"seed {seed}: experiments: extract, lowrank, spectrum, sweep, evaluate, port")
-        res = run_experiments(s, seed, models, adapters, files, tmp, jobs)
-        res["bio_completion"] = {**json.loads((mroot / "bio_completion.json").read_text()),
-                                 **json.loads((aroot / "bio_completion.json").read_text())}
-        (tmp / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-
-    run = _build_once(root / "runs" / source_hash(), experiments)
-    for old in (root / "runs").iterdir():  # results of other code versions are stale: keep one
-        if old != run and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
-    res = json.loads((run / "results.json").read_text())
-    wall["experiments"] = round(time.perf_counter() - t0, 1)
-    res["wall_seconds"], res["cache"] = wall, str(root)
-    res["cold_build"] = {name: _cold_record(folder)
-                         for name, folder in (("models", mroot), ("adapters", aroot), ("experiments", run))}
-    return res, run
+def build(s: Settings, seeds: list[int], cache: Path, capacity: bool = False) -> list[dict]:
+    """Train what is missing and run what was not run, for every seed at once -> per-seed results."""
+    points = [Seed(s, seed, cache / s.key(seed)) for seed in seeds]
+    jobs = [*(j for p in points for j in training_jobs(p, capacity)),  # training first: the long jobs
+            *(j for p in points for j in experiment_jobs(p, capacity))]
+    if jobs:
+        _say(f"{len(jobs)} jobs to run for {s.label}, seeds {seeds} (cache {cache})")
+    done = run_jobs(jobs, workers=min(2, len(os.sched_getaffinity(0))))
+    return [collect(p, done, table2_only=capacity) for p in points]
 
 
-def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int = 1, cache_dir: str | Path | None = None,
-         overwrite: bool = False) -> Path:
-    """Run the demo world end to end and write tables, plots and a README to `out`; returns `out`.
+def judge(per_seed: list[dict], smoke: bool) -> tuple[list[dict], list[dict]]:
+    """(world checks, judged claims); in a smoke test every claim is not testable."""
+    checks = wc.world_checks(per_seed)
+    failed = wc.failed(checks) | ({SMOKE} if smoke else set())
+    claims = [c.judge(failed, extra=(SMOKE,) if smoke else ()) for c in all_claims(per_seed)]
+    return checks, claims
 
-    Per seed (the world and every training use seeds 0..seeds-1): train or reuse Φ, Θ, Φ₂ and the LoRA
-    adapters (cached under `cache_dir`, default ~/.cache/readapt/demo/<hash of settings and seed>), then run
-    extract, lowrank, sweep/evaluate and port exactly as a user would, print the tables (mean ± std over
-    seeds) and say which of the papers' claims reproduced. An existing `out` is replaced only if it holds a
-    previous demo (or `overwrite`).
-    """
-    import os
-    import shutil
 
+def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smoke: bool, cache: Path) -> dict:
+    """Every file of the output folder (the seed folders are copied from the cache)."""
+    tables = aggregate(per_seed)
+    chosen = {m: per_seed[0]["grids"][m]["chosen"] for m in ("re_adapt", "lore_adapt")}
+    figs = plots(tables, chosen, tmp)
+    seeds = [r["seed"] for r in per_seed]
+    for r in per_seed:
+        root = cache / s.key(r["seed"])
+        shutil.copytree(Path(r["run_folder"]), tmp / f"seed{r['seed']}", ignore=shutil.ignore_patterns(".complete"))
+        shutil.copytree(root / "data", tmp / f"seed{r['seed']}" / "data", ignore=shutil.ignore_patterns(".complete"))
+    (tmp / "tables.md").write_text(format_tables(tables, markdown=True))
+    (tmp / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
+    (tmp / "KEY.md").write_text(KEY)
+    results = {"demo": "readapt", "quick": smoke, "seeds": seeds, "rule": RULE, "world_checks": checks,
+               "claims": claims, "settings": asdict(s), "cache": str(cache), "wall_seconds": round(seconds, 1),
+               "per_seed": per_seed}
+    (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (tmp / "README.md").write_text(readme(s, checks, claims, tables, seeds, smoke, seconds, figs,
+                                          interference_text(tables)))
+    return tables
+
+
+def _summary(checks: list[dict], claims: list[dict], tables: dict, smoke: bool) -> str:
+    lines = [wc.format_checks(checks), ""]
+    if smoke:
+        lines += ["*** SMOKE TEST (--quick): the world is too small to test the papers' claims; every verdict "
+                  "below is 'not testable'. Run `readapt demo` (without --quick) for the real verdicts. ***", ""]
+    lines += [format_tables({"closed_book": tables["closed_book"]}), f"Rule: {RULE}", "",
+              "Claims of the papers in this world:"]
+    lines += [f"  [{c['verdict']}] {c['claim']} ({c['paper']}): {c['evidence']}" for c in claims]
+    return "\n".join(lines)
+
+
+def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int | None = None,
+         cache_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Run the demo world end to end and write tables, plots, results.json and a README to `out`.
+
+    Seeds 0..seeds-1 (default 3; 1 with `quick`, a smoke test whose verdicts are all not testable). Models,
+    adapters and experiment results are cached under `cache_dir` (default ~/.cache/readapt/demo/<hash of
+    settings and seed>). An existing `out` is replaced only if it holds a previous demo (or `overwrite`)."""
+    seeds = (1 if quick else 3) if seeds is None else seeds
     if seeds < 1:
-        raise readapt.ReadaptError(f"--seeds must be at least 1, got {seeds}")
-    out = Path(out)
-    try:
-        previous_demo = json.loads((out / "results.json").read_text()).get("demo") == "readapt"
-    except (OSError, ValueError, AttributeError):
-        previous_demo = False
-    t0 = time.perf_counter()
+        raise ReadaptError(f"--seeds must be at least 1, got {seeds}")
+    out, s, t0 = Path(out), QUICK if quick else FULL, time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    s = QUICK if quick else FULL
-    threads = torch.get_num_threads()
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    cores = len(os.sched_getaffinity(0))
-    # tiny matrices: one thread per process, the second core runs a second job (measured here, on a
-    # loaded 2-core machine: a quick cold run took 208 CPU-s with 2 threads, ~100 with 1)
-    torch.set_num_threads(int(os.environ.get("READAPT_DEMO_THREADS", 1)))
-    jobs = Jobs(min(2, cores))
-    try:
-        with output_folder(out, overwrite=overwrite or bool(previous_demo), inputs=[cache]) as tmp:
-            per_seed, runs = [], []
-            for seed in range(seeds):
-                res, run = run_seed(s, seed, cache, jobs)
-                per_seed.append(res)
-                runs.append(run)
-                shutil.copytree(run, tmp / f"seed{seed}", ignore=shutil.ignore_patterns(".complete"))
-                shutil.copytree(cache / s.key(seed) / "data", tmp / f"seed{seed}" / "data",
-                                ignore=shutil.ignore_patterns(".complete"))
-            tables = aggregate(per_seed)
-            verdicts = claims(tables, per_seed)
-            failed = world_check_failures(tables)
-            for c in verdicts if failed else ():  # a claim cannot be judged in a world that did not learn
-                c["verdict"] = "not meaningful"
-            figs = plots(tables, per_seed, runs, tmp)
-            seconds = time.perf_counter() - t0
-            text = format_tables(tables)
-            summary = "\n".join(f"  [{c['verdict']}] {c['claim']}: {c['evidence']}" for c in verdicts)
-            (tmp / "tables.md").write_text(format_tables(tables, markdown=True))
-            (tmp / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
-            (tmp / "results.json").write_text(json.dumps(
-                {"demo": "readapt", "quick": quick, "seeds": seeds, "settings": asdict(s), "wall_seconds": round(seconds, 1),
-                 "claims": verdicts, "per_seed": per_seed}, indent=2) + "\n")
-            (tmp / "README.md").write_text(readme(tables, verdicts, per_seed, quick, seconds, figs))
-    finally:
-        jobs.close()
-        torch.set_num_threads(threads)
-        logging.enable_progress_bar()
-    print(text)
-    if failed:
-        print("WORLD CHECKS FAILED, so no claim is judged (more steps, or the full demo, should fix it):\n  "
-              + "\n  ".join(failed))
-    print("Claims of the papers in this world (margin {:g} points):\n{}".format(MARGIN, summary))
-    print(f"\nWrote {out} in {seconds:.0f} s (README.md, tables.md, results.json, figures); cache: {cache}")
+    with _quiet_torch():
+        per_seed = build(s, list(range(seeds)), cache)
+        checks, claims = judge(per_seed, quick)
+        with output_folder(out, overwrite=overwrite or _previous_demo(out), inputs=[cache]) as tmp:
+            tables = _write(tmp, s, per_seed, checks, claims, time.perf_counter() - t0, quick, cache)
+    print(_summary(checks, claims, tables, quick))
+    print(f"\nWrote {out} in {time.perf_counter() - t0:.0f} s (README.md, KEY.md, tables.md, results.json, "
+          f"figures); cache: {cache}")
     return out
+
+
+def _previous_demo(out: Path) -> bool:
+    try:
+        return json.loads((out / "results.json").read_text()).get("demo") == "readapt"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class _quiet_torch:
+    """One thread per process (tiny matrices: the second core runs a second job; a quick cold run took 208
+    CPU-s with 2 threads, ~100 with 1), no transformers progress bars; both restored on exit."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(int(os.environ.get("READAPT_DEMO_THREADS", "1")))
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        torch.set_num_threads(self.threads)
+        logging.enable_progress_bar()
+
+
+def capacity_sweep(out: str | Path = "readapt-capacity", seeds: int | None = None, cache_dir: str | Path | None = None,
+                   overwrite: bool = False) -> Path:
+    """The default world at the model sizes of settings.CAPACITY: how the gap between RE-Adapt (scales chosen
+    on validation) and the instruct model fine-tuned on B moves with capacity, in- and out-of-domain; with
+    the 'room for both' check (what Ψ and Δ keep of each other's knowledge). Writes README.md and
+    capacity.json to `out`."""
+    from readapt.demoworld.readme import capacity_readme
+    from readapt.demoworld.settings import CAPACITY
+
+    seeds = 3 if seeds is None else seeds
+    if seeds < 1:
+        raise ReadaptError(f"--seeds must be at least 1, got {seeds}")
+    out, t0 = Path(out), time.perf_counter()
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with _quiet_torch():
+        for s in CAPACITY:
+            rows.append(capacity_row(s, build(s, list(range(seeds)), cache, capacity=True)))
+    with output_folder(out, overwrite=overwrite or _previous_demo(out), inputs=[cache]) as tmp:
+        (tmp / "capacity.json").write_text(json.dumps({"demo": "readapt", "capacity": rows}, indent=2) + "\n")
+        (tmp / "README.md").write_text(capacity_readme(rows, time.perf_counter() - t0))
+    print(capacity_readme(rows, time.perf_counter() - t0))
+    return out
+
+
+def capacity_row(s: Settings, per_seed: list[dict]) -> dict:
+    """One model size: parameters, the room-for-both check, and the closed-book contains-EM that matter."""
+    from readapt.demoworld.models import model_config
+    from readapt.demoworld.settings import EM
+    from readapt.demoworld.verdicts import _pm
+    from readapt.demoworld.world import vocabulary
+
+    def em(row, dom):
+        return [r["closed_book"][row][dom][EM] for r in per_seed]
+
+    def gap(dom):
+        return [a - b for a, b in zip(em("RE-Adapt (α, β chosen on validation)", dom), em("instruct + knowledge adapter", dom))]
+
+    cfg = model_config(s, len(vocabulary()))
+    params = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
+        4 * cfg.hidden_size ** 2 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    return {"model": s.label, "parameters": f"{params / 1e6:.2f}M", "room for both": _pm([wc._room(r) for r in per_seed]),
+            "instruct A": _pm(em("instruct", "A")),
+            "fine-tuned instruct B / A": f"{_pm(em('instruct + knowledge adapter', 'B'))} / {_pm(em('instruct + knowledge adapter', 'A'))}",
+            "RE-Adapt (chosen) B / A": f"{_pm(em('RE-Adapt (α, β chosen on validation)', 'B'))} / "
+                                       f"{_pm(em('RE-Adapt (α, β chosen on validation)', 'A'))}",
+            "RE-Adapt − fine-tuned, B": _pm(gap("B")), "RE-Adapt − fine-tuned, A": _pm(gap("A"))}
