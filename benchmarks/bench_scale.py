@@ -33,7 +33,11 @@ slices: 1-layer and 4-layer slices of the same shapes (embed_tokens, lm_head, th
 measured, deleted: readapt extract --rank 64 (randomized), --svd gram, --tau 0.5, and --embeddings/--lm-head
 dense (what mergekit writes for them), and mergekit-extract-lora --max-rank 64. Per layer = (t4 − t1) / 3;
 the 32-layer figure is extrapolated as t4 + 28 × per layer. (No 0-layer slice: with embeddings dense,
-neither tool writes an adapter without a linear layer.)
+neither tool writes an adapter without a linear layer.) `--slices 1` measures on the 1-layer slice alone;
+`--only mergekit-extract-lora-embed mergekit-extract-lora-layers` runs mergekit with embed_tokens and
+lm_head factored too (`--embed-lora`, as readapt's default does) and with them left out (the layer alone),
+and extrapolates 32 layers as the first + 31 × the second (start-up counted 31 times: an upper estimate).
+A slice that exists before the run is kept.
 
 mergekit: `readapt merge BASE --add INSTRUCT:0.5` and mergekit-yaml task_arithmetic (weight 0.5, float32
 arithmetic, bfloat16 output: the same math) one after the other on the 8B pair (time, memory), then both
@@ -62,6 +66,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -507,7 +512,7 @@ def part_svd(work: Path) -> None:
                   "matrices": sum(shapes.values())})
 
 
-def part_slices(work: Path, mergekit: Path, only: list[str] | None) -> None:
+def part_slices(work: Path, mergekit: Path, only: list[str] | None, sizes: Sequence[int] = (1, 4)) -> None:
     ra, py = readapt_cmd(), sys.executable
     mk = mergekit / "bin" / "mergekit-extract-lora"
     runs = {
@@ -518,14 +523,25 @@ def part_slices(work: Path, mergekit: Path, only: list[str] | None) -> None:
                                              "--embeddings", "dense", "--lm-head", "dense"],
         "mergekit-extract-lora": lambda b, t, o: [str(mk), "--model", str(t), "--base-model", str(b), "--out-path",
                                                   str(o), "--max-rank", str(RANK), "--quiet"],
+        # like readapt's default: embed_tokens and lm_head factored too (mergekit's default saves them dense)
+        "mergekit-extract-lora-embed": lambda b, t, o: [str(mk), "--model", str(t), "--base-model", str(b),
+                                                        "--out-path", str(o), "--max-rank", str(RANK), "--embed-lora",
+                                                        "--quiet"],
+        # the layers alone (embed_tokens and lm_head left out): the per-layer cost from a 1-layer slice
+        "mergekit-extract-lora-layers": lambda b, t, o: [str(mk), "--model", str(t), "--base-model", str(b),
+                                                         "--out-path", str(o), "--max-rank", str(RANK), "-e",
+                                                         "embed_tokens|lm_head", "--quiet"],
     }
-    chosen = only or list(runs)
-    if "mergekit-extract-lora" in chosen and not mk.exists():
+    extra_runs = ("mergekit-extract-lora-embed", "mergekit-extract-lora-layers")
+    chosen = only or [k for k in runs if k not in extra_runs]
+    if any(k.startswith("mergekit") for k in chosen) and not mk.exists():
         raise SystemExit(f"no {mk}: make the venv (see benchmarks/README.md) or pass --mergekit")
-    for layers in (1, 4):
+    for layers in sizes:
         folder = work / f"slice{layers}"
-        need_space(work, 2 * plan_bytes(layers) + 3 * 10**9, f"the {layers}-layer slice and its adapters")
-        if not (folder / "instruct" / "config.json").is_file():
+        built = (folder / "instruct" / "config.json").is_file()  # a slice built before is kept
+        need_space(work, (0 if built else 2 * plan_bytes(layers)) + 3 * 10**9,
+                   f"the {layers}-layer slice and its adapters")
+        if not built:
             measure(work, f"build-slice{layers}", [py, __file__, "_build_pair", str(folder), str(layers)], 0, folder,
                     keep=True)
         b, t, o = folder / "base", folder / "instruct", work / "out-slice"
@@ -537,7 +553,8 @@ def part_slices(work: Path, mergekit: Path, only: list[str] | None) -> None:
 
                 record(work, {"job": f"slice4-{name}-error", **adapter_error(b, t, o), "of": row["job"]})
             shutil.rmtree(o, ignore_errors=True)
-        shutil.rmtree(folder)
+        if not built:
+            shutil.rmtree(folder)
     results = [json.loads(x) for x in (work / "results.jsonl").read_text().splitlines()]
     last = {r["job"]: r for r in results}
     for name in chosen:
@@ -550,6 +567,14 @@ def part_slices(work: Path, mergekit: Path, only: list[str] | None) -> None:
                           "model_32_layers_wall_s": round(t4["wall_s"] + 28 * per),
                           "model_32_layers_cpu_s": round(t4["cpu_s"] + 28 * per_cpu),
                           "peak_rss_mb_slice1_slice4": [t1["peak_rss_mb"], t4["peak_rss_mb"]]})
+    whole, alone = last.get("slice1-mergekit-extract-lora-embed"), last.get("slice1-mergekit-extract-lora-layers")
+    if whole and alone and {"mergekit-extract-lora-embed", "mergekit-extract-lora-layers"} & set(chosen):
+        # 32 layers ≈ the 1-layer slice + 31 × the layer alone (its start-up counted 31 times: an upper estimate)
+        record(work, {"job": "extrapolated-mergekit-extract-lora-embed", "from": "slice1: all + 31 x layers alone",
+                      "per_layer_wall_s": alone["wall_s"], "per_layer_cpu_s": alone["cpu_s"],
+                      "model_32_layers_wall_s": round(whole["wall_s"] + 31 * alone["wall_s"]),
+                      "model_32_layers_cpu_s": round(whole["cpu_s"] + 31 * alone["cpu_s"]),
+                      "peak_rss_mb_all_layers": [whole["peak_rss_mb"], alone["peak_rss_mb"]]})
 
 
 def _headers(folder: Path):
@@ -781,6 +806,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="default: $READAPT_SCALE_DIR or /work/scale-bench")
     ap.add_argument("--mergekit", type=Path, default=Path("/work/mk-venv"), help="venv with mergekit 0.1.5")
     ap.add_argument("--only", nargs="+", default=None, help="jobs/slices: these runs only")
+    ap.add_argument("--slices", type=int, nargs="+", default=[1, 4], help="slices: the layer counts (default 1 4)")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256, vocab 1024: a smoke test of this script")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache before each run")
     a = ap.parse_args()
@@ -797,7 +823,7 @@ def main() -> None:
     elif a.part == "svd":
         part_svd(work)
     elif a.part == "slices":
-        part_slices(work, a.mergekit, a.only)
+        part_slices(work, a.mergekit, a.only, a.slices)
     elif a.part == "mergekit":
         part_mergekit(work, a.mergekit)
     elif a.part == "exactness":

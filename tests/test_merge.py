@@ -667,6 +667,12 @@ def test_lora_and_dora_merge_in_row_blocks(tmp_path, monkeypatch, case, capsys):
         monkeypatch.setattr(Checkpoint, "read", read)
         whole_merge = read_all(readapt.merge(base, tmp_path / "mixed_whole", adds, whole_tensors=True))
         assert all(torch.equal(rows[n], whole_merge[n]) for n in rows)
+        from readapt.addends import open_addend  # one opened adapter twice: its reused row buffer is copied
+
+        ad = open_addend(tmp_path / "adapter", Checkpoint.open(base))
+        twice = read_all(readapt.merge(base, tmp_path / "twice", [(ad, 0.5), (ad, 0.25)]))
+        twice_whole = read_all(readapt.merge(base, tmp_path / "tw", [(ad, 0.5), (ad, 0.25)], whole_tensors=True))
+        assert all(torch.equal(twice[n], twice_whole[n]) for n in twice)
 
 
 def test_not_enough_disk_space_is_refused_before_writing(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ import re
 
 import torch
 
-from readapt.checkpoint import Checkpoint, TensorInfo, difference_blocks, progress, read_rows, reader, row_spans
+from readapt.checkpoint import Checkpoint, TensorInfo, difference_blocks, progress, reader, row_blocks, row_spans
+from readapt.numerics import one_thread
 from readapt.portmap import Item, rekey
 
 
@@ -60,15 +61,15 @@ class _Dots:
         """`drift` with the patch P = Ψ (or Φ′ − θ′) computed in blocks of rows (`Addend.rows`, as merge does):
         θ′, θ and P never whole."""
         d2 = w2 = p2 = pd = 0.0
-        for r0, r1 in row_spans(new.shape):
-            Wn = read_rows(new, r0, r1).float()
-            x, is_target = patch.rows(name, Wn, r0, new)
-            P = x.sub_(Wn) if is_target else x
-            theta = read_rows(old, r0, r1).float()
-            D = Wn.sub_(theta)  # θ′ − θ, as difference_blocks computes it
-            d2, w2 = d2 + self(D, D), w2 + self(theta, theta)
-            if P is not None:
-                p2, pd = p2 + self(P, P), pd + self(P, D)
+        spans = row_spans(new.shape)
+        for (r0, _, Wn), (_, _, theta) in zip(row_blocks(new, spans), row_blocks(old, spans)):
+            with one_thread():  # block-sized ops (numerics.one_thread)
+                x, is_target = patch.rows(name, Wn, r0, new)
+                P = x.sub_(Wn) if is_target else x
+                D = Wn.sub_(theta)  # θ′ − θ, as difference_blocks computes it
+                d2, w2 = d2 + self(D, D), w2 + self(theta, theta)
+                if P is not None:
+                    p2, pd = p2 + self(P, P), pd + self(P, D)
         return d2, w2, p2, pd
 
 

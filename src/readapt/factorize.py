@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from readapt.errors import ReadaptError
+from readapt.numerics import one_thread
 
 SVD_METHODS = ("auto", "exact", "gram", "randomized")
 TAU_TOL = 1e-9  # v_k is a float64 sum: "v_k ≥ τ" is tested as v_k ≥ τ − 1e-9 so that τ=1 keeps what is there
@@ -90,20 +90,6 @@ class Factorization:
     sigma: torch.Tensor | None  # the full spectrum when the method computed it (exact, gram)
     clamped: bool = False  # the requested rank was above min(out, in) or the numerical rank
     residual: float | None = None  # ‖Δ − BA‖_F² (None: energy − kept; that difference loses the small errors)
-
-
-@contextmanager
-def one_thread(device: torch.device, small: bool = True):
-    """Run a stretch of small CPU ops on one thread (measured 5-10× faster on a busy 2-core machine)."""
-    if device.type != "cpu" or not small:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 SMALL_EIG = 1024  # Gram matrices up to this size are decomposed on one thread (see gram_eig)

@@ -45,12 +45,12 @@ from readapt.addends import PREFIX, Addend, AddSpec, CheckpointDifference, Delta
 from readapt.cards import FOLD_REPORT, fold_card
 from readapt.checkpoint import Blocks, Checkpoint, ReadOptions, recorded_name
 from readapt.errors import ReadaptError
-from readapt.factorize import Product, check_rule, one_thread
+from readapt.factorize import Product, check_rule
 from readapt.fidelity import Calibration
 from readapt.loreplan import Entry, Policy, classify, need_config
 from readapt.lowrank import LorePass, Rule, write_lore
 from readapt.merging import merged, open_inputs
-from readapt.numerics import parse_device, parse_dtype
+from readapt.numerics import one_thread, parse_device, parse_dtype
 
 
 def fold(base: str | os.PathLike, out: str | os.PathLike, adds: Sequence[AddSpec], *, rank: int | None = None,
@@ -126,7 +126,7 @@ class FromMerge:
 
     def delta(self, name: str) -> torch.Tensor | Product:
         terms = self.terms[name]
-        if self.factored(name):  # small tensors (m×R, R×n): one thread (see factorize.one_thread)
+        if self.factored(name):  # small tensors (m×R, R×n): one thread (see numerics.one_thread)
             self.from_factors.add(name)
             with one_thread(torch.device("cpu")):
                 return stacked([(a.term(name), s) for a, s in terms])

@@ -30,12 +30,12 @@ import torch
 from readapt.addends import Addend, AddSpec, normalise, open_addend
 from readapt.cards import merge_card
 from readapt.checkpoint import (Blocks, Checkpoint, ReadOptions, TensorInfo, aligned_blocks, copy_side_files,
-                                float32_view, open_model, output_folder, progress, read_rows, reader, row_spans,
+                                float32_view, open_model, output_folder, progress, reader, row_blocks, row_spans,
                                 write_tensors)
 from readapt.combine import Observer, combine, keep_exact
 from readapt.errors import ReadaptError
 from readapt.interference import INTERFERENCE_FILE, Interference
-from readapt.numerics import is_finite, parse_dtype, precision
+from readapt.numerics import is_finite, one_thread, parse_dtype, precision
 
 
 def open_inputs(base: str | os.PathLike, adds: Sequence[AddSpec], skip_missing: bool = False,
@@ -134,24 +134,30 @@ def _by_rows(name: str, base: Checkpoint, terms: Sequence[tuple[Addend, float]],
              ) -> Iterator[torch.Tensor]:
     """Ω[name] in blocks of whole rows (checkpoint.row_spans, ~`block` elements, default reader.BLOCK): the
     one combine on the float32 base rows W and each addend's rows of Ψ or Φ′ (`Addend.rows`: s·B[rows]·A
-    for a LoRA term, DoRA's W′ rows). Memory: a block of rows, the factors and DoRA's m and norm, whatever
-    the tensor's size. Bit for bit `_whole` (and PEFT's merge), except DoRA on an embedding of more than one
-    block, whose norm over the vocabulary is summed in float64 (DoraVariant.stored_norm)."""
+    for a LoRA term, DoRA's W′ rows), on one thread. Memory: a block of rows in buffers reused from block to
+    block (no allocation per block), the factors and DoRA's m and norm, whatever the tensor's size. Bit for bit
+    `_whole` (and PEFT's merge), except DoRA on an embedding of more than one block, whose norm over the
+    vocabulary is summed in float64 (DoraVariant.stored_norm)."""
     out_dtype = dtype or base.dtype(name)
     stored = base.stored(name)
-    for r0, r1 in row_spans(base.shape(name), block):
-        W = read_rows(stored, r0, r1).float()
+    spans = row_spans(base.shape(name), block)
+    most = max(r1 - r0 for r0, r1 in spans) * math.prod(base.shape(name)[1:])
+    out = torch.empty(most, dtype=out_dtype) if out_dtype != torch.float32 else None  # reused, as the blocks
+    repeated = len({id(a) for a, _ in terms}) < len(terms)  # one Addend twice: its reused buffer, copied
+    for r0, _, W in row_blocks(stored, spans):
 
-        def produced():
+        def produced(W=W, r0=r0):
             for addend, s in terms:
                 x, is_target = addend.rows(name, W, r0, stored)
-                yield x, s, is_target
+                yield (x.clone() if repeated and x is not None else x), s, is_target
 
-        W = combine(W, produced(), observe)
-        W = W.to(out_dtype)
-        if not is_finite(W):
+        with one_thread():  # block-sized ops: one thread (numerics.one_thread)
+            W = combine(W, produced(), observe).view(-1)
+            W = W if out is None else out[: W.numel()].copy_(W)
+            finite = is_finite(W)
+        if not finite:
             raise _not_finite(name, base, terms, dtype)
-        yield W.view(-1)
+        yield W
 
 
 def _whole(name: str, W: torch.Tensor, terms: Sequence[tuple[Addend, float]],

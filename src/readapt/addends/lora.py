@@ -48,7 +48,8 @@ import torch
 
 from readapt.addends.base import Addend, Kind
 from readapt.addends.variants import DoraVariant, LoraTerm, LoraVariant
-from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo, is_peft_folder, read_rows, write_file
+from readapt.checkpoint import (Checkpoint, ReadOptions, TensorInfo, is_peft_folder, read_rows, row_spans,
+                                write_file)
 from readapt.errors import ReadaptError
 from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
 
@@ -212,7 +213,8 @@ class LoraAdapter(Addend):
              ) -> tuple[torch.Tensor | None, bool]:
         """Rows r0 … r0 + len(W) of what `target` / `delta` give for `name`, from the factors: s·B[rows]·A,
         DoRA's W′ rows, a saved full tensor's rows, trainable tokens in those rows; (None, False) if the
-        adapter leaves `name` alone. 2-D tensors (1-D ones, biases, are merged whole)."""
+        adapter leaves `name` alone. 2-D tensors (1-D ones, biases, are merged whole). LoRA and DoRA rows
+        come in a buffer reused for the next block (`buffer`)."""
         mod = self.modules.get(name)
         if mod is None:
             return None, False
@@ -226,7 +228,7 @@ class LoraAdapter(Addend):
         if target is not None:
             return target, True
         term = self.kept(name, "term", lambda: self.term(name))
-        return (None if term is None else term.rows(r0, r1)), False
+        return (None if term is None else term.rows(r0, r1, self.buffer(name, base))), False
 
     def kept(self, name: str, key: str, make: Callable[[], object]):
         """make(), computed once for the base tensor `name` and kept while its blocks are merged (factors,
@@ -236,6 +238,12 @@ class LoraAdapter(Addend):
         if key not in self._kept:
             self._kept[key] = make()
         return self._kept[key]
+
+    def buffer(self, name: str, base: TensorInfo | torch.Tensor) -> torch.Tensor:
+        """A float32 buffer for the largest row block of `name` (checkpoint.row_spans), kept and reused while
+        its blocks are merged: what `rows` returns lives in it until the next block is asked for."""
+        return self.kept(name, "buffer", lambda: torch.empty(
+            max(r1 - r0 for r0, r1 in row_spans(base.shape)) * math.prod(base.shape[1:])))
 
     def _saved(self, mod: _Module) -> str | None:
         """The part of `mod` that is a full replacement tensor (modules_to_save; base_layer.bias with

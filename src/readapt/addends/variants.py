@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from readapt.addends.base import Kind
-from readapt.checkpoint import TensorInfo, read_rows, row_spans
+from readapt.checkpoint import TensorInfo, row_blocks, row_spans
 from readapt.errors import ReadaptError
 
 if TYPE_CHECKING:
@@ -46,11 +46,13 @@ class LoraTerm:
             d = d.T
         return d.mul_(self.scale)
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
+    def rows(self, r0: int, r1: int, buf: torch.Tensor | None = None) -> torch.Tensor:
         """Ψ[r0:r1] = s·B[r0:r1]·A (transposed: s·(A[:, r0:r1])ᵀ·Bᵀ), each element the same dot product over
-        the rank as in `delta` (bit for bit for blocks of checkpoint.row_spans), then scaled in place."""
-        d = self.A[:, r0:r1].T @ self.B.T if self.transposed else self.B[r0:r1] @ self.A
-        return d.mul_(self.scale)
+        the rank as in `delta` (bit for bit for blocks of checkpoint.row_spans), then scaled in place; into
+        the float32 buffer `buf` (large enough) if given."""
+        a, b = (self.A[:, r0:r1].T, self.B.T) if self.transposed else (self.B[r0:r1], self.A)
+        out = None if buf is None else buf[: a.shape[0] * b.shape[1]].view(a.shape[0], b.shape[1])
+        return torch.matmul(a, b, out=out).mul_(self.scale)
 
 
 class LoraVariant:
@@ -122,15 +124,16 @@ class DoraVariant(LoraVariant):
         dimension runs over the whole vocabulary (`stored_norm`, one pass over the base first)."""
         if "lora_magnitude_vector" not in mod.parts:
             return None
-        r1 = r0 + len(W)
+        r1, embedding = r0 + len(W), "lora_embedding_A" in mod.parts
+        if adapter.config.get("fan_in_fan_out") and not embedding:
+            raise ReadaptError(f"{adapter.path}: DoRA with fan_in_fan_out=True is not supported")
         term = adapter.kept(name, "term", lambda: adapter.term(name))
         m = adapter.kept(name, "m", lambda: adapter.ckpt.read(mod.parts["lora_magnitude_vector"]).float())
-        combined = term.rows(r0, r1).add_(W)  # W + d: addition commutes bit for bit
-        if "lora_embedding_A" in mod.parts:
+        if embedding:  # the norm first: its pass over the base reads blocks of its own
             norm = adapter.kept(name, "norm", lambda: DoraVariant.stored_norm(base, embedding=True, term=term))
+        combined = term.rows(r0, r1, adapter.buffer(name, base)).add_(W)  # W + d: addition commutes bit for bit
+        if embedding:
             return (m / norm).view(1, -1).mul(combined)
-        if adapter.config.get("fan_in_fan_out"):
-            raise ReadaptError(f"{adapter.path}: DoRA with fan_in_fan_out=True is not supported")
         norm = DoraVariant.weight_norm(combined, embedding=False)
         return combined.mul_((m[r0:r1] / norm).view(-1, 1))
 
@@ -143,8 +146,7 @@ class DoraVariant(LoraVariant):
         order that depends on the shape and the thread count; a tensor of one block is normed as
         `weight_norm`, bit for bit."""
         spans = row_spans(base.shape)
-        rows = ((r0, r1, read_rows(base, r0, r1).float()) for r0, r1 in spans)
-        sums = (W if term is None else term.rows(r0, r1).add_(W) for r0, r1, W in rows)  # W + d (commutes)
+        sums = (W if term is None else term.rows(r0, r1).add_(W) for r0, r1, W in row_blocks(base, spans))  # W + d
         if not embedding:
             return torch.cat([DoraVariant.weight_norm(X, embedding=False) for X in sums])
         if len(spans) == 1:

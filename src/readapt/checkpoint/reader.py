@@ -37,6 +37,7 @@ import torch
 from readapt.checkpoint.configs import read_config
 from readapt.checkpoint.header import TensorInfo, read_header
 from readapt.errors import ReadaptError
+from readapt.numerics import one_thread
 from readapt.userfiles import load, open_regular
 
 COPY_BLOCK = 1 << 24  # bytes per block when a stored tensor is copied unchanged
@@ -337,16 +338,34 @@ def row_spans(shape: Sequence[int], block: int | None = None) -> list[tuple[int,
     return spans
 
 
-def read_rows(stored: TensorInfo | torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of a stored tensor (`Checkpoint.stored`: a safetensors location, or a tensor) in a fresh
-    buffer the caller owns, in the stored dtype: one seek and one read, the rest of the tensor untouched."""
+def read_rows(stored: TensorInfo | torch.Tensor, r0: int, r1: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of a stored tensor (`Checkpoint.stored`: a safetensors location, or a tensor) in the stored
+    dtype: one seek and one read, the rest of the tensor untouched. Into a fresh buffer the caller owns, or
+    into the uint8 buffer `buf` (large enough; a tensor's rows are always copied fresh)."""
     if isinstance(stored, torch.Tensor):
         return stored[r0:r1].clone()
     shape, size = stored.shape, stored.dtype.itemsize
     row_bytes = math.prod(shape[1:]) * size
-    buf = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
+    n = (r1 - r0) * row_bytes
+    buf = torch.empty(n, dtype=torch.uint8) if buf is None else buf[:n]
     with open_regular(stored.file) as f:
         f.seek(stored.start + r0 * row_bytes)
-        if f.readinto(buf.numpy()) != buf.numel():
+        if f.readinto(buf.numpy()) != n:
             raise ReadaptError(f"{stored.file} was truncated while reading a tensor")
     return buf.view(stored.dtype).view(r1 - r0, *shape[1:])
+
+
+def row_blocks(stored: TensorInfo | torch.Tensor, spans: Sequence[tuple[int, int]]
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(r0, r1, rows [r0, r1) in float32) for each span, read into buffers reused from block to block (no
+    allocation, hence no page faults, per block), converted on one thread (numerics.one_thread): each block
+    is valid, and may be modified in place, until the next one is read."""
+    shape = stored.shape
+    most = max(r1 - r0 for r0, r1 in spans) * math.prod(shape[1:])
+    raw = torch.empty(most * stored.dtype.itemsize, dtype=torch.uint8) if isinstance(stored, TensorInfo) else None
+    buf = torch.empty(most) if stored.dtype != torch.float32 else None
+    for r0, r1 in spans:
+        rows = read_rows(stored, r0, r1, raw)
+        with one_thread():  # a block-sized copy
+            W = float32_view(rows.reshape(-1), buf).view(rows.shape)
+        yield r0, r1, W
