@@ -92,19 +92,17 @@ class Factorization:
     residual: float | None = None  # ‖Δ − BA‖_F² (None: energy − kept; that difference loses the small errors)
 
 
-SMALL_EIG = 1024  # Gram matrices up to this size are decomposed on one thread (see gram_eig)
-
-
 def gram_eig(G: torch.Tensor, vectors: bool = True):
     """Eigenvalues (and eigenvectors) of the symmetric s×s Gram matrix G, descending.
 
-    On the CPU, for s ≤ SMALL_EIG, on one thread (which also makes the factors independent of the
-    machine's thread count): at that size LAPACK's threads gain little and lose much when another process
-    holds a core. Measured on the 2-core machine (s = 576, SmolLM2): under load, eigh 0.07 s on one thread
-    and 0.2–8 s on two (eigvalsh 0.035 s vs 0.09–0.2 s), and `extract --tau 0.5` of the real SmolLM2 pair
-    69 s on two threads, 24 s on one; unloaded, 10.2–11.3 s on two, 11.4–12.3 s on one. Larger matrices
-    keep the default threads, which pay for themselves there on a quiet machine."""
-    with one_thread(G.device, G.shape[0] <= SMALL_EIG):
+    On the CPU, on one thread (which also makes the factors independent of the machine's thread count):
+    LAPACK's threads gain little and lose much when another process holds a core, as on any shared
+    machine. Measured on the 2-core machine under load: s = 576 (SmolLM2), eigh 0.07 s on one thread and
+    0.2–8 s on two, `extract --tau 0.5` of the real SmolLM2 pair 24 s on one and 69 s on two (unloaded:
+    11.4–12.3 s and 10.2–11.3 s); s = 4096 (Llama-3-8B's hidden size; load 6), eigh 10–11 s on one thread
+    and 27–34 s on two, and in an 8B `extract --tau 0.5` at nice 19 (load 5–8) 2–3 minutes per 14336 × 4096
+    pair on two threads, one waiting at a barrier for the other, against 5–8 s per matrix at load 2–3."""
+    with one_thread(G.device):
         if not vectors:
             return torch.linalg.eigvalsh(G).flip(0)
         lam, Q = torch.linalg.eigh(G)  # ascending
