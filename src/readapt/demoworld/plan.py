@@ -209,7 +209,7 @@ def _rag_jobs(p: Seed, add) -> None:
     work, phi, theta = p.run, p.model("pretrained"), p.model("instruct")
     qa = p.file("qa_B_test")
     for r in ("bm25", "oracle"):
-        kw = dict(retrieval=r, passages=p.file("passages_B"))
+        kw = {"retrieval": r, "passages": p.file("passages_B")}
         add(f"rag_{r}_instruct", ex.evaluate, (work, f"rag_{r}_instruct", theta, qa), ("instruct", "data"), **kw)
         add(f"rag_{r}_instruct_knowledge", ex.evaluate,
             (work, f"rag_{r}_instruct_knowledge", theta, qa, [(p.adapter("knowledge_on_instruct"), 1.0)]),

@@ -76,8 +76,8 @@ def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smo
 def _summary(checks: list[dict], claims: list[dict], tables: dict, smoke: bool) -> str:
     lines = [wc.format_checks(checks), ""]
     if smoke:
-        lines += ["*** SMOKE TEST (--quick): the world is too small to test the papers' claims; every verdict "
-                  "below is 'not testable'. Run `readapt demo` (without --quick) for the real verdicts. ***", ""]
+        lines += [("*** SMOKE TEST (--quick): the world is too small to test the papers' claims; every verdict "
+                  "below is 'not testable'. Run `readapt demo` (without --quick) for the real verdicts. ***"), ""]
     lines += [format_tables({"closed_book": tables["closed_book"]}), f"Rule: {RULE}", "",
               "Claims of the papers in this world:"]
     lines += [f"  [{c['verdict']}] {c['claim']} ({c['paper']}): {c['evidence']}" for c in claims]

@@ -58,10 +58,10 @@ QUICK = replace(  # a smaller world and model: the same pipeline in ~2 minutes; 
     instruct_steps=100, v2_steps=(10, 40), lora_rank=16, lora_alpha=32, lora_copies=100, task_examples=600,
     lora_block=64,
 )
-CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three model sizes
+CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three model sizes (0.15M, 0.8M, 1.8M weights)
     replace(FULL, layers=2, hidden=64, heads=2, mlp=256),
     FULL,
-    replace(FULL, hidden=256, mlp=1024),
+    replace(FULL, hidden=192, mlp=768),
 )
 
 METRICS = ("rouge_l_recall", "contains_em")
@@ -70,4 +70,4 @@ GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 TAUS = (0.3, 0.5, 0.7, 0.9, 0.99)  # LoRE-Adapt energy thresholds of the τ curve
 SELECT = ("the (α, β) cell with the highest contains-EM on the validation half of the closed-book questions "
           "(B in-domain and held-out A together, one vote per question; B and A have equally many)")
-GEN = dict(max_new_tokens=16, batch_size=128, quiet=True)  # answers are sentences of <= 10 words
+GEN = {"max_new_tokens": 16, "batch_size": 128, "quiet": True}  # answers are sentences of <= 10 words
