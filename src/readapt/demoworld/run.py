@@ -58,9 +58,9 @@ def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smo
     figs = plots(tables, chosen, tmp)
     seeds = [r["seed"] for r in per_seed]
     for r in per_seed:
-        root = cache / s.key(r["seed"])
-        shutil.copytree(Path(r["run_folder"]), tmp / f"seed{r['seed']}", ignore=shutil.ignore_patterns(".complete"))
-        shutil.copytree(root / "data", tmp / f"seed{r['seed']}" / "data", ignore=shutil.ignore_patterns(".complete"))
+        root, dst = cache / s.key(r["seed"]), tmp / f"seed{r['seed']}"
+        for src, to in ((Path(r["run_folder"]), dst), (root / "data", dst / "data")):
+            shutil.copytree(src, to, ignore=shutil.ignore_patterns(".complete"), copy_function=_link_or_copy)
     (tmp / "tables.md").write_text(format_tables(tables, markdown=True))
     (tmp / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
     (tmp / "KEY.md").write_text(KEY)
@@ -71,6 +71,14 @@ def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smo
     (tmp / "README.md").write_text(readme(s, checks, claims, tables, seeds, smoke, seconds, figs,
                                           interference_text(tables)))
     return tables
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link to the cached file (a warm run writes ~100 MB in no time), a copy across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _summary(checks: list[dict], claims: list[dict], tables: dict, smoke: bool) -> str:
