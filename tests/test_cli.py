@@ -45,26 +45,41 @@ CASES = [
      dict(dtype="bfloat16", skip_missing=True, overwrite=True, max_shard_size="500MB", read=PICKLE)),
     ("extract --tau", ["extract", "B", "T", "-o", "out", "--tau", "0.5"], ("B", "T", "out"),
      dict(tau=0.5, rank=None, svd="auto", device=None, dtype=None, policy=Policy(), skip_missing=False,
-          overwrite=False, read=NO_PICKLE)),
+          overwrite=False, calibration=None, read=NO_PICKLE)),
     ("extract --tau", ["extract", "B", "T", "-o", "out", "--rank", "4", "--svd", "exact", "--device", "cpu",
                        "--embeddings", "dense", "--lm-head", "skip", "--norms", "skip", "--biases", "skip",
-                       "--dtype", "float16", "--skip-missing", "--overwrite", "--allow-pickle"], ("B", "T", "out"),
+                       "--dtype", "float16", "--skip-missing", "--overwrite", "--allow-pickle", "--calibration",
+                       "c.jsonl"], ("B", "T", "out"),
      dict(tau=None, rank=4, svd="exact", device="cpu", dtype="float16", policy=Policy("dense", "skip", "skip", "skip"),
-          skip_missing=True, overwrite=True, read=PICKLE)),
+          skip_missing=True, overwrite=True, calibration="c.jsonl", read=PICKLE)),
     ("merge", ["merge", "B", "--add", "d1:0.5", "--add", "d2", "--add", "d3:-1", "-o", "out"], ("B", "out",
      [("d1", 0.5), ("d2", 1.0), ("d3", -1.0)]),
-     dict(dtype=None, skip_missing=False, overwrite=False, max_shard_size="5GB", read=NO_PICKLE)),
+     dict(dtype=None, skip_missing=False, overwrite=False, max_shard_size="5GB", read=NO_PICKLE, whole_tensors=False)),
     ("merge", ["merge", "B", "--add", "d", "-o", "out", "--dtype", "float32", "--skip-missing", "--overwrite",
-               "--max-shard-size", "1GB", "--allow-pickle"], ("B", "out", [("d", 1.0)]),
-     dict(dtype="float32", skip_missing=True, overwrite=True, max_shard_size="1GB", read=PICKLE)),
+               "--max-shard-size", "1GB", "--allow-pickle", "--whole-tensors"], ("B", "out", [("d", 1.0)]),
+     dict(dtype="float32", skip_missing=True, overwrite=True, max_shard_size="1GB", read=PICKLE, whole_tensors=True)),
+    ("merge --as-lora", ["merge", "B", "--add", "l1:0.5", "--add", "l2", "-o", "out", "--as-lora"],
+     ("B", "out", [("l1", 0.5), ("l2", 1.0)]),
+     dict(rank=None, tau=None, svd="auto", device=None, policy=Policy(), dtype=None, calibration=None,
+          skip_missing=False, overwrite=False, read=NO_PICKLE)),
+    ("merge --as-lora", ["merge", "B", "--add", "l:0.5", "--add", "d:-1", "-o", "out", "--as-lora", "--rank", "8",
+                         "--svd", "exact", "--device", "cpu", "--embeddings", "dense", "--lm-head", "skip", "--norms",
+                         "skip", "--biases", "skip", "--dtype", "bfloat16", "--calibration", "c.txt",
+                         "--skip-missing", "--overwrite", "--allow-pickle"], ("B", "out", [("l", 0.5), ("d", -1.0)]),
+     dict(rank=8, tau=None, svd="exact", device="cpu", policy=Policy("dense", "skip", "skip", "skip"),
+          dtype="bfloat16", calibration="c.txt", skip_missing=True, overwrite=True, read=PICKLE)),
+    ("merge --as-lora", ["merge", "B", "--add", "l", "-o", "out", "--as-lora", "--tau", "0.9"],
+     ("B", "out", [("l", 1.0)]),
+     dict(rank=None, tau=0.9, svd="auto", device=None, policy=Policy(), dtype=None, calibration=None,
+          skip_missing=False, overwrite=False, read=NO_PICKLE)),
     ("compress", ["compress", "D", "-o", "out", "--tau", "0.25"], ("D", "out"),
      dict(tau=0.25, rank=None, svd="auto", device=None, base=None, dtype=None, policy=Policy(), overwrite=False,
-          read=NO_PICKLE)),
+          calibration=None, read=NO_PICKLE)),
     ("compress", ["compress", "D", "-o", "out", "--rank", "2", "--base", "B", "--dtype", "bfloat16", "--svd",
                   "randomized", "--device", "cpu", "--embeddings", "skip", "--lm-head", "dense", "--norms", "skip",
-                  "--biases", "skip", "--overwrite", "--allow-pickle"], ("D", "out"),
+                  "--biases", "skip", "--overwrite", "--allow-pickle", "--calibration", "c.txt"], ("D", "out"),
      dict(tau=None, rank=2, svd="randomized", device="cpu", base="B", dtype="bfloat16",
-          policy=Policy("skip", "dense", "skip", "skip"), overwrite=True, read=PICKLE)),
+          policy=Policy("skip", "dense", "skip", "skip"), overwrite=True, calibration="c.txt", read=PICKLE)),
     ("spectrum", ["spectrum", "D", "-o", "out"], ("D", None, "out"),  # --svd auto means gram here
      dict(tau=0.5, svd="gram", device=None, policy=Policy(), layers=None, skip_missing=False, overwrite=False,
           read=NO_PICKLE)),
@@ -74,12 +89,15 @@ CASES = [
      dict(tau=0.7, svd="exact", device="cpu", policy=Policy("dense", "skip", "skip", "skip"), layers=[0, 2],
           skip_missing=True, overwrite=True, read=PICKLE)),
     ("port", ["port", "P", "--to", "N", "-o", "out"], ("P", "N", "out"),
-     dict(from_=None, merge=False, strict=False, overwrite=False, dtype=None, max_shard_size="5GB", read=NO_PICKLE)),
+     dict(from_=None, merge=False, strict=False, overwrite=False, dtype=None, max_shard_size="5GB", read=NO_PICKLE,
+          whole_tensors=False)),
     ("port", ["port", "P", "--to", "N", "--from", "OLD", "-o", "out", "--merge", "--strict", "--overwrite",
-              "--dtype", "bfloat16", "--max-shard-size", "2GB", "--allow-pickle"], ("P", "N", "out"),
-     dict(from_="OLD", merge=True, strict=True, overwrite=True, dtype="bfloat16", max_shard_size="2GB", read=PICKLE)),
+              "--dtype", "bfloat16", "--max-shard-size", "2GB", "--allow-pickle", "--whole-tensors"], ("P", "N", "out"),
+     dict(from_="OLD", merge=True, strict=True, overwrite=True, dtype="bfloat16", max_shard_size="2GB", read=PICKLE,
+          whole_tensors=True)),
     ("port", ["port", "P", "--to", "N", "--dry-run", "-o", "ignored"], ("P", "N", None),  # --dry-run writes nothing
-     dict(from_=None, merge=False, strict=False, overwrite=False, dtype=None, max_shard_size="5GB", read=NO_PICKLE)),
+     dict(from_=None, merge=False, strict=False, overwrite=False, dtype=None, max_shard_size="5GB", read=NO_PICKLE,
+          whole_tensors=False)),
     ("train", ["train", "B", "--data", "a.jsonl", "-o", "out"], ("B", ["a.jsonl"], "out"),
      dict(eval_data=None, overwrite=False, settings=TrainSettings())),
     ("train", ["train", "B", "--data", "a.jsonl", "--data", "b.txt", "--eval-data", "e.jsonl", "-o", "out",
@@ -120,6 +138,7 @@ def record(monkeypatch, tmp_path) -> dict[str, list]:
     """Replace every row's function by one that records its call and returns what main() can print."""
     monkeypatch.setattr(cli, "lore_summary", lambda report: "lore summary")
     monkeypatch.setattr(cli, "port_summary", lambda report: "port summary")
+    monkeypatch.setattr(cli, "fold_summary", lambda report: "fold summary")
     calls: dict[str, list] = {}
     for name, command in list(cli.COMMANDS.items()):
         def fake(*args, _name=name, **kwargs):
@@ -138,16 +157,23 @@ def test_flags_reach_the_function(name, argv, args, kwargs, cli_env, monkeypatch
 
 
 def test_extract_tau_is_extract_lowrank():
-    """The dispatch is in the table: the row `extract --tau` calls extract_lowrank, `extract` calls extract."""
+    """The dispatch is in the table: the row `extract --tau` calls extract_lowrank, `extract` calls extract;
+    `merge --as-lora` calls fold, `merge` calls merge."""
     from readapt.delta import extract
+    from readapt.folding import fold
     from readapt.lowrank import extract_lowrank
+    from readapt.merging import merge
 
     assert cli.COMMANDS["extract --tau"].function is extract_lowrank
     assert cli.COMMANDS["extract"].function is extract
+    assert cli.COMMANDS["merge --as-lora"].function is fold
+    assert cli.COMMANDS["merge"].function is merge
     parse = cli.build_parser().parse_args
     assert cli.row(parse(["extract", "B", "T", "-o", "o", "--tau", "0.5"])) == "extract --tau"
     assert cli.row(parse(["extract", "B", "T", "-o", "o", "--rank", "3"])) == "extract --tau"
     assert cli.row(parse(["extract", "B", "T", "-o", "o"])) == "extract"
+    assert cli.row(parse(["merge", "B", "--add", "l", "-o", "o", "--as-lora"])) == "merge --as-lora"
+    assert cli.row(parse(["merge", "B", "--add", "l", "-o", "o"])) == "merge"
 
 
 def test_allow_pickle_reaches_every_checkpoint_job():
@@ -176,6 +202,12 @@ def test_every_row_and_flag_is_exercised():
 
 @pytest.mark.parametrize("argv, message", [
     (["merge", "B", "-o", "out"], "merge needs at least one --add"),
+    (["merge", "B", "-o", "out", "--as-lora"], "merge --as-lora needs at least one --add"),
+    (["merge", "B", "--add", "l", "-o", "out", "--rank", "4"], "--rank applies to a merge written as one LoRA: add "
+                                                               "--as-lora"),
+    (["merge", "B", "--add", "l", "-o", "out", "--norms", "skip"], "--norms applies to a merge written as one LoRA"),
+    (["extract", "B", "T", "-o", "out", "--calibration", "c.txt"], "--calibration measures a LoRE adapter: give "
+                                                                    "--tau or --rank"),
     (["port", "P", "--to", "N"], "port needs -o OUTPUT (or --dry-run"),
     (["spectrum", "D", "-o", "out", "--layers", "0,x"], "--layers '0,x': give comma-separated layer numbers"),
 ])

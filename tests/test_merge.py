@@ -589,3 +589,105 @@ def test_extract_refuses_an_adapter_as_base_or_tuned(tmp_path):
             assert not (tmp_path / "out").exists()
     r = _cli("extract", delta, tuned, "-o", tmp_path / "out")
     assert r.returncode == 2 and "is a delta folder, not a model" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """(share of bit-identical elements, largest distance in units in the last place) of two float32 tensors."""
+    def ordered(t):
+        i = t.contiguous().view(torch.int32).long()
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    d = (ordered(a) - ordered(b)).abs()
+    return float((d == 0).double().mean()), int(d.max())
+
+
+ROW_CASES = {
+    "lora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "down_proj", "embed_tokens", "lm_head"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True,
+                 target_modules=["q_proj", "gate_proj", "down_proj", "embed_tokens", "lm_head"]),
+    "tokens+saved": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                         trainable_token_indices={"embed_tokens": [4, 17, 40, 63]}),
+}
+
+
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_lora_and_dora_merge_in_row_blocks(tmp_path, monkeypatch, case, capsys):
+    """LoRA/DoRA terms are merged in blocks of rows and no touched matrix of the base is read whole (forced
+    here: BLOCK = 256 elements, so embed_tokens and lm_head, 64 × 16, merge in 4 blocks, gate_proj in 2).
+    LoRA, DoRA on Linear layers (lm_head included: its norm is per output row), trainable tokens and
+    modules_to_save: bit for bit PEFT's merge_and_unload. DoRA on an embedding of several blocks: the norm over
+    the vocabulary is summed in float64 (PEFT: float32), so a share of elements differs in the last bits
+    (measured and bounded here); whole_tensors=True gives PEFT's bits there too."""
+    import readapt.checkpoint.reader as ck
+    from readapt.checkpoint import Checkpoint, row_spans
+
+    base = save_tiny(tmp_path / "base", "llama")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**ROW_CASES[case]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(k in n for k in ("lora_", "trainable_tokens_delta", "modules_to_save")):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "magnitude" in n or "modules_to_save" in n else 0.0) * p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "adapter")
+    want = _peft_merged(base, tmp_path / "adapter")
+    b = read_all(base)
+    monkeypatch.setattr(ck, "BLOCK", 256)
+    emb, gate = "model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight"
+    assert [len(row_spans(b[n].shape)) for n in (emb, gate)] == [4, 2]
+    read, whole = Checkpoint.read, []
+
+    def spy(self, name):
+        if self.path == base and len(self.shape(name)) > 1:
+            whole.append(name)
+        return read(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    got = read_all(readapt.merge(base, tmp_path / "out", [(tmp_path / "adapter", 1.0)]))
+    assert whole == []  # every touched matrix in row blocks
+    changed = [n for n in got if not torch.equal(got[n], b[n])]
+    assert emb in changed and "lm_head.weight" in changed
+    for n in got:
+        if case == "dora" and n == emb:
+            share, ulp = _ulps(got[n], want[n])
+            with capsys.disabled():
+                print(f"\nDoRA embedding in 4 row blocks vs PEFT: {share:.1%} bit for bit, max {ulp} ulp")
+            assert share > 0.5 and ulp <= 4
+        else:
+            assert torch.equal(got[n], want[n]), n
+    if case == "dora":
+        exact = read_all(readapt.merge(base, tmp_path / "whole", [(tmp_path / "adapter", 1.0)], whole_tensors=True))
+        assert all(torch.equal(exact[n], want[n]) for n in want)
+    if case == "lora":  # beside a full checkpoint on the same tensors: its rows are read beside the base's
+        inst = perturb(base, tmp_path / "inst", scale=0.05)
+        adds = [(tmp_path / "adapter", 0.5), (inst, 0.25)]
+        rows = read_all(readapt.merge(base, tmp_path / "mixed", adds))
+        assert whole == []
+        monkeypatch.setattr(Checkpoint, "read", read)
+        whole_merge = read_all(readapt.merge(base, tmp_path / "mixed_whole", adds, whole_tensors=True))
+        assert all(torch.equal(rows[n], whole_merge[n]) for n in rows)
+
+
+def test_not_enough_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
+    """The writer sums the plan (tensors and headers) and refuses when the file system has less free: one
+    line saying how much is needed, nothing written, for extract and merge; the CLI exits 2."""
+    import re
+    import shutil
+
+    base = save_tiny(tmp_path / "base", "llama")
+    inst = perturb(base, tmp_path / "inst")
+    tensors = sum(t.numel() * t.element_size() for t in read_all(base).values())  # what a merge writes
+    free = {"bytes": tensors}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
+    with pytest.raises(ReadaptError, match=rf"^not enough disk space: the output needs [\d.]+ KB but the file "
+                                           rf"system of {tmp_path} has {tensors / 1e3:.3g} KB free; free space") as err:
+        readapt.merge(base, tmp_path / "m", [(inst, 0.5)])
+    need = float(re.search(r"needs ([\d.]+) KB", str(err.value)).group(1)) * 1e3
+    assert tensors < need < tensors + 4000  # the tensors and the header
+    r = _cli("extract", base, inst, "-o", tmp_path / "d")
+    assert r.returncode == 2 and "not enough disk space: the output needs" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "inst"]  # nothing written, nothing left
+    free["bytes"] = int(need) + 100
+    assert read_all(readapt.merge(base, tmp_path / "m", [(inst, 0.5)]))

@@ -605,3 +605,36 @@ def test_lm_head_factors_made_on_a_tied_old_base(tmp_path):
         why = next(m["why"] for m in report["modules"] if m["name"] == "lm_head.weight")
         assert statuses(report)["lm_head.weight"] == "skipped" and "the old base ties lm_head" in why
         assert "--exclude-regex lm_head" in why and report["counts"]["carried"] == 2
+
+
+def test_port_merge_from_computes_the_patch_in_row_blocks(versions, tmp_path, monkeypatch):
+    """port --merge --from: the drift statistics and the merge compute a LoRA patch in blocks of rows (forced:
+    BLOCK = 256 elements, so embed_tokens and lm_head, 64 × 16, take 4 blocks, gate_proj 2): no matrix of
+    either base that the patch touches is read whole; the merged model is the whole-tensor merge bit for bit
+    (and PEFT's), the drift statistics agree with the default block size to rounding."""
+    from readapt.checkpoint import Checkpoint
+
+    v1, v2, _ = versions
+    ad = lora(v1, tmp_path / "ad", ["gate_proj", "q_proj", "embed_tokens", "lm_head"])
+    whole = port(ad, v2, tmp_path / "whole", from_=v1, merge=True, whole_tensors=True)
+    monkeypatch.setattr(reader, "BLOCK", 256)
+    read, seen = Checkpoint.read, []
+
+    def spy(self, name):
+        if self.path in (v1, v2) and len(self.shape(name)) > 1:
+            seen.append(name)
+        return read(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    rows = port(ad, v2, tmp_path / "rows", from_=v1, merge=True)
+    assert seen == []
+    got, want = read_all(tmp_path / "rows"), read_all(tmp_path / "whole")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    port(ad, v2, tmp_path / "adapter")
+    peft = peft_merged(v2, tmp_path / "adapter")
+    assert all(torch.equal(got[k], peft[k]) for k in got)
+    assert rows["drift"]["tensors"].keys() == whole["drift"]["tensors"].keys()
+    for n, row in whole["drift"]["tensors"].items():
+        for stat, value in row.items():
+            other = rows["drift"]["tensors"][n][stat]
+            assert other == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (n, stat)

@@ -3,6 +3,7 @@ summaries of its reports, one function each, with the names of the report files 
 
     delta_card(manifest)          extract        merge_card(base, addends, dtype)     merge
     lore_card(report)             extract --tau, compress (embeds lore_summary)
+    fold_card(report), fold_summary(report)   merge --as-lora
     spectrum_readme(report, ...)  spectrum       port_card(report), port_summary(report)  port
     train_card(...)               train
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from readapt._version import __version__
 
 LORE_REPORT = "lore_report.json"
+FOLD_REPORT = "fold_report.json"
 PORT_REPORT = "port_report.json"
 
 
@@ -142,7 +144,16 @@ def lore_summary(report: dict) -> str:
     notes = [t for t in report["tensors"] if t["note"] and t["kind"] in ("tied", "unknown")]
     for t in notes[:5]:
         lines.append(f"note: {t['name']}: {t['note']}")
+    if report.get("fidelity"):
+        lines.append(fidelity_line(report["fidelity"]))
     return "\n".join(lines)
+
+
+def fidelity_line(f: dict) -> str:
+    """The line of a --calibration measurement (readapt.fidelity): KL and top-1 agreement, and its caveats."""
+    notes = "".join(f"; {n}" for n in f["notes"])
+    return (f"functional fidelity on {f['tokens']} tokens of {Path(f['file']).name}: mean KL(dense ‖ base + adapter) "
+            f"{f['mean_kl']:.3g} nats/token, top-1 agreement {100 * f['top1_agreement']:.2f}%{notes}")
 
 
 def lore_card(report: dict) -> str:
@@ -164,6 +175,71 @@ Per 2-D weight Δ = U S Vᵀ: {rule_text}; B = U_k S_k, A = V_kᵀ (SVD: {report
 
 Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)`, or merge with any scale:
 `readapt merge BASE --add THIS_FOLDER:0.5 -o OUT`. Per-tensor ranks and energies: `{LORE_REPORT}`.
+"""
+
+
+def _size(nbytes: int) -> str:
+    return next(f"{nbytes / d:.3g} {u}" for u, d in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("bytes", 1))
+                if nbytes >= d or d == 1)
+
+
+def fold_summary(report: dict) -> str:
+    """A one-screen text summary of a fold report (merge --as-lora)."""
+    terms = "".join(f" {'-' if a['scale'] < 0 else '+'} {abs(a['scale']):g}·{a['spec']}"
+                    for a in report["source"]["addends"])
+    rule = report["rule"]
+    if report["mode"] == "exact":
+        how = ("exact: each module's LoRA factors concatenated (rank Σ rᵢ, scale 1), so PEFT's merge gives the "
+               "dense merge up to float32 rounding" if report["exact"] else
+               f"exact mode, but {len(report['totals']['not_carried'])} changed tensors were skipped by policy")
+    else:
+        how = (f"compressed: per module the best rank-{'k(τ=%g)' % rule['tau'] if 'tau' in rule else rule['rank']} "
+               f"approximation of Σ sᵢΨᵢ (LoRE's rule)")
+    low = [t for t in report["tensors"] if t["policy"] == "lowrank" and t["rank"] > 0]
+    lines = [f"fold of base{terms} into one LoRA; {how}"]
+    if low:
+        ranks = sorted(t["rank"] for t in low)
+        worst = max(low, key=lambda t: t["relative_error"] or 0.0)
+        n_fac = sum(t["from_factors"] for t in low)
+        error = ("" if report["mode"] == "exact" else
+                 f"; relative error ‖Ω−Ω̂‖/‖Ω−Φ‖ {report['relative_error']:.4g} overall, worst "
+                 f"{worst['relative_error']:.4g} ({worst['name']}), energy kept "
+                 f"{100 * report['energy_kept_share']:.2f}%")
+        how = (f"{n_fac} from their LoRA factors, {len(low) - n_fac} from the dense sum" if report["mode"] != "exact"
+               else "their LoRA factors stacked")
+        lines.append(f"{len(low)} modules low rank (ranks {ranks[0]}-{ranks[-1]}, median {ranks[len(ranks) // 2]}; "
+                     f"{how}){error}")
+    dense = [t for t in report["tensors"] if t["rank"] == -1]
+    if dense:
+        lines.append(f"{len(dense)} tensors carried as Ω's values (norms, biases, tied embedding rows: exact)")
+    tot = report["totals"]
+    lines.append(f"adapter {_size(tot['adapter_bytes'])} ({tot['adapter_params']:,} parameters) vs the dense model "
+                 f"{_size(tot['model_bytes'])} ({tot['model_params']:,}): "
+                 f"{100 * tot['adapter_bytes'] / max(tot['model_bytes'], 1):.2f}%")
+    if tot["not_carried"]:
+        lines.append(f"not carried (policy skip): {', '.join(tot['not_carried'][:5])}"
+                     f"{' ...' if len(tot['not_carried']) > 5 else ''}")
+    if report.get("fidelity"):
+        lines.append(fidelity_line(report["fidelity"]))
+    return "\n".join(lines)
+
+
+def fold_card(report: dict) -> str:
+    """README.md of a folded adapter (merge --as-lora), with the summary of its report."""
+    return f"""---
+library_name: peft
+tags: [readapt, fold, partial-adaptation, lora]
+---
+# Folded adapter: a partial adaptation as one LoRA
+
+Made by readapt {report['readapt_version']} on {report['created']}: Ω = Φ + Σ sᵢ·Ψᵢ
+(Φ: `{report['source']['base']}`) as one PEFT LoRA on Φ, scale 1 per module (rank_pattern = alpha_pattern),
+for serving many variants on one base.
+
+    {fold_summary(report).replace(chr(10), chr(10) + '    ')}
+
+Load with `peft.PeftModel.from_pretrained(base_model, THIS_FOLDER)` (or a multi-LoRA server). Per-module ranks,
+kept energy and relative errors: `{FOLD_REPORT}`.
 """
 
 

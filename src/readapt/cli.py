@@ -4,9 +4,10 @@
     readapt extract ... --tau 0.5           readapt.lowrank.extract_lowrank   (the row "extract --tau", see `row`)
     readapt compress / spectrum             readapt.lowrank.compress, readapt.spectra.spectrum
     readapt merge / port / train            readapt.merging.merge, readapt.porting.port, readapt.training.train
+    readapt merge ... --as-lora             readapt.folding.fold                 (the row "merge --as-lora")
     readapt eval / sweep / score            readapt.evaluation.evaluate / sweep / score
     readapt demo                            readapt.demoworld.demo
-    readapt demo --capacity-sweep           readapt.demoworld.capacity_sweep (the row "demo --capacity-sweep")
+    readapt demo --capacity-sweep           readapt.demoworld.capacity_sweep      (the row "demo --capacity-sweep")
 
 A row holds the function, its --help line, the declaration of its flags (readapt.flags) and the function
 that turns the parsed flags into the call. `train`'s flags are TrainSettings' fields; --allow-pickle makes the
@@ -26,13 +27,15 @@ from pathlib import Path
 
 import readapt.flags as flags
 from readapt._version import __version__
-from readapt.cards import interference_summary, lore_summary, port_summary
+from readapt.cards import fold_summary, interference_summary, lore_summary, port_summary
 from readapt.delta import extract
 from readapt.demoworld import capacity_sweep, demo
 from readapt.errors import ReadaptError, os_error
 from readapt.evaluation import evaluate, score, sweep
 from readapt.flags import policy, qa_kwargs, read_options, train_settings
+from readapt.folding import fold
 from readapt.interference import INTERFERENCE_FILE
+from readapt.loreplan import Policy
 from readapt.lowrank import compress, extract_lowrank
 from readapt.merging import merge
 from readapt.porting import port
@@ -56,6 +59,8 @@ class Command:
 
 
 def _extract(fn, a):
+    if a.calibration is not None:
+        raise ReadaptError("--calibration measures a LoRE adapter: give --tau or --rank with it")
     return _wrote(fn(a.base, a.tuned, a.output, dtype=a.dtype, skip_missing=a.skip_missing, overwrite=a.overwrite,
                      max_shard_size=a.max_shard_size, read=read_options(a)))
 
@@ -63,22 +68,36 @@ def _extract(fn, a):
 def _extract_lowrank(fn, a):
     print(lore_summary(fn(a.base, a.tuned, a.output, tau=a.tau, rank=a.rank, svd=a.svd, device=a.device,
                           dtype=a.dtype, policy=policy(a), skip_missing=a.skip_missing, overwrite=a.overwrite,
-                          read=read_options(a))))
+                          calibration=a.calibration, read=read_options(a))))
 
 
 def _merge(fn, a):
     if not a.add:
         raise ReadaptError("merge needs at least one --add ADAPTER[:SCALE]")
+    given = [f for f, v in (("--rank", a.rank), ("--tau", a.tau), ("--calibration", a.calibration),
+                            ("--svd", None if a.svd == "auto" else a.svd), ("--device", a.device)) if v is not None]
+    given += [f"--{k.replace('_', '-')}" for k, v in vars(policy(a)).items() if v != getattr(Policy(), k)]
+    if given:
+        raise ReadaptError(f"{given[0]} applies to a merge written as one LoRA: add --as-lora")
     out = fn(a.base, a.output, a.add, dtype=a.dtype, skip_missing=a.skip_missing, overwrite=a.overwrite,
-             max_shard_size=a.max_shard_size, read=read_options(a))
+             max_shard_size=a.max_shard_size, read=read_options(a), whole_tensors=a.whole_tensors)
     if (out / INTERFERENCE_FILE).is_file():
         print(interference_summary(json.loads((out / INTERFERENCE_FILE).read_text())))
     return _wrote(out)
 
 
+def _fold(fn, a):
+    if not a.add:
+        raise ReadaptError("merge --as-lora needs at least one --add ADAPTER[:SCALE]")
+    print(fold_summary(fn(a.base, a.output, a.add, rank=a.rank, tau=a.tau, svd=a.svd, device=a.device,
+                          policy=policy(a), dtype=a.dtype, calibration=a.calibration, skip_missing=a.skip_missing,
+                          overwrite=a.overwrite, read=read_options(a))))
+
+
 def _compress(fn, a):
     print(lore_summary(fn(a.delta, a.output, tau=a.tau, rank=a.rank, svd=a.svd, device=a.device, base=a.base,
-                          dtype=a.dtype, policy=policy(a), overwrite=a.overwrite, read=read_options(a))))
+                          dtype=a.dtype, policy=policy(a), overwrite=a.overwrite, calibration=a.calibration,
+                          read=read_options(a))))
 
 
 def _spectrum(fn, a):
@@ -95,7 +114,8 @@ def _port(fn, a):
     if a.output is None and not a.dry_run:
         raise ReadaptError("port needs -o OUTPUT (or --dry-run to print the report only)")
     report = fn(a.patch, a.to, None if a.dry_run else a.output, from_=a.from_, merge=a.merge, strict=a.strict,
-                overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size, read=read_options(a))
+                overwrite=a.overwrite, dtype=a.dtype, max_shard_size=a.max_shard_size, read=read_options(a),
+                whole_tensors=a.whole_tensors)
     print(port_summary(report))
     if a.dry_run:
         print("  dry run: nothing written" + (f" (-o {a.output} ignored)" if a.output else ""))
@@ -135,8 +155,9 @@ COMMANDS: dict[str, Command] = {
     "extract": Command(extract, "RE-Adapter: delta = TUNED - BASE, streamed tensor by tensor", flags.extract_flags,
                        _extract),
     "extract --tau": Command(extract_lowrank, "LoRE-Adapter: extract with --tau or --rank", None, _extract_lowrank),
-    "merge": Command(merge, "write BASE + sum(scale_i * adapter_i) as a Hugging Face model folder", flags.merge_flags,
-                     _merge),
+    "merge": Command(merge, "write BASE + sum(scale_i * adapter_i) as a Hugging Face model folder (--as-lora: as one "
+                     "PEFT LoRA on BASE)", flags.merge_flags, _merge),
+    "merge --as-lora": Command(fold, "fold: merge with --as-lora", None, _fold),
     "compress": Command(compress, "LoRE-Adapter: low-rank PEFT LoRA from a delta folder (by --tau or --rank)",
                         flags.compress_flags, _compress),
     "spectrum": Command(spectrum, "singular-value report of a delta: rank at tau, energy, plots (PNG+JSON)",
@@ -162,10 +183,12 @@ COMMANDS: dict[str, Command] = {
 
 
 def row(args: argparse.Namespace) -> str:
-    """The row of COMMANDS that runs: `extract` with --tau or --rank is LoRE-Adapt (extract_lowrank); `demo`
-    with --capacity-sweep is capacity_sweep."""
+    """The row of COMMANDS that runs: `extract` with --tau or --rank is LoRE-Adapt (extract_lowrank), `merge`
+    with --as-lora is the fold (readapt.folding.fold), `demo` with --capacity-sweep is capacity_sweep."""
     if args.command == "extract" and (args.tau is not None or args.rank is not None):
         return "extract --tau"
+    if args.command == "merge" and args.as_lora:
+        return "merge --as-lora"
     if args.command == "demo" and args.capacity_sweep:
         return "demo --capacity-sweep"
     return args.command

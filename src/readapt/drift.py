@@ -4,7 +4,8 @@
 
 PortLLM (Khan et al., 2024, §3) argues that a patch P = θ_ft − θ stays useful on θ′ when the version change
 is unrelated to it; these statistics show whether it is (cos ≈ 0, ‖P‖ small next to the drift). Streamed
-one tensor triple at a time (θ′ − θ in float32 blocks, checkpoint.difference_blocks); sums in float64.
+in blocks: θ′ − θ in float32 (checkpoint.difference_blocks; patched matrices in blocks of rows, with the
+patch's rows computed as merge computes them, `Addend.rows`); sums in float64.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 
 import torch
 
-from readapt.checkpoint import Checkpoint, TensorInfo, difference_blocks, progress, reader
+from readapt.checkpoint import Checkpoint, TensorInfo, difference_blocks, progress, read_rows, reader, row_spans
 from readapt.portmap import Item, rekey
 
 
@@ -54,6 +55,22 @@ class _Dots:
                 pd += self(p, d)
         return d2, w2, p2, pd
 
+    def drift_rows(self, new: TensorInfo | torch.Tensor, old: TensorInfo | torch.Tensor, patch, name: str
+                   ) -> tuple[float, float, float, float]:
+        """`drift` with the patch P = Ψ (or Φ′ − θ′) computed in blocks of rows (`Addend.rows`, as merge does):
+        θ′, θ and P never whole."""
+        d2 = w2 = p2 = pd = 0.0
+        for r0, r1 in row_spans(new.shape):
+            Wn = read_rows(new, r0, r1).float()
+            x, is_target = patch.rows(name, Wn, r0, new)
+            P = x.sub_(Wn) if is_target else x
+            theta = read_rows(old, r0, r1).float()
+            D = Wn.sub_(theta)  # θ′ − θ, as difference_blocks computes it
+            d2, w2 = d2 + self(D, D), w2 + self(theta, theta)
+            if P is not None:
+                p2, pd = p2 + self(P, P), pd + self(P, D)
+        return d2, w2, p2, pd
+
 
 def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> dict:
     """Version drift D = θ′ − θ per tensor and per layer: ‖D‖/‖θ‖, ‖P‖/‖D‖ and cos(P, D), where P is the
@@ -71,8 +88,10 @@ def drift(new: Checkpoint, old: Checkpoint, patch, items: dict[str, Item]) -> di
             it, o = items.get(n), old_of[n]
             if it is None and new.shape(n) == old.shape(o):  # unpatched: θ′ and θ in blocks
                 d2, w2, p2, pd = dot.drift(new.stored(n), old.stored(o))
-            elif it is not None and it.rows is None and new.shape(n) == old.shape(o):
-                Wn = new.read(n).float()  # whole: DoRA's W′ needs it; read once, θ in blocks beside it
+            elif it is not None and it.rows is None and new.shape(n) == old.shape(o) and len(new.shape(n)) > 1:
+                d2, w2, p2, pd = dot.drift_rows(new.stored(n), old.stored(o), patch, n)
+            elif it is not None and it.rows is None and new.shape(n) == old.shape(o):  # 1-D: whole
+                Wn = new.read(n).float()
                 d2, w2, p2, pd = dot.drift(Wn, old.stored(o), patch.delta(n, Wn))
                 del Wn
             elif it is not None and it.rows is not None:  # vocabulary rows: compare the shared tokens

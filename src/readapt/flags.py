@@ -93,6 +93,10 @@ def _adds(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--add", action="append", default=[], type=scale_spec, metavar="ADAPTER[:SCALE]", help=help)
 
 
+def _calibration(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--calibration", default=None, metavar="TEXT_FILE", help=help)
+
+
 # the LoRE flags (the SVD and Policy's fields): extract shows them short, after "LoRE:"; compress, spectrum in full
 _LORE_HELP = {
     "svd": ("LoRE SVD path (auto: gram for --tau, randomized for --rank)",
@@ -135,6 +139,8 @@ def extract_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=None, help="LoRE: per layer keep the smallest rank whose "
                    "squared singular values reach this share of the layer's (0 < tau <= 1; paper: 0.5)")
     p.add_argument("--rank", type=int, default=None, help="LoRE: fixed rank per layer (clamped, with a warning)")
+    _calibration(p, "LoRE: text (.jsonl {\"text\"} or .txt) on which to report the adapter's mean KL to TUNED "
+                    "per token and top-1 agreement")
     _lore(p, short=True)
 
 
@@ -144,9 +150,22 @@ def merge_flags(p: argparse.ArgumentParser) -> None:
           "scale defaults to 1.0, negative subtracts; repeat for several")
     _output(p)
     _inputs(p)
-    p.add_argument("--dtype", default=None, type=_dtype, help="output dtype (default: the base checkpoint's)")
+    p.add_argument("--dtype", default=None, type=_dtype, help="output dtype (default: the base checkpoint's); with "
+                   "--as-lora the factors' dtype (default float32)")
     p.add_argument("--skip-missing", action="store_true", help="for full-checkpoint adapters: skip one-sided tensors")
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--whole-tensors", action="store_true", help="LoRA/DoRA terms on whole tensors, not in blocks "
+                   "of rows: PEFT's merge bit for bit also for DoRA on large embeddings, at ~2.4x the largest tensor")
+    # the fold (the row "merge --as-lora"): the same sum written as one PEFT LoRA on BASE
+    p.add_argument("--as-lora", action="store_true", help="write the merge as ONE PEFT LoRA adapter on BASE: exact "
+                   "(LoRA factors concatenated) for LoRA addends, or with --rank/--tau the best low-rank fit of the "
+                   "sum (needed for deltas, checkpoints, DoRA)")
+    p.add_argument("--rank", type=int, default=None, help="--as-lora: fixed rank per module (LoRE's rule)")
+    p.add_argument("--tau", type=float, default=None, help="--as-lora: per module keep the smallest rank whose "
+                   "squared singular values reach this share of the sum's (0 < tau <= 1)")
+    _calibration(p, "--as-lora: text (.jsonl {\"text\"} or .txt) on which to report mean KL(merged ‖ BASE + "
+                    "adapter) per token and top-1 agreement")
+    _lore(p, short=True)
 
 
 # --- compress, spectrum ---------------------------------------------------------------------------------
@@ -160,6 +179,8 @@ def compress_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="fixed rank per layer (clamped, with a warning)")
     p.add_argument("--base", default=None, help="base checkpoint for dense tensors (default: the delta's manifest)")
     p.add_argument("--dtype", default=None, type=_dtype, help="factor dtype (default float32)")
+    _calibration(p, "text (.jsonl {\"text\"} or .txt) on which to report the adapter's mean KL to base + delta "
+                    "per token and top-1 agreement (needs the base)")
     _lore(p, short=False)
     _inputs(p)
 
@@ -194,6 +215,9 @@ def port_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the report only; write nothing (no -o needed)")
     p.add_argument("--dtype", default=None, type=_dtype, help="with --merge: output dtype (default: NEW_BASE's)")
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="largest output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--whole-tensors", action="store_true", help="with --merge: LoRA/DoRA terms on whole tensors, "
+                   "not in blocks of rows: PEFT's merge bit for bit also for DoRA on large embeddings, at ~2.4x the "
+                   "largest tensor")
     _inputs(p)
 
 

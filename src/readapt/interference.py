@@ -46,10 +46,12 @@ class Interference:
         """One tensor (or block) of Φ, `W`, and the addends' differences on it: (addend index, Ψ, s)."""
         key = layer_of(name)
         G = self.gram.setdefault(key, torch.zeros(len(self.labels), len(self.labels), dtype=torch.float64))
-        self.base[key] = self.base.get(key, 0.0) + float(torch.dot(W.view(-1), W.view(-1)))
-        for a, (i, x, s) in enumerate(terms):
-            for j, y, t in terms[a:]:
-                G[i, j] += s * t * float(torch.dot(x.view(-1), y.view(-1)))
+        flat = [(i, x.reshape(-1), s) for i, x, s in terms]  # a copy only of a non-contiguous block (rows of Ψᵀ)
+        W = W.reshape(-1)
+        self.base[key] = self.base.get(key, 0.0) + float(torch.dot(W, W))
+        for a, (i, x, s) in enumerate(flat):
+            for j, y, t in flat[a:]:
+                G[i, j] += s * t * float(torch.dot(x, y))
                 G[j, i] = G[i, j]
 
     def summary(self) -> dict:

@@ -64,6 +64,7 @@ class Entry:
     rank: int = 0
     energy: float = 0.0
     kept: float = 0.0
+    residual: float | None = None  # ‖Δ − BA‖² where measured (else energy − kept: see factorize.residual_of)
     note: str = ""
 
 
@@ -172,13 +173,20 @@ def params(e: Entry) -> tuple[int, int]:
     return full, 0
 
 
+def _lost(e: Entry) -> float:
+    """‖Δ − BA‖² of a tensor: measured where the factorization measured it, else energy − kept."""
+    return e.residual if e.residual is not None else max(e.energy - e.kept, 0.0)
+
+
 def lore_report(entries: list[Entry], *, tau, rank, svd, provenance: dict) -> dict:
     """The LoRE report (lore_report.json, spectrum.json): parameters and energy kept, overall, per kind and
-    per tensor."""
+    per tensor; the relative error of a tensor is ‖Δ − BA‖/‖Δ‖, from the residual the factorization
+    measured, else sqrt(1 − kept/energy) (BA an orthogonal projection of Δ: ‖Δ − BA‖² = ‖Δ‖² − ‖BA‖²)."""
     total_p = sum(params(e)[0] for e in entries if e.kind not in ("tied", "nonfloat", "unknown"))
     kept_p = sum(params(e)[1] for e in entries)
     energy = sum(e.energy for e in entries)
     kept_e = sum(e.kept for e in entries)
+    lost = sum(_lost(e) for e in entries)
     by_kind: dict[str, dict] = {}
     for e in entries:
         k = by_kind.setdefault(e.kind, {"tensors": 0, "policy": e.policy, "params": 0, "params_kept": 0,
@@ -195,8 +203,9 @@ def lore_report(entries: list[Entry], *, tau, rank, svd, provenance: dict) -> di
         "rule": {"tau": tau} if tau is not None else {"rank": rank}, "svd": svd, "source": provenance,
         "params_delta": total_p, "params_kept": kept_p, "params_kept_share": kept_p / total_p if total_p else 0.0,
         "energy_delta": energy, "energy_kept_share": kept_e / energy if energy else 1.0,
-        "relative_error": math.sqrt(max(energy - kept_e, 0.0) / energy) if energy else 0.0,
+        "relative_error": math.sqrt(lost / energy) if energy else 0.0,
         "by_kind": by_kind,
-        "tensors": [{**asdict(e), "shape": list(e.shape),
-                     "retained": (e.kept / e.energy if e.energy else None)} for e in entries],
+        "tensors": [{**asdict(e), "shape": list(e.shape), "retained": (e.kept / e.energy if e.energy else None),
+                     "relative_error": math.sqrt(_lost(e) / e.energy) if e.energy else None}
+                    for e in entries],
     }

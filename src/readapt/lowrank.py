@@ -8,6 +8,7 @@ module (addends.save_lora); norms, biases and tied embeddings are carried as PEF
 
     extract_lowrank(base, tuned, out, tau=0.5)    Δ = Θ − Φ from two checkpoints (no delta written)
     compress(delta_folder, out, rank=64)          Δ from a delta folder (readapt extract)
+    (readapt.folding runs the same pass on Σ sᵢΨᵢ: merge --as-lora)
 
 Both stream: one delta tensor in memory at a time (pass 1 factors each low-rank tensor as it comes and
 notes which dense tensors changed; pass 2 re-reads only those as tuned values), then PEFT itself loads
@@ -19,17 +20,18 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from readapt.addends import PREFIX, DeltaFolder, save_lora
+from readapt.addends import PREFIX, Addend, CheckpointDifference, DeltaFolder, save_lora
 from readapt.cards import LORE_REPORT, lore_card
 from readapt.checkpoint import Checkpoint, Pair, ReadOptions, is_delta_folder, output_folder, progress, recorded_name
 from readapt.errors import ReadaptError
-from readapt.factorize import check_rule, energy_of, factorize
+from readapt.factorize import Product, check_rule, energy_of, factorize
+from readapt.fidelity import Calibration
 from readapt.loreplan import Entry, Policy, classify, lore_report, meta_model, need_config
 from readapt.numerics import is_finite, parse_device, parse_dtype
 
@@ -38,12 +40,15 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
                     tau: float | None = None, rank: int | None = None, svd: str = "auto",
                     device: str | None = None, policy: Policy | None = None, dtype: str | None = None,
                     skip_missing: bool = False, overwrite: bool = False, allow_pickle: bool = False,
-                    verify: bool = True, read: ReadOptions | None = None) -> dict:
+                    verify: bool = True, calibration: str | os.PathLike | None = None,
+                    read: ReadOptions | None = None) -> dict:
     """LoRE-Adapter of TUNED − BASE in one streaming pass (no delta written): a PEFT LoRA at `out`.
 
     Per 2-D weight Δ = U S Vᵀ, keep k(τ) = min{k : Σ_{i≤k}σᵢ²/Σσⱼ² ≥ τ} (or k = rank) directions:
     B = U_k S_k, A = V_kᵀ, saved with scale 1. One base/tuned tensor pair in memory at a time.
-    Returns the report (also written to `out/lore_report.json`).
+    Returns the report (also written to `out/lore_report.json`). `calibration` (a text file) adds the
+    adapter's functional fidelity to the tuned model: mean KL(TUNED ‖ BASE + adapter) per token and top-1
+    agreement (readapt.fidelity).
     """
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -54,18 +59,23 @@ def extract_lowrank(base: str | os.PathLike, tuned: str | os.PathLike, out: str 
     policy.apply(entries)
     rule = Rule(tau, rank, svd, parse_device(device), parse_dtype(dtype) or torch.float32)
     provenance = {"base": recorded_name(base), "tuned": recorded_name(tuned), "skipped_missing": pair.skipped}
-    return _write(out, _Pass(entries, source, rule), overwrite=overwrite, inputs=[pair.base.path, pair.tuned.path],
-                  base_model=recorded_name(base), provenance=provenance, verify=verify)
+    return write_lore(out, LorePass(entries, source, rule), overwrite=overwrite,
+                      inputs=[pair.base.path, pair.tuned.path], base_model=recorded_name(base), provenance=provenance,
+                      verify=verify,
+                      fidelity=_fidelity(calibration, pair.base, CheckpointDifference(pair.tuned), device))
 
 
 def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float | None = None,
              rank: int | None = None, svd: str = "auto", device: str | None = None, policy: Policy | None = None,
              base: str | os.PathLike | None = None, dtype: str | None = None, overwrite: bool = False,
-             verify: bool = True, allow_pickle: bool = False, read: ReadOptions | None = None) -> dict:
+             verify: bool = True, allow_pickle: bool = False, calibration: str | os.PathLike | None = None,
+             read: ReadOptions | None = None) -> dict:
     """LoRE-Adapter of a delta folder (readapt extract): a PEFT LoRA at `out` (same rule as extract_lowrank).
 
     Dense tensors (norms, biases, dense embeddings) are saved as tuned = base + Δ, so they need the base:
     `base`, else the base recorded in the delta's manifest; with --norms skip --biases skip none is needed.
+    `calibration` measures the adapter against base + 1·Δ (the tuned model; readapt.fidelity), which needs the
+    base too.
     """
     check_rule(tau, rank)
     policy = policy or Policy()
@@ -77,20 +87,32 @@ def compress(delta_dir: str | os.PathLike, out: str | os.PathLike, *, tau: float
     d = source.delta_folder
     entries = classify(source.config, d.ckpt.names, d.ckpt.shape, source.floating)
     policy.apply(entries)
-    if any(e.policy == "dense" for e in entries):
+    if calibration is not None or any(e.policy == "dense" for e in entries):
         spec = base or (d.manifest.get("base") or {}).get("path")
         if spec is None or (base is None and not Path(spec).exists()):
-            raise ReadaptError(f"norms/biases/dense embeddings are saved as tuned values (PEFT modules_to_save), "
-                               f"which needs the base checkpoint; the one in {d.path}'s manifest ({spec}) is gone. "
-                               f"Pass --base BASE, or --norms skip --biases skip (and no dense embeddings)")
+            need, other = (("--calibration runs base + adapter", "") if calibration is not None else
+                           ("norms/biases/dense embeddings are saved as tuned values (PEFT modules_to_save)",
+                            ", or --norms skip --biases skip (and no dense embeddings)"))
+            raise ReadaptError(f"{need}, which needs the base checkpoint; the one in {d.path}'s manifest ({spec}) is "
+                               f"gone. Pass --base BASE{other}")
         source.base = Checkpoint.open(spec, ReadOptions.of(read, allow_pickle))
     rule = Rule(tau, rank, svd, parse_device(device), parse_dtype(dtype) or torch.float32)
     b = source.base
     provenance = {"delta": recorded_name(delta_dir), "base_for_dense": str(b.path.absolute()) if b else None}
-    return _write(out, _Pass(entries, source, rule), overwrite=overwrite,
-                  inputs=[d.path] + ([b.path] if b else []),
-                  base_model=recorded_name(base) if base else (d.manifest.get("base") or {}).get("spec"),
-                  provenance=provenance, verify=verify)
+    return write_lore(out, LorePass(entries, source, rule), overwrite=overwrite,
+                      inputs=[d.path] + ([b.path] if b else []),
+                      base_model=recorded_name(base) if base else (d.manifest.get("base") or {}).get("spec"),
+                      provenance=provenance, verify=verify, fidelity=_fidelity(calibration, b, d, device))
+
+
+def _fidelity(calibration: str | os.PathLike | None, base: Checkpoint | None, reference: Addend,
+              device: str | None) -> Callable[[Path], dict] | None:
+    """The --calibration measurement of a LoRE adapter against base + 1·reference (the tuned model), or None.
+    The file is read and tokenized now, so that a bad one fails before the long work."""
+    if calibration is None:
+        return None
+    cal = Calibration(calibration, base, device)
+    return lambda folder: cal.measure(base, [(reference, 1.0)], folder)
 
 
 class FromPair:
@@ -137,8 +159,9 @@ class Rule:
     factor_dtype: torch.dtype
 
 
-class _Pass:
-    """The streaming pass of one LoRE job over its delta source (FromPair or FromDelta).
+class LorePass:
+    """The streaming pass of one LoRE job over its delta source (FromPair, FromDelta, or fold's FromMerge, whose
+    delta may be a `Product`: factors never formed).
 
     `factors()` (pass 1) yields the (module, B, A) of every low-rank tensor, one delta tensor in memory at a
     time, and notes which dense tensors changed; `dense()` (pass 2) re-reads only those as tuned values
@@ -157,17 +180,17 @@ class _Pass:
         nbytes = self.source.nbytes
         with progress(sum(nbytes(e.name) for e in todo), "lowrank") as bar:
             for e in todo:
-                d = self.source.delta(e.name)  # float32 Δ, one tensor in memory
-                if not is_finite(d):
+                d = self.source.delta(e.name)  # float32 Δ, one tensor in memory (or its factors: a Product)
+                if not all(is_finite(t) for t in ((d.B, d.A) if isinstance(d, Product) else (d,))):
                     raise ReadaptError(f"tensor {e.name!r} has NaN/Inf values in the delta (they come from the "
                                        f"inputs); nothing was written")
                 bar.update(nbytes(e.name))
                 if e.policy != "lowrank":
-                    self._note_dense(e, d)
+                    self._note_dense(e, d.dense() if isinstance(d, Product) else d)
                     continue
                 f = factorize(d.to(self.rule.device), tau=self.rule.tau, rank=self.rule.rank, svd=self.rule.svd)
                 del d
-                e.rank, e.energy, e.kept = f.rank, f.energy, f.kept
+                e.rank, e.energy, e.kept, e.residual = f.rank, f.energy, f.kept, f.residual
                 if f.clamped:
                     self.clamped.append(e.name)
                 if f.rank == 0:
@@ -220,9 +243,13 @@ class _Pass:
             extra["modules_to_save"] = to_save
 
 
-def _write(out: str | os.PathLike, job: _Pass, *, overwrite: bool, inputs: list[Path], base_model: str | None,
-           provenance: dict, verify: bool) -> dict:
-    """Run the pass into a PEFT LoRA folder at `out`, verify it the way PEFT loads it, write report and card."""
+def write_lore(out: str | os.PathLike, job: LorePass, *, overwrite: bool, inputs: list[Path],
+               base_model: str | None, provenance: dict, verify: bool, fidelity: Callable[[Path], dict] | None = None,
+               report_file: str = LORE_REPORT, card: Callable[[dict], str] = lore_card,
+               amend: Callable[[dict, Path], None] | None = None) -> dict:
+    """Run the pass into a PEFT LoRA folder at `out`, verify it the way PEFT loads it, write report and card.
+    `amend(report, folder)` adds a job's own fields (fold); `fidelity(folder)` measures the written adapter
+    against its dense model (--calibration, readapt.fidelity) before the folder is committed."""
     rule = job.rule
     with output_folder(Path(out), overwrite, inputs=inputs) as tmp:
         save_lora(tmp, job.factors(), base_model=base_model, extra_tensors=job.dense(),
@@ -234,8 +261,12 @@ def _write(out: str | os.PathLike, job: _Pass, *, overwrite: bool, inputs: list[
         if verify:
             verify_peft(tmp, job.config)
         report = lore_report(job.entries, tau=rule.tau, rank=rule.rank, svd=rule.svd, provenance=provenance)
-        (tmp / LORE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "README.md").write_text(lore_card(report))
+        if amend is not None:
+            amend(report, tmp)
+        if fidelity is not None:
+            report["fidelity"] = fidelity(tmp)
+        (tmp / report_file).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "README.md").write_text(card(report))
     return report
 
 

@@ -88,7 +88,7 @@ class _Sources:
 def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike | None, *,
          from_: str | os.PathLike | None = None, merge: bool = False, strict: bool = False,
          overwrite: bool = False, dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
-         allow_pickle: bool = False, read: ReadOptions | None = None) -> dict:
+         allow_pickle: bool = False, read: ReadOptions | None = None, whole_tensors: bool = False) -> dict:
     """Carry `patch` (a PEFT LoRA/DoRA adapter or a delta folder made on an old version) to the new base `to`.
 
     Writes at `out`: θ′ + P as a complete model folder (merge=True, the folder `readapt merge` writes), or
@@ -98,6 +98,7 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     rescaling (without it the base recorded in the patch is used for the latter when it is found locally).
     Refuses: a different architecture, PEFT keys that match nothing in `to`, nothing carried, and with
     strict=True any skipped tensor. Pickled .bin weights are read only with allow_pickle=True.
+    whole_tensors: with merge=True, LoRA/DoRA terms on whole tensors (merging.iter_merged).
     """
     if dtype is not None and not merge:
         raise ReadaptError("--dtype (dtype=) applies only with --merge: a retargeted patch keeps its own dtype")
@@ -123,7 +124,7 @@ def port(patch: str | os.PathLike, to: str | os.PathLike, out: str | os.PathLike
     }
     _refuse(report, s, to, items, strict)
     return _carry(s, to, out, [it for it in items if it.status != "skipped"], report, from_=from_, merge=merge,
-                  dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size)
+                  dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size, whole_tensors=whole_tensors)
 
 
 def _open(patch, to, from_, read: ReadOptions) -> _Sources:
@@ -258,7 +259,7 @@ def _refuse(report: dict, s: _Sources, to, items: list[Item], strict: bool) -> N
 
 
 def _carry(s: _Sources, to, out, carried: list[Item], report: dict, *, from_, merge: bool, dtype, overwrite: bool,
-           max_shard_size) -> dict:
+           max_shard_size, whole_tensors: bool = False) -> dict:
     """The ported patch as an addend of the new base (with the drift statistics when --from is given), then
     written: the merged model (merge=True), or the retargeted adapter or delta folder with report and card."""
     with tempfile.TemporaryDirectory(prefix="readapt-port-") as tmp:
@@ -275,7 +276,7 @@ def _carry(s: _Sources, to, out, carried: list[Item], report: dict, *, from_, me
         text = json.dumps(report, indent=2) + "\n"
         if merge:
             merged_model(to, out, [(ported, 1.0)], dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size,
-                         read=s.read, extra_files={PORT_REPORT: text})
+                         read=s.read, extra_files={PORT_REPORT: text}, whole_tensors=whole_tensors)
             return report
         with output_folder(out, overwrite, inputs=s.inputs) as dst:
             if s.kind is Kind.DELTA:

@@ -94,13 +94,13 @@ def _retargeted_config(src: LoraAdapter, modules: dict[str, str], new: Checkpoin
 def _dora_magnitude(m: torch.Tensor, it: Item, new: Checkpoint, old: Checkpoint | None,
                     embedding: bool) -> torch.Tensor:
     """m′ = m ⊙ ‖W_new‖ / ‖W_old‖ (old base known) or m (unknown); rows of new tokens: m′ = ‖W_new‖ (no change).
-    Norms as PEFT's DoRA takes them (DoraVariant.weight_norm)."""
-    n_new = DoraVariant.weight_norm(new.read(it.new_name).float(), embedding)
+    Norms as PEFT's DoRA takes them, read in blocks of rows (DoraVariant.stored_norm)."""
+    n_new = DoraVariant.stored_norm(new.stored(it.new_name), embedding)
     mf = m.float()
     if it.rows is not None and not embedding:  # m has one entry per vocabulary row
         mf = remap_rows(mf, it.rows, fill=n_new)
     if old is not None:
-        n_old = DoraVariant.weight_norm(old.read(it.name).float(), embedding)
+        n_old = DoraVariant.stored_norm(old.stored(it.name), embedding)
         if it.rows is not None and not embedding:
             n_old = remap_rows(n_old, it.rows, fill=n_new)
         ratio = torch.where(n_old > 0, n_new / n_old, torch.ones_like(n_new))

@@ -303,15 +303,15 @@ def check_strings(path, rows: list[dict], key: str) -> None:
         raise ReadaptError(f"{path}:{bad['_line']}: {key!r} must be a string, got {bad[key]!r}")
 
 
-def read_texts(path: str | os.PathLike) -> list[str]:
+def read_texts(path: str | os.PathLike, what: str = "--data") -> list[str]:
     """The documents of one data file: JSON lines with a string "text" field, or a plain-text file (one
     document). Blank lines and empty texts are skipped; anything else malformed is an error naming the
-    file and line."""
+    file and line (and `what`, the flag that gave it)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ReadaptError(f"data file {path} does not exist")
+        raise ReadaptError(f"{what} file {path} does not exist")
     if not path.is_file():
-        raise ReadaptError(f"data path {path} is not a file; pass .jsonl or .txt files (--data may repeat)")
+        raise ReadaptError(f"{what} path {path} is not a file; pass a .jsonl or .txt file")
     suffix = path.suffix.lower()
     docs: list[str] = []
     try:
@@ -332,5 +332,5 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     except UnicodeDecodeError as err:
         raise ReadaptError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not docs:
-        raise ReadaptError(f"{path} contains no text; remove it from --data or fill it")
+        raise ReadaptError(f"{path} contains no text; remove it from {what} or fill it")
     return docs

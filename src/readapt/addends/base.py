@@ -11,14 +11,16 @@ For a tensor name n of the base, an addend answers:
                        and s = 1; by default Ψ = Φ′ − Φ
     stored(n)          elementwise addends only (`elementwise`): where Ψ[n] is stored (Φ′[n] when
                        `stores_target`), so that merge reads it block by block beside Φ, never whole
+    rows(n, W, r0, Φ)  rows r0 … r0 + len(W) of what target/delta give, for the float32 base rows W:
+                       (Φ′ rows, True) or (Ψ rows, False), so that merge never holds a whole tensor
+                       (Φ: where the base tensor is stored, for addends that need a pass over it)
     exact(n)           the elements where Φ + Ψ is known not to be the tuned weight bit for bit, with the
                        tuned values (a delta folder records them)
     made_on()          the base, and its model class, the addend records it was made on
     carried_dtypes()   the dtypes of the model the addend stands for (merge warns if the output rounds them)
 
-LoRA terms have one more access, for merges and folds that work on factors (lora.py):
-`LoraAdapter.term(n)` gives B, A and the scale s of Ψ = s·B·A, so that a block of rows of Ψ is
-s·B[rows]·A and a fold can keep the factors.
+LoRA terms have one more access, for folds that work on factors (lora.py): `LoraAdapter.term(n)`
+gives B, A and the scale s of Ψ = s·B·A (a block of rows of Ψ is s·B[rows]·A: `rows`).
 
 A new kind of addend is one subclass in one module, listed in `open.KINDS`: `recognises(folder)` says
 whether a folder is of that kind, `open_for(...)` opens it for a base and makes the kind's own checks.
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo
+from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo, read_rows
 from readapt.roundtrip import Exceptions
 
 
@@ -79,6 +81,14 @@ class Addend(ABC):
     def stored(self, name: str) -> TensorInfo | torch.Tensor:
         """Elementwise addends: where Ψ[name] (Φ′[name] when `stores_target`) is stored."""
         raise NotImplementedError(f"{type(self).__name__} is not elementwise")
+
+    def rows(self, name: str, W: torch.Tensor, r0: int, base: TensorInfo | torch.Tensor
+             ) -> tuple[torch.Tensor | None, bool]:
+        """Rows r0 … r0 + len(W) of Φ′[name] (is_target True) or of Ψ[name] (False) as fresh float32 tensors,
+        given the float32 base rows W there (not modified) and where the whole base tensor is stored (`base`).
+        Default: an elementwise addend's stored rows."""
+        x = read_rows(self.stored(name), r0, r0 + len(W)).float()
+        return x, self.stores_target
 
     def exact(self, name: str) -> Exceptions | None:
         """Where Φ + Ψ is not the tuned weight bit for bit, with the tuned values (readapt.roundtrip), or None."""

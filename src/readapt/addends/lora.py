@@ -12,6 +12,10 @@ Reading (what `merge` and `port` add to a base):
            As in PEFT (its `LoraVariant`), DoRA is a variant object of the LoRA adapter (`DoraVariant`):
            it checks the magnitudes and defines the full weight W′; everything else is LoRA's.
     lora_bias / modules_to_save tensors: their difference from the base tensor.
+    In blocks of rows (`rows`, what merge, load_merged and port use): Ψ[rows] = s·B[rows]·A, bit for bit the
+           rows of the whole product (the same dot product over the rank per element; checkpoint.row_spans);
+           DoRA's W′ rows with the norm of each output row (bit for bit), or for an embedding the norm of
+           each dimension over the vocabulary summed in float64 over the blocks (`DoraVariant.stored_norm`).
     trainable tokens (`trainable_token_indices` R, `<module>.token_adapter.trainable_tokens_delta` = the new
            rows V): W′ = W with W′[R] = V (PEFT's index_copy), Ψ = W′ − W.
 
@@ -36,14 +40,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from readapt.addends.base import Addend, Kind
-from readapt.checkpoint import Checkpoint, ReadOptions, is_peft_folder, write_file
+from readapt.addends.variants import DoraVariant, LoraTerm, LoraVariant
+from readapt.checkpoint import Checkpoint, ReadOptions, TensorInfo, is_peft_folder, read_rows, write_file
 from readapt.errors import ReadaptError
 from readapt.userfiles import BOOL, NUMBER, OBJECT, POSITIVE_INT, STRING, check_fields, load, one_of
 
@@ -83,83 +88,6 @@ def read_adapter_config(file: Path) -> dict:
     return config
 
 
-@dataclass
-class LoraTerm:
-    """Ψ = s·B·A for one base tensor, in float32, with the factors as PEFT stores them: B out×r, A r×in;
-    for an embedding B is dim×r and A r×vocab, and Ψ = s·(B·A)ᵀ (vocab×dim), as for a fan_in_fan_out
-    layer, which stores Wᵀ (`transposed`)."""
-
-    B: torch.Tensor
-    A: torch.Tensor
-    scale: float
-    transposed: bool = False
-
-    def delta(self) -> torch.Tensor:
-        """Ψ as PEFT's get_delta_weight computes it: the product (the one full-size buffer), transposed if so,
-        then scaled in place."""
-        d = self.B @ self.A
-        if self.transposed:
-            d = d.T
-        return d.mul_(self.scale)
-
-
-class LoraVariant:
-    """Plain LoRA: W′ = W + s·B·A. merge adds the term; there is no full weight to blend towards."""
-
-    kind = Kind.LORA
-
-    @staticmethod
-    def check(where: str, parts: Container[str], factored: bool) -> None:
-        """Refuse DoRA magnitudes in an adapter whose config does not say use_dora."""
-        if "lora_magnitude_vector" in parts:
-            raise ReadaptError(f"{where} has a lora_magnitude_vector but adapter_config.json does not say "
-                               f"use_dora: true: the adapter is inconsistent")
-
-    @staticmethod
-    def target(adapter: LoraAdapter, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor | None:
-        return None
-
-
-class DoraVariant(LoraVariant):
-    """DoRA (Liu et al. 2024, eq. 5): W′ = m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per output row of a
-    Linear weight and per embedding dimension (column) of an embedding, as PEFT's DoRA layers take it."""
-
-    kind = Kind.DORA
-
-    @staticmethod
-    def check(where: str, parts: Container[str], factored: bool) -> None:
-        """Every factored module has its magnitude m, and m comes with factors (PEFT would merge plain LoRA
-        or fail otherwise)."""
-        if factored and "lora_magnitude_vector" not in parts:
-            raise ReadaptError(f"{where} has no lora_magnitude_vector, but adapter_config.json says use_dora: "
-                               f"the DoRA adapter is incomplete (or set use_dora to false if it is plain LoRA)")
-        if "lora_magnitude_vector" in parts and not factored:
-            raise ReadaptError(f"{where} has a lora_magnitude_vector but no lora_A/lora_B factors: the adapter "
-                               f"is inconsistent")
-
-    @staticmethod
-    def weight_norm(W: torch.Tensor, embedding: bool) -> torch.Tensor:
-        """‖W‖ as DoRA takes it: per output row of a Linear W (out×in), per column of an embedding (vocab×dim)."""
-        return torch.linalg.norm(W, dim=0 if embedding else 1)
-
-    @staticmethod
-    def target(adapter: LoraAdapter, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor | None:
-        """W′ = m ⊙ (W + d) / ‖W + d‖, d = s·B·A: the same operations in the same order as PEFT's merge."""
-        if "lora_magnitude_vector" not in mod.parts:
-            return None
-        d = adapter.term(name).delta()
-        m = adapter.ckpt.read(mod.parts["lora_magnitude_vector"]).float()
-        combined = base + d
-        if "lora_embedding_A" in mod.parts:  # norm of each embedding dimension over the vocabulary; m: dim
-            norm = torch.linalg.norm(base.T + d.T, dim=1)  # PEFT takes it on the transposed sum
-            return (m / norm).view(1, -1).mul(combined)
-        if adapter.config.get("fan_in_fan_out"):
-            raise ReadaptError(f"{adapter.path}: DoRA with fan_in_fan_out=True is not supported")
-        del d
-        norm = DoraVariant.weight_norm(combined, embedding=False)  # out; PEFT's get_weight_norm of W + d
-        return combined.mul_((m / norm).view(-1, 1))
-
-
 class LoraAdapter(Addend):
     """A PEFT LoRA adapter folder (plain, or with the DoRA variant) as a source of Ψ[name] for a base."""
 
@@ -174,6 +102,7 @@ class LoraAdapter(Addend):
             raise ReadaptError(f"{cfg_file}: peft_type {self.config.get('peft_type')!r} is not supported "
                                f"(readapt reads LoRA and DoRA adapters)")
         self.variant = DoraVariant if self.config.get("use_dora") else LoraVariant
+        self._kept_for, self._kept = None, {}  # what `rows` reuses across the blocks of one tensor (`kept`)
         self.ckpt = Checkpoint.open(self.path, read)  # adapter_model.safetensors (or .bin, if allowed)
         self.modules: dict[str, _Module] = {}  # base tensor name -> pieces
         for key in self.ckpt.names:
@@ -274,14 +203,58 @@ class LoraAdapter(Addend):
             return None
         if _TOKENS in mod.parts:
             return self._tokens(name, mod, base)
-        saved = next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
-                      or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
-        if saved is not None:  # a full replacement tensor (bias="lora_only"/"all": PEFT loads base_layer.bias)
+        saved = self._saved(mod)
+        if saved is not None:  # a full replacement tensor
             return self.ckpt.read(mod.parts[saved]).float()
         return self.variant.target(self, name, mod, base)
 
-    def _tokens(self, name: str, mod: _Module, base: torch.Tensor) -> torch.Tensor:
-        """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge)."""
+    def rows(self, name: str, W: torch.Tensor, r0: int, base: TensorInfo | torch.Tensor
+             ) -> tuple[torch.Tensor | None, bool]:
+        """Rows r0 … r0 + len(W) of what `target` / `delta` give for `name`, from the factors: s·B[rows]·A,
+        DoRA's W′ rows, a saved full tensor's rows, trainable tokens in those rows; (None, False) if the
+        adapter leaves `name` alone. 2-D tensors (1-D ones, biases, are merged whole)."""
+        mod = self.modules.get(name)
+        if mod is None:
+            return None, False
+        r1 = r0 + len(W)
+        if _TOKENS in mod.parts:
+            return self._tokens(name, mod, W, r0, base.shape[0]), True
+        saved = self._saved(mod)
+        if saved is not None:
+            return read_rows(self.ckpt.stored(mod.parts[saved]), r0, r1).float(), True
+        target = self.variant.target_rows(self, name, mod, W, r0, base)
+        if target is not None:
+            return target, True
+        term = self.kept(name, "term", lambda: self.term(name))
+        return (None if term is None else term.rows(r0, r1)), False
+
+    def kept(self, name: str, key: str, make: Callable[[], object]):
+        """make(), computed once for the base tensor `name` and kept while its blocks are merged (factors,
+        DoRA's m and norms: small next to the tensor); the first call for another tensor drops them."""
+        if self._kept_for != name:
+            self._kept_for, self._kept = name, {}
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def _saved(self, mod: _Module) -> str | None:
+        """The part of `mod` that is a full replacement tensor (modules_to_save; base_layer.bias with
+        bias="lora_only"/"all", which PEFT loads), or None."""
+        return next((k for k in mod.parts if k.startswith("modules_to_save") or k in ("weight", "bias")
+                     or (k == "base_layer.bias" and self.config.get("bias", "none") != "none")), None)
+
+    def factored(self, name: str) -> bool:
+        """Whether Ψ[name] is a plain LoRA term s·B·A, so that a sum of such terms can stay factored (a fold):
+        factors, and no full weight (trainable tokens, a saved tensor, the DoRA variant's W′)."""
+        mod = self.modules.get(name)
+        p = mod.parts if mod is not None else {}
+        return (self.variant is LoraVariant and ("lora_A.weight" in p or "lora_embedding_A" in p)
+                and _TOKENS not in p and self._saved(mod) is None)
+
+    def _tokens(self, name: str, mod: _Module, W: torch.Tensor, r0: int = 0, total: int | None = None
+                ) -> torch.Tensor:
+        """W′ = W with rows R replaced by the saved values (PEFT's TrainableTokensLayer merge). W: the whole
+        tensor, or its rows r0 … r0 + len(W) of `total`."""
         spec = self.config.get("trainable_token_indices")
         if isinstance(spec, dict):  # {layer name: R}: PEFT matches the module by name or name suffix
             spec = next((v for k, v in spec.items() if mod.name == k or mod.name.endswith("." + k)), None)
@@ -289,11 +262,12 @@ class LoraAdapter(Addend):
         if not isinstance(spec, list) or len(spec) != values.shape[0]:
             raise ReadaptError(f"{self.path}: {mod.name} has {values.shape[0]} trainable-token rows but "
                                f"adapter_config.json's trainable_token_indices gives it {spec!r:.60}")
-        rows = torch.tensor(spec, dtype=torch.long)
-        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < base.shape[0]):
+        rows, total = torch.tensor(spec, dtype=torch.long), len(W) if total is None else total
+        if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < total):
             raise ReadaptError(f"{self.path}: trainable_token_indices of {mod.name} reach row {int(rows.max())}, "
-                               f"but the base's {name} has {base.shape[0]} rows: it was made for another base")
-        return base.clone().index_copy_(0, rows, values.to(base.dtype))
+                               f"but the base's {name} has {total} rows: it was made for another base")
+        here = (rows >= r0) & (rows < r0 + len(W))
+        return W.clone().index_copy_(0, rows[here] - r0, values[here].to(W.dtype))
 
     def drop_tied_copies(self, stored: Container[str]) -> list[str]:
         """Drop the Linear LoRA modules that are PEFT's tied copy of an embedding LoRA of this adapter

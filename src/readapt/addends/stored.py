@@ -18,7 +18,6 @@ import torch
 from readapt.addends.base import Addend, Kind
 from readapt.checkpoint import (CONFIG_FIELDS, DELTA_MANIFEST, Checkpoint, Pair, ReadOptions, TensorInfo,
                                 check_configs, is_delta_folder)
-from readapt.errors import ReadaptError
 from readapt.roundtrip import Exceptions, open_exceptions
 from readapt.userfiles import OBJECT, STRING, check_fields, load
 
@@ -93,16 +92,18 @@ class DeltaFolder(_StoredTensors):
 
 class CheckpointDifference(_StoredTensors):
     """A full checkpoint Θ as an addend: Ψ[name] = Θ[name] − Φ[name] (no delta written); merge blends
-    Φ towards Θ[name] with lerp (`target`, `stores_target`)."""
+    Φ towards Θ[name] with lerp (`target`, `stores_target`). Opened for a base, it keeps the Pair (Φ, Θ)
+    it was checked with, whose `delta` gives Θ − Φ whole with Φ read in blocks (a fold's dense sum)."""
 
     kind = Kind.CHECKPOINT
     stores_target = True
 
-    def __init__(self, ckpt: Checkpoint, label: str | None = None):
+    def __init__(self, ckpt: Checkpoint, label: str | None = None, pair: Pair | None = None):
         self.ckpt = ckpt
         self.path = ckpt.path
         self.label = label or str(ckpt.path)
         self.config = ckpt.config
+        self.pair = pair
 
     @classmethod
     def recognises(cls, folder: Path) -> bool:
@@ -112,7 +113,7 @@ class CheckpointDifference(_StoredTensors):
     def open_for(cls, spec, folder: Path, base: Checkpoint, *, read: ReadOptions, skip_missing: bool) -> Addend:
         """The checkpoint as Θ of a Pair with the base: configs compared, shared tensors checked."""
         pair = Pair(base, Checkpoint.open(folder, read), label=str(spec), skip_missing=skip_missing)
-        return cls(pair.tuned, label=str(spec))
+        return cls(pair.tuned, label=str(spec), pair=pair)
 
     def target(self, name: str, base: torch.Tensor) -> torch.Tensor | None:
         """Θ[name]: merge blends Φ towards it with lerp."""

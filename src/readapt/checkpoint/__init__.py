@@ -16,12 +16,13 @@ from readapt.checkpoint.header import DTYPES, MAX_HEADER, TensorInfo, read_heade
 from readapt.checkpoint.pair import EXTRACT_FIX, Pair, difference_blocks, shared_tensors
 from readapt.checkpoint.reader import (ADAPTER_CONFIG, DELTA_MANIFEST, EXACT_FILE, Checkpoint, ReadOptions,
                                        aligned_blocks, float32_view, hub_repo, is_delta_folder, is_peft_folder,
-                                       open_model, read_blocks, recorded_name, resolve_model, weight_file)
+                                       open_model, read_blocks, read_rows, recorded_name, resolve_model, row_spans,
+                                       weight_file)
 from readapt.checkpoint.writer import Blocks, Plan, parse_size, shard_plan, write_file, write_tensors
 
 __all__ = ["ADAPTER_CONFIG", "CONFIG_FIELDS", "DELTA_MANIFEST", "DTYPES", "EXACT_FILE", "EXTRACT_FIX", "MAX_HEADER",
            "Blocks", "Checkpoint", "Pair", "Plan", "ReadOptions", "TensorInfo", "aligned_blocks", "check_configs",
            "check_output", "compare_configs", "copy_side_files", "difference_blocks", "float32_view", "hub_repo",
            "is_delta_folder", "is_peft_folder", "open_model", "output_folder", "parse_size", "progress",
-           "read_blocks", "read_config", "read_header", "recorded_name", "resolve_model", "shard_plan",
-           "shared_tensors", "weight_file", "write_file", "write_tensors"]
+           "read_blocks", "read_config", "read_header", "read_rows", "recorded_name", "resolve_model", "row_spans",
+           "shard_plan", "shared_tensors", "weight_file", "write_file", "write_tensors"]

@@ -4,13 +4,15 @@
     ckpt.names, ckpt.shape(n), ckpt.dtype(n)                            # from the headers alone
     ckpt.read(n)                                                        # one tensor, in a buffer we own
     for a, b in aligned_blocks(x.stored(n), y.stored(n)): ...           # BLOCK elements of each, side by side
+    for r0, r1 in row_spans(ckpt.shape(n)): read_rows(ckpt.stored(n), r0, r1)   # blocks of whole rows
 
 This module and the rest of readapt.checkpoint are the only code that touches weight files. Why not
 `safetensors.safe_open`? By default it memory-maps the whole file, and every page a job touches stays in
 its resident set until the file is closed, so peak RSS (as `/usr/bin/time -v` counts it) grows with the
 shard size. Here a tensor is read with one `readinto` into a buffer we own, so memory is bounded by the
 largest tensor; elementwise jobs (extract, delta/checkpoint merges) go further and read aligned blocks of
-BLOCK elements (`aligned_blocks`) into one reused buffer, so no tensor is ever held whole.
+BLOCK elements (`aligned_blocks`) into one reused buffer, so no tensor is ever held whole; LoRA terms read
+blocks of whole rows (`row_spans`, `read_rows`).
 
 safetensors 0.8's `safe_open(..., backend="pread")` does not map the file, but `get_slice` cuts along the
 first axis only (no flat element ranges: a block is whole rows, and one row may exceed BLOCK) and returns
@@ -23,6 +25,7 @@ get_slice) against ours, paired in one round robin, median of 3 on a loaded 2-co
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -38,6 +41,7 @@ from readapt.userfiles import load, open_regular
 
 COPY_BLOCK = 1 << 24  # bytes per block when a stored tensor is copied unchanged
 BLOCK = 1 << 20  # elements per float32 work block of an elementwise job (4 MB: stays in cache while checked)
+MIN_ROWS = 16  # rows per block of a LoRA term at least (row_spans): see there
 
 
 @dataclass(frozen=True)
@@ -314,3 +318,35 @@ def read_blocks(stored: TensorInfo | torch.Tensor, nbytes: int | None = None) ->
             left -= view.numel()
             yield view.view(info.dtype)
 
+
+def row_spans(shape: Sequence[int], block: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive row ranges [r0, r1) covering a tensor of `shape` (rows: the first dimension), each about
+    `block` elements (default BLOCK) and at least MIN_ROWS rows; a shorter tail joins the range before it.
+
+    Why MIN_ROWS: a LoRA term is computed per block as B[rows]·A, and it must equal the rows of the whole
+    product B·A bit for bit (PEFT's merge computes it whole). torch's CPU BLAS (MKL) computes each element
+    as the same sequential dot product over the rank for any number of rows from 12 up, but takes other
+    kernels, with another summation order, for 1-3, 5-7 and 9-11 rows (measured; tests/test_merge.py
+    checks the blocked merge against PEFT)."""
+    rows = shape[0] if len(shape) else 1
+    per_row = math.prod(shape[1:])
+    step = max(MIN_ROWS, (block or BLOCK) // max(1, per_row))
+    spans = [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < MIN_ROWS:
+        spans[-2:] = [(spans[-2][0], rows)]
+    return spans
+
+
+def read_rows(stored: TensorInfo | torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a stored tensor (`Checkpoint.stored`: a safetensors location, or a tensor) in a fresh
+    buffer the caller owns, in the stored dtype: one seek and one read, the rest of the tensor untouched."""
+    if isinstance(stored, torch.Tensor):
+        return stored[r0:r1].clone()
+    shape, size = stored.shape, stored.dtype.itemsize
+    row_bytes = math.prod(shape[1:]) * size
+    buf = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
+    with open_regular(stored.file) as f:
+        f.seek(stored.start + r0 * row_bytes)
+        if f.readinto(buf.numpy()) != buf.numel():
+            raise ReadaptError(f"{stored.file} was truncated while reading a tensor")
+    return buf.view(stored.dtype).view(r1 - r0, *shape[1:])

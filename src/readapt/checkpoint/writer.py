@@ -79,6 +79,7 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
     One shard -> `{prefix}.safetensors`; several -> `{prefix}-0000i-of-0000n.safetensors` plus
     `{prefix}.safetensors.index.json` (the layout transformers and peft load). Each shard's header is
     written first from the plan, then each tensor's bytes as it arrives: one tensor in memory at a time.
+    Nothing is written when the file system lacks the space the plan needs (`need_space`).
     A TensorInfo instead of a tensor (`Checkpoint.stored`) is copied unchanged from its file in 16 MB
     blocks; a `Blocks` is written block by block as it is computed. Non-finite values raise ReadaptError
     naming the tensor (check_finite=False: the caller checked the tensors it computed; copied blocks are
@@ -88,11 +89,13 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
     shards = shard_plan(plan, parse_size(max_shard_size))
     names = [f"{prefix}.safetensors"] if len(shards) == 1 else [
         f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    headers = [header_bytes(metadata, shard) for shard in shards]
+    need_space(folder, sum(map(len, headers)) + sum(_nbytes(dtype, shape) for _, dtype, shape in plan))
     it = iter(tensors)
     weight_map: dict[str, str] = {}
-    for fname, shard in zip(names, shards):
+    for fname, shard, header in zip(names, shards, headers):
         with open(folder / fname, "wb") as f:
-            f.write(header_bytes(metadata, ((name, dtype, shape) for name, dtype, shape in shard)))
+            f.write(header)
             for name, dtype, shape in shard:
                 _write_tensor(f, name, dtype, shape, next(it), check_finite)
                 weight_map[name] = fname
@@ -101,6 +104,21 @@ def write_tensors(folder: Path, plan: Plan, tensors: Iterable[tuple[str, torch.T
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return [folder / n for n in names]
+
+
+def need_space(folder: Path, nbytes: int) -> None:
+    """Refuse, before anything is written, to write `nbytes` (headers and tensors, from the plan) into `folder`
+    when its file system has fewer bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        where = folder.parent if folder.name.startswith(".") else folder  # output_folder's temporary sibling
+        raise ReadaptError(f"not enough disk space: the output needs {_size_text(nbytes)} but the file system of "
+                           f"{where} has {_size_text(free)} free; free space there or write to another disk (-o)")
+
+
+def _size_text(n: int) -> str:
+    units = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("bytes", 1))
+    return next(f"{n / d:.3g} {u}" for u, d in units if n >= d or d == 1)
 
 
 def header_bytes(metadata: dict[str, str] | None, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> bytes:

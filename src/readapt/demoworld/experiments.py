@@ -11,7 +11,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import readapt
+import readapt.delta as delta
+import readapt.evaluation as evaluation
+import readapt.lowrank as lowrank
+import readapt.merging as merging
+import readapt.porting as porting
+import readapt.spectra as spectra
+import readapt.training as training
 from readapt.demoworld.internals import read_jsonl, split_validation
 from readapt.demoworld.jobs import tick
 from readapt.demoworld.settings import GEN, GRID, METRICS, TAUS, Settings
@@ -71,7 +77,7 @@ def by_domain(predictions: list[dict], keep: set[str] | None = None) -> dict[str
 def evaluate(work: Path, tag: str, model: Path, questions: Path, adds=(), **kw) -> dict:
     """readapt.evaluate into work/eval/<tag>, then per-domain scores from its predictions.jsonl."""
     out = work / "eval" / tag
-    summary = readapt.evaluate(str(model), questions, out, adds=[(str(a), x) for a, x in adds], overwrite=True,
+    summary = evaluation.evaluate(str(model), questions, out, adds=[(str(a), x) for a, x in adds], overwrite=True,
                                **GEN, **kw)
     scores = by_domain(read_jsonl(out / "predictions.jsonl"))
     if "retrieval_accuracy" in summary:
@@ -83,7 +89,7 @@ def sweep(work: Path, name: str, base: Path, adds: list[Path], qa: Path, seed: i
     """readapt.sweep over GRID x GRID with half the questions for validation -> {"chosen", "cells"}, where
     cells["α,β"] = {"val": per-domain scores, "test": per-domain scores}."""
     folder = work / f"sweep_{name}"
-    summary = readapt.sweep(str(base), [str(a) for a in adds], qa, folder, grid=list(GRID), val_fraction=0.5,
+    summary = evaluation.sweep(str(base), [str(a) for a in adds], qa, folder, grid=list(GRID), val_fraction=0.5,
                             seed=seed, select="contains_em", overwrite=True, **GEN)
     qs = read_jsonl(qa)
     val, test = split_validation(len(qs), 0.5, seed)
@@ -122,7 +128,7 @@ def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dor
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="BASE .* looks like an instruct")
-        return readapt.train(base, data, out, rank=s.lora_rank, alpha=s.lora_alpha, dora=dora, lr=s.lora_lr,
+        return training.train(base, data, out, rank=s.lora_rank, alpha=s.lora_alpha, dora=dora, lr=s.lora_lr,
                              epochs=1, batch_size=s.lora_batch, max_length=s.lora_block, warmup_steps=10, seed=seed,
                              save_every=None, overwrite=True, quiet=True, callback=progress)
 
@@ -132,13 +138,13 @@ def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dor
 
 def extract(work: Path, phi: Path, theta: Path) -> dict:
     """RE-Adapter Δ = Θ − Φ, a LoRE-Adapter per τ of TAUS, and the spectrum report -> {τ: LoRE summary}."""
-    readapt.extract(phi, theta, work / "re_adapter", overwrite=True)
+    delta.extract(phi, theta, work / "re_adapter", overwrite=True)
     lore = {}
     for tau in TAUS:
-        report = readapt.extract_lowrank(phi, theta, work / f"lore_adapter_tau{tau:g}", tau=tau, overwrite=True)
+        report = lowrank.extract_lowrank(phi, theta, work / f"lore_adapter_tau{tau:g}", tau=tau, overwrite=True)
         lore[f"{tau:g}"] = lore_summary(report)
         tick(0.8 / len(TAUS))
-    readapt.spectrum(phi, theta, work / "spectrum", tau=0.5, overwrite=True)
+    spectra.spectrum(phi, theta, work / "spectrum", tau=0.5, overwrite=True)
     return lore
 
 
@@ -166,7 +172,7 @@ def knowledge(s: Settings, seed: int, phi: Path, theta: Path, psi: Path, delta: 
             "pretrained + Ψ + Δ": (phi, [(psi, 1.0), (delta, 1.0)])}
     out = {}
     for name, (base, adds) in nets.items():
-        net, _ = readapt.load_merged(base, adds)
+        net, _ = merging.load_merged(base, adds)
         for pop in "AB":
             out[f"{name} on {pop}"] = bio_completion(net, tok, world[pop])
         tick(0.2)
@@ -180,7 +186,7 @@ def port_drift(work: Path, k: int, phi: Path, v2: Path, patch: Path, retrained: 
     """The task patch trained on Φ carried to Φ₂ after k steps of further pre-training (readapt.port, no
     training), against Φ₂ alone and a patch re-trained on Φ₂: scores and the port report's drift figures."""
     ported = work / f"ported_v2_{k}"
-    report = readapt.port(patch, v2, ported, from_=phi, overwrite=True)
+    report = porting.port(patch, v2, ported, from_=phi, overwrite=True)
     rows = {"version 2 alone": evaluate(work, f"port_v2_{k}_alone", v2, qa),
             "version 2 + ported patch": evaluate(work, f"port_v2_{k}_ported", v2, qa, [(ported, 1.0)]),
             "version 2 + re-trained patch": evaluate(work, f"port_v2_{k}_retrained", v2, qa, [(retrained, 1.0)])}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import readapt
+from readapt.errors import ReadaptError
 from readapt.demoworld import checks as wc
 from readapt.demoworld.cache import default_cache_dir
 from readapt.demoworld.claims import all_claims
@@ -101,7 +101,7 @@ def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int | Non
     settings and seed>). An existing `out` is replaced only if it holds a previous demo (or `overwrite`)."""
     seeds = (1 if quick else 3) if seeds is None else seeds
     if seeds < 1:
-        raise readapt.ReadaptError(f"--seeds must be at least 1, got {seeds}")
+        raise ReadaptError(f"--seeds must be at least 1, got {seeds}")
     out, s, t0 = Path(out), QUICK if quick else FULL, time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ def capacity_sweep(out: str | Path = "readapt-capacity", seeds: int | None = Non
 
     seeds = 3 if seeds is None else seeds
     if seeds < 1:
-        raise readapt.ReadaptError(f"--seeds must be at least 1, got {seeds}")
+        raise ReadaptError(f"--seeds must be at least 1, got {seeds}")
     out, t0 = Path(out), time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
