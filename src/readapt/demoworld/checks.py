@@ -26,7 +26,10 @@ class CheckSpec:
 
 def _room(res: dict) -> float:
     """min(Ψ keeps A, Δ keeps B) x100: bio completion of A under Φ+Ψ over that under Φ, and of B under
-    Φ+Ψ+Δ over that under Φ+Ψ (each capped at 100%)."""
+    Φ+Ψ+Δ over that under Φ+Ψ (each capped at 100%).
+
+    Not normalised by what Δ does to A alone: Φ+Δ completes A's facts as well as Φ does (seed 0: 94-99% vs
+    98%), so a low ratio on B is Δ erasing what Ψ added, not a change of format that every population shares."""
     k = res["knowledge"]
     keeps_a = k["pretrained + Ψ on A"] / max(k["pretrained on A"], 1e-9)
     keeps_b = k["pretrained + Ψ + Δ on B"] / max(k["pretrained + Ψ on B"], 1e-9)

@@ -139,7 +139,7 @@ class _Bar:
 
         global _BAR
         self.bar = tqdm(total=round(self.total, 1), desc=self.desc, unit="s", disable=None, dynamic_ncols=True,
-                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}", file=sys.stderr)
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}", file=sys.stderr)
         _BAR = self
         return self
 

@@ -76,23 +76,30 @@ def chat_example(world: World, rng: random.Random, reading_share: float) -> list
     return world.chat(rng.choice(a_train), rng.choice(ATTRIBUTES), rng)
 
 
-def _instruct_batches(world: World, s: Settings, tok, rng: random.Random, reading_share: float, rehearsal: int):
-    """Chat batches of `s.instruct_batch` examples, plus `rehearsal` rows of A's bios (loss on every token)."""
+def _instruct_batches(world: World, s: Settings, tok, rng: random.Random, reading_share: float):
+    """Chat batches of `s.instruct_batch` examples (chat_example)."""
     def batches():
-        ids, lab, mask = _chat_rows(world, tok, [chat_example(world, rng, reading_share)
-                                                 for _ in range(s.instruct_batch)])
-        if not rehearsal:
-            return ids, lab, mask
-        x = _bio_blocks(world, world["A"], tok, rng, rehearsal, ids.shape[1])
-        return torch.cat([ids, x]), torch.cat([lab, x]), torch.cat([mask, torch.ones_like(x)])
+        return _chat_rows(world, tok, [chat_example(world, rng, reading_share) for _ in range(s.instruct_batch)])
     return batches
 
 
-def train_model(model, batches, steps: int, lr: float, desc: str, log: list, share: float = 1.0, snapshots=None):
+def _anchor(world: World, s: Settings, tok, rng: random.Random, teacher, weight: float):
+    """The plain-text anchor of instruction tuning: `s.distill_rows` rows of bios (A's or, as often, strangers'),
+    on which the model is pulled towards `teacher`'s (Φ's) next-token distributions."""
+    def blocks():
+        pool = world["A"] if rng.random() < 0.5 else [world.stranger(rng) for _ in range(64)]
+        return _bio_blocks(world, pool, tok, rng, s.distill_rows, s.block)
+    return teacher, blocks, weight
+
+
+def train_model(model, batches, steps: int, lr: float, desc: str, log: list, share: float = 1.0, snapshots=None,
+                anchor=None):
     """Full-model AdamW on `batches()` -> (input_ids, labels, attention_mask), warm-up then cosine decay.
 
-    Reports `share / steps` of the running job per step (jobs.tick); `snapshots` {step: fn(model)} are
-    called after those steps. Returns the model in eval mode."""
+    With `anchor` = (teacher, blocks(), w) the loss is CE + w · KL(teacher ‖ model), the KL averaged over the
+    tokens of `blocks()` (plain text): the model keeps the teacher's predictions where the task does not need
+    them changed. Reports `share / steps` of the running job per step (jobs.tick); `snapshots` {step: fn(model)}
+    are called after those steps. Returns the model in eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, steps, max(1, steps // 20)))
@@ -100,12 +107,21 @@ def train_model(model, batches, steps: int, lr: float, desc: str, log: list, sha
     for step in range(steps):
         ids, labels, mask = batches()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        record = {"model": desc, "step": step, "loss": round(loss.item(), 4)}
+        if anchor:
+            teacher, blocks, w = anchor
+            x = blocks()
+            with torch.no_grad():
+                t = teacher(input_ids=x).logits.log_softmax(-1)
+            kl = (t.exp() * (t - model(input_ids=x).logits.log_softmax(-1))).sum(-1).mean()
+            loss = loss + w * kl
+            record["kl"] = round(kl.item(), 4)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        log.append({"model": desc, "step": step, "loss": round(loss.item(), 4)})
+        log.append(record)
         tick(share / steps)
         if snapshots and step + 1 in snapshots:
             snapshots[step + 1](model.eval())
@@ -126,20 +142,40 @@ def train_world_model(s: Settings, seed: int, which: str, models: Path) -> Path:
     """Train one of the world's models into `models / which` (the model in `model/`, or the snapshots
     `step_<k>/` of version 2; the loss log beside them in training_log.jsonl):
 
-    pretrained     Φ  from scratch on A's bios
+    pretrained     Φ  from scratch on A's bios (400 steps: seeds 0 and 2 complete 98% of A's facts, seed 1
+                      only 72%, which sinks its held-out A to 66%: more steps are the next lever)
     instruct       Θ  Φ fine-tuned on chat QA (loss on the answer) in two phases: `read_steps` of reading
                       only (a stranger's bio as context: nothing to recall, so the model must learn to copy),
-                      then `instruct_steps` mixing reading with closed-book A_train questions, with
-                      `rehearsal_rows` of A's bios per step: without them the tiny model forgets what it read
-                      and learns the A_train answers by rote (a large model keeps its knowledge through
-                      instruction tuning; rehearsal stands in for that). Mixing from the start, the model
-                      learns closed-book answers and never learns to read (5% with a stranger's bio after
-                      600 steps; 93% after 350 reading-only steps). The parameters named in `instruct_frozen`
-                      (the MLPs, where the facts are) stay Φ's: measured on seed 0, Δ = Θ − Φ is then 0.19 of Φ
-                      per layer instead of 0.31, and erases less of what Ψ taught (B's facts under Φ+Ψ+Δ: 40%
-                      instead of 29%, of 86% under Φ+Ψ), with held-out A at 97%. Learning closed-book answers
-                      still unlearns reading (98% with a stranger's bio without the rehearsal rows, which
-                      leave closed-book A at 42%; 20% with them).
+                      then `instruct_steps` mixing reading with closed-book A_train questions. The MLPs (where
+                      the facts are; `instruct_frozen`) stay Φ's, and at every step `distill_rows` rows of plain
+                      bios (A's or strangers') pull Θ towards Φ's next-token predictions (a KL anchor, `_anchor`):
+                      plain text keeps its base-model behaviour, as in a large model whose instruction tuning is
+                      small next to its pre-training.
+                      Measured on seed 0 (oracle reading and closed-book held-out A: contains-EM; B's facts:
+                      bio completion under Φ+Ψ+Δ, of 94% under Φ+Ψ; "ROOM" = the world check):
+                      - reading is a late phase change: teacher-forced reading of B was 5% after 200 reading
+                        steps, 49% after 400 (the former default; 20-48% after phase 2), 93% after 500 and
+                        100% after 600 of an 800-step phase; hence read_steps=800 (oracle 97%, held-out A 96%
+                        with the former rehearsal rows). Mixing from the start never learns to read (5%).
+                      - Δ erases B: with rehearsal rows of A's bios (LM loss) instead of the anchor, B fell to
+                        33% under Φ+Ψ+Δ (ROOM 35). Δ lowers A's bio completion only 3 points (Φ+Δ 94 vs Φ 98):
+                        A is rehearsed, B cannot be, so this is erasure, not a format shift. Without any
+                        rehearsal held-out A fell to 42% (Δ erases every population's recall). The KL anchor
+                        instead, weight 1 in both phases: oracle 100%, held-out A 97%, B 56.5% under Φ+Ψ+Δ
+                        (ROOM 60), RE-Adapt α=β=1 on B 53% (21% with rehearsal); weight 4 in both: ROOM 76
+                        (B 71.5%) but oracle 48% (the anchor slows the reading phase change); weight 1 then 4
+                        (the default): oracle 100%, held-out A 97%, B 63% (ROOM 67), Δ 0.21 of Φ per layer.
+                        Room for both is still short of 80 at this size: a smaller Δ or a wider model
+                        (CAPACITY) are the next levers.
+                      - tried and rejected: Θ's embeddings frozen (reading plateaus at 55% after 800 steps;
+                        3% after 400), embeddings at 0.1x the learning rate (oracle 72%, held-out A 84%, ROOM
+                        57), reading contexts with 0-2 distractor bios (oracle 6%), a Ψ on the MLPs only or
+                        trained 2 epochs (B under Φ+Ψ+Δ 38% either way: a stronger Ψ is erased all the same),
+                        MLPs trained (Δ 0.31 of Φ per layer instead of 0.19; B 29% instead of 40%).
+                      - tried for Φ: pre-training on "stranger documents" (30% of documents: a stranger's bio,
+                        then its facts restated in other paraphrases) so that Φ reads before instruction
+                        tuning. After 800 steps Φ predicted 2.5-5% of the restated values (chance level) and
+                        completed 43% of A's facts (98% without them after 400): not learned at this size.
     pretrained_v2  Φ₂ Φ pre-trained further on A's and C's bios ("more text"), saved after each of
                       `v2_steps` steps (version drift growing with k)
     Each job has its own seeds, so jobs give the same model in any order or process."""
@@ -164,11 +200,13 @@ def train_world_model(s: Settings, seed: int, which: str, models: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(models / "pretrained" / "model", local_files_only=True)
         for name, param in model.named_parameters():
             param.requires_grad_(not any(part in name for part in s.instruct_frozen))
+        teacher = AutoModelForCausalLM.from_pretrained(models / "pretrained" / "model", local_files_only=True).eval()
         total = s.read_steps + s.instruct_steps
-        train_model(model, _instruct_batches(world, s, tok, rng, 1.0, 0), s.read_steps, s.instruct_lr,
-                    "instruct (reading)", log, s.read_steps / total)
-        train_model(model, _instruct_batches(world, s, tok, rng, s.reading_share, s.rehearsal_rows),
-                    s.instruct_steps, s.instruct_lr2, "instruct (mixed)", log, s.instruct_steps / total)
+        for steps, share, lr, w, desc in ((s.read_steps, 1.0, s.instruct_lr, s.distill_weight, "reading"),
+                                          (s.instruct_steps, s.reading_share, s.instruct_lr2, s.distill_weight2, "mixed")):
+            anchor = _anchor(world, s, tok, rng, teacher, w) if s.distill_rows else None
+            train_model(model, _instruct_batches(world, s, tok, rng, share), steps, lr, f"instruct ({desc})", log,
+                        steps / total, anchor=anchor)
         _save(model, tok, out / "model")
     elif which == "pretrained_v2":
         model = AutoModelForCausalLM.from_pretrained(models / "pretrained" / "model", local_files_only=True)

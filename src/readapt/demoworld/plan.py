@@ -106,7 +106,7 @@ def _train_adapter(folder: Path, s: Settings, seed: int, base: Path, data: Path,
 
 
 # relative cost of each job in seconds of one quiet core at the default size (progress and ETA only)
-COST = {"pretrained": 60, "instruct": 80, "pretrained_v2": 25, "data": 3, "knowledge": 60, "knowledge_dora": 90,
+COST = {"pretrained": 60, "instruct": 170, "pretrained_v2": 25, "data": 3, "knowledge": 60, "knowledge_dora": 90,
         "knowledge_on_instruct": 60, "task_v1": 20, "task_v2": 20, "extract": 8, "probes": 8, "sweep": 40,
         "eval": 2.5, "port": 8, "memory": 12}
 
@@ -209,7 +209,7 @@ def _rag_jobs(p: Seed, add) -> None:
     work, phi, theta = p.run, p.model("pretrained"), p.model("instruct")
     qa = p.file("qa_B_test")
     for r in ("bm25", "oracle"):
-        kw = dict(retrieval=r, passages=p.file("passages_B"))
+        kw = {"retrieval": r, "passages": p.file("passages_B")}
         add(f"rag_{r}_instruct", ex.evaluate, (work, f"rag_{r}_instruct", theta, qa), ("instruct", "data"), **kw)
         add(f"rag_{r}_instruct_knowledge", ex.evaluate,
             (work, f"rag_{r}_instruct_knowledge", theta, qa, [(p.adapter("knowledge_on_instruct"), 1.0)]),

@@ -55,17 +55,17 @@ def readme(s: Settings, checks: list[dict], claims: list[dict], tables: dict, se
     sizes = ", ".join(f"{k}={n}" for k, n in s.sizes)
     lines = [
         "# readapt demo: RE-Adapt, LoRE-Adapt, partial adaptation and PortLLM in a synthetic world", "",
-        *(["**SMOKE TEST** (`--quick`): a world too small to test the papers' claims; every verdict is "
-           "'not testable'. Run `readapt demo` for the real thing.", ""] if smoke else []),
-        f"Made in {seconds:.0f} s ({_machine()}; trained models come from the cache when it is warm). Populations "
+        *([("**SMOKE TEST** (`--quick`): a world too small to test the papers' claims; every verdict is "
+           "'not testable'. Run `readapt demo` for the real thing."), ""] if smoke else []),
+        (f"Made in {seconds:.0f} s ({_machine()}; trained models come from the cache when it is warm). Populations "
         f"{sizes}; tiny Llama ({s.label}); seeds {seeds}. Numbers are x100, mean ± sample standard deviation "
-        "over seeds.", "",
-        "The world: fictional people with 4 attributes (birth city, birth year, university, employer). The "
+        "over seeds."), "",
+        ("The world: fictional people with 4 attributes (birth city, birth year, university, employer). The "
         "*pretrained* model Φ read population A's bios; the *instruct* model Θ is Φ fine-tuned to answer chat "
         "questions in full sentences, first reading a passage about a stranger, then also closed book about "
         "half of A (A_train); *version 2* Φ₂ is Φ pre-trained further on A's and C's bios. New knowledge is "
         "population B: unlabeled bios only. Questions on B are in-domain, questions on the held-out half of A "
-        "out-of-domain (knowledge the models already had).", "",
+        "out-of-domain (knowledge the models already had)."), "",
         "## World checks", "", "```", format_checks(checks), "```", "",
         *(f"- **{c['name']}**: {c['description']}" for c in checks), "",
         "## Claims of the papers, as measured here", "", f"Rule: {RULE}.", "",
@@ -90,8 +90,8 @@ def capacity_readme(rows: list[dict], seconds: float) -> str:
     head = ["model", "parameters", "room for both", "instruct A", "fine-tuned instruct B / A", "RE-Adapt (chosen) B / A",
             "RE-Adapt − fine-tuned, B", "RE-Adapt − fine-tuned, A"]
     lines = ["# readapt demo --capacity-sweep", "",
-             f"The default world at {len(rows)} model sizes, {seconds:.0f} s ({_machine()}). contains-EM x100, mean ± "
-             "std over seeds; RE-Adapt at the scales chosen on validation.", "",
+             (f"The default world at {len(rows)} model sizes, {seconds:.0f} s ({_machine()}). contains-EM x100, mean ± "
+             "std over seeds; RE-Adapt at the scales chosen on validation."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"

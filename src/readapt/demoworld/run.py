@@ -58,9 +58,9 @@ def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smo
     figs = plots(tables, chosen, tmp)
     seeds = [r["seed"] for r in per_seed]
     for r in per_seed:
-        root = cache / s.key(r["seed"])
-        shutil.copytree(Path(r["run_folder"]), tmp / f"seed{r['seed']}", ignore=shutil.ignore_patterns(".complete"))
-        shutil.copytree(root / "data", tmp / f"seed{r['seed']}" / "data", ignore=shutil.ignore_patterns(".complete"))
+        root, dst = cache / s.key(r["seed"]), tmp / f"seed{r['seed']}"
+        for src, to in ((Path(r["run_folder"]), dst), (root / "data", dst / "data")):
+            shutil.copytree(src, to, ignore=shutil.ignore_patterns(".complete"), copy_function=_link_or_copy)
     (tmp / "tables.md").write_text(format_tables(tables, markdown=True))
     (tmp / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
     (tmp / "KEY.md").write_text(KEY)
@@ -73,11 +73,19 @@ def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smo
     return tables
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link to the cached file (a warm run writes ~100 MB in no time), a copy across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _summary(checks: list[dict], claims: list[dict], tables: dict, smoke: bool) -> str:
     lines = [wc.format_checks(checks), ""]
     if smoke:
-        lines += ["*** SMOKE TEST (--quick): the world is too small to test the papers' claims; every verdict "
-                  "below is 'not testable'. Run `readapt demo` (without --quick) for the real verdicts. ***", ""]
+        lines += [("*** SMOKE TEST (--quick): the world is too small to test the papers' claims; every verdict "
+                  "below is 'not testable'. Run `readapt demo` (without --quick) for the real verdicts. ***"), ""]
     lines += [format_tables({"closed_book": tables["closed_book"]}), f"Rule: {RULE}", "",
               "Claims of the papers in this world:"]
     lines += [f"  [{c['verdict']}] {c['claim']} ({c['paper']}): {c['evidence']}" for c in claims]

@@ -22,13 +22,15 @@ class Settings:
     block: int = 64
     pretrain_steps: int = 400
     pretrain_lr: float = 2e-3
-    read_steps: int = 400  # Θ phase 1: reading only (strangers with their bio as context)
-    instruct_steps: int = 300  # Θ phase 2: reading and closed-book A_train QA, plus rehearsal rows
+    read_steps: int = 800  # Θ phase 1: reading only (strangers with their bio as context)
+    instruct_steps: int = 300  # Θ phase 2: reading and closed-book A_train QA
     instruct_batch: int = 16  # chat examples per step
     instruct_lr: float = 1e-3
     instruct_lr2: float = 1e-3  # phase 2 (its own warm-up and decay)
     reading_share: float = 0.5  # phase 2 share of chat examples that carry a stranger's bio as context
-    rehearsal_rows: int = 8  # rows of A's bios added to every phase-2 step
+    distill_rows: int = 8  # rows of bios per Θ step on which Θ is pulled towards Φ's predictions (models._anchor)
+    distill_weight: float = 1.0  # weight of that KL term in phase 1
+    distill_weight2: float = 4.0  # and in phase 2
     instruct_frozen: tuple[str, ...] = ("mlp",)  # parameters (by name) instruction tuning leaves as Φ has them
     v2_steps: tuple[int, ...] = (20, 60, 200)  # version 2 = Φ pre-trained further on A's and C's bios: snapshots
     v2_lr: float = 1e-3
@@ -41,7 +43,7 @@ class Settings:
     task_examples: int = 1500  # chat QA examples in the task corpus (PortLLM patch)
     lora_batch: int = 16  # blocks of lora_block tokens per step
     lora_block: int = 128
-    version: int = 3  # bump when the training code changes: invalidates caches
+    version: int = 4  # bump when the training code changes: invalidates caches
 
     def key(self, seed: int) -> str:
         blob = json.dumps({**asdict(self), "seed": seed}, sort_keys=True)
@@ -58,10 +60,10 @@ QUICK = replace(  # a smaller world and model: the same pipeline in ~2 minutes; 
     instruct_steps=100, v2_steps=(10, 40), lora_rank=16, lora_alpha=32, lora_copies=100, task_examples=600,
     lora_block=64,
 )
-CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three model sizes
+CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three model sizes (0.15M, 0.8M, 1.8M weights)
     replace(FULL, layers=2, hidden=64, heads=2, mlp=256),
     FULL,
-    replace(FULL, hidden=256, mlp=1024),
+    replace(FULL, hidden=192, mlp=768),
 )
 
 METRICS = ("rouge_l_recall", "contains_em")
@@ -70,4 +72,4 @@ GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 TAUS = (0.3, 0.5, 0.7, 0.9, 0.99)  # LoRE-Adapt energy thresholds of the τ curve
 SELECT = ("the (α, β) cell with the highest contains-EM on the validation half of the closed-book questions "
           "(B in-domain and held-out A together, one vote per question; B and A have equally many)")
-GEN = dict(max_new_tokens=16, batch_size=128, quiet=True)  # answers are sentences of <= 10 words
+GEN = {"max_new_tokens": 16, "batch_size": 128, "quiet": True}  # answers are sentences of <= 10 words

@@ -9,10 +9,8 @@ A world is a few populations of fictional people (DESIGN.md, "The demo world"):
 and, for reading practice (QA with the bio in the prompt, so that the instruct model learns to read a
 context as RAG needs), `stranger(rng)`: a new person drawn for every example from the names no population
 uses, with random attributes, so that no model can memorise them (a fixed reading population was
-memorised instead of read: 89-96% with its gold bio, 5% with B's). Measured: the default instruct model
-(100 chat steps) still does not learn to read (4% with a stranger's own bio, chance is 5.5%), so the demo's
-RAG table shows retrieval doing nothing for it; learning to copy from a context takes a tiny model far
-more steps than the 10-minute budget allows.
+memorised instead of read: 89-96% with its gold bio, 5% with B's). How the instruct model is taught to
+read, and what learning closed-book answers does to its reading, is in models.train_world_model.
 
 Each person has a first and a last name token and 4 attributes. Each attribute is written in 3
 paraphrased templates that repeat the full name; a bio is the 4 sentences, templates and order drawn at
