@@ -404,20 +404,6 @@ def _dist_version(name: str):
     return version(name)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one thread while building: on a shared 2-core machine two threads fighting other jobs made
-    a fine-tune step 5x slower (3.2 s vs 15-25 s), and one thread gives the same bits whatever the core count."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def build(cache: Path | None = None, only: list[str] | None = None, rebuild: list[str] = (), log=print) -> dict:
     """Build every missing folder of `only` (default: all, in ORDER) and those in `rebuild` (replaced
     atomically, so readers never see it missing), then READY.json when all exist.
@@ -430,7 +416,10 @@ def build(cache: Path | None = None, only: list[str] | None = None, rebuild: lis
         return json.loads(ready.read_text())
     failed: list[str] = []
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock, _one_thread():
+    from readapt.numerics import one_thread  # on a shared 2-core machine two threads fighting other jobs made a
+    # fine-tune step 5x slower (3.2 s vs 15-25 s), and one thread gives the same bits whatever the core count
+
+    with open(cache / ".lock", "w") as lock, one_thread():
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; a second waits and then finds it done
         for stale in [*cache.glob(".*.readapt-tmp-*"), *cache.glob("downloads/*/tmp*"), *cache.glob("downloads/tmp*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
