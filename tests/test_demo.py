@@ -110,6 +110,7 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
     assert main(["demo", "--quick", "-o", str(tmp_path / "mine"), "--cache-dir", str(tmp_path / "c")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "c").exists()  # refused before anything was trained
     assert main(["demo", "--seeds", "0", "-o", str(tmp_path / "x")]) == 2
     assert main(["demo", "--quick", "--capacity-sweep", "-o", str(tmp_path / "y")]) == 2
 

@@ -17,6 +17,7 @@ from readapt.demoworld import checks as wc
 from readapt.demoworld.cache import default_cache_dir
 from readapt.demoworld.claims import all_claims
 from readapt.demoworld.figures import plots
+from readapt.checkpoint import check_output
 from readapt.demoworld.internals import output_folder
 from readapt.demoworld.jobs import run_jobs
 from readapt.demoworld.plan import Seed, collect, experiment_jobs, training_jobs
@@ -104,6 +105,7 @@ def demo(out: str | Path = "readapt-demo", quick: bool = False, seeds: int | Non
         raise ReadaptError(f"--seeds must be at least 1, got {seeds}")
     out, s, t0 = Path(out), QUICK if quick else FULL, time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    check_output(out, overwrite or _previous_demo(out), [cache])  # before training, not after
     cache.mkdir(parents=True, exist_ok=True)
     with _quiet_torch():
         per_seed = build(s, list(range(seeds)), cache)
@@ -155,6 +157,7 @@ def capacity_sweep(out: str | Path = "readapt-capacity", seeds: int | None = Non
         raise ReadaptError(f"--seeds must be at least 1, got {seeds}")
     out, t0 = Path(out), time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    check_output(out, overwrite or _previous_demo(out), [cache])  # before training, not after
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
     with _quiet_torch():
