@@ -196,12 +196,12 @@ def _match(s: _Sources) -> tuple[list[Item], Vocab, list[str]]:
              for n, shape in targets.items() if n not in base_copies]
     for it in items if modules else ():
         parts = modules[it.name].parts
-        full = any(p in ("weight", "bias") or p.startswith("modules_to_save") for p in parts)
+        saved = it.name in tokens or any(p in ("weight", "bias") or p.startswith("modules_to_save") for p in parts)
         what = "trainable-token rows" if it.name in tokens else "a modules_to_save copy"
-        if (it.status != "skipped" or it.name in tokens) and (full or it.name in tokens) and s.old is None:
+        if saved and s.old is None and (it.status != "skipped" or it.name in tokens):  # tokens: no shape to match
             it.status, it.why = "skipped", (f"{what} of the old tensor: its patch is (saved − old values); pass "
                                             f"--from OLD_BASE to carry it")
-        elif it.status != "skipped" and (full or it.name in tokens):
+        elif saved and it.status != "skipped":
             it.status, it.why = "adjusted", f"{what}: new values + (saved − old values); " + it.why
         elif it.status != "skipped" and "lora_magnitude_vector" in parts and s.old is not None:
             it.status, it.why = "adjusted", "DoRA magnitude rescaled m′ = m·‖W_new‖/‖W_old‖; " + it.why
