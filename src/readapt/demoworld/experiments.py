@@ -85,21 +85,21 @@ def evaluate(work: Path, tag: str, model: Path, questions: Path, adds=(), **kw) 
     return scores
 
 
-def sweep(work: Path, name: str, base: Path, adds: list[Path], qa: Path, seed: int) -> dict:
-    """readapt.sweep over GRID x GRID with half the questions for validation -> {"chosen", "cells"}, where
-    cells["α,β"] = {"val": per-domain scores, "test": per-domain scores}."""
+def sweep(work: Path, name: str, base: Path, adds: list[Path], qa: Path, seed: int, grid=GRID) -> dict:
+    """readapt.sweep over grid x grid with half the questions for validation -> {"grid", "chosen", "cells"},
+    where cells["α,β"] = {"val": per-domain scores, "test": per-domain scores}."""
     folder = work / f"sweep_{name}"
-    summary = evaluation.sweep(str(base), [str(a) for a in adds], qa, folder, grid=list(GRID), val_fraction=0.5,
+    summary = evaluation.sweep(str(base), [str(a) for a in adds], qa, folder, grid=list(grid), val_fraction=0.5,
                             seed=seed, select="contains_em", overwrite=True, **GEN)
     qs = read_jsonl(qa)
     val, test = split_validation(len(qs), 0.5, seed)
     split = {"val": {qs[i]["id"] for i in val}, "test": {qs[i]["id"] for i in test}}
     cells = {}
-    for a in GRID:
-        for b in GRID:
+    for a in grid:
+        for b in grid:
             rows = read_jsonl(folder / "predictions" / f"alpha={a:g}_beta={b:g}.jsonl")
             cells[f"{a:g},{b:g}"] = {k: by_domain(rows, ids) for k, ids in split.items()}
-    return {"chosen": summary["best"]["scales"], "cells": cells}
+    return {"grid": list(grid), "chosen": summary["best"]["scales"], "cells": cells}
 
 
 def cell(grid: dict, a: float, b: float, split: str = "test") -> dict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from readapt.demoworld.settings import GRID
-
 
 def _plt():
     import matplotlib
@@ -24,15 +22,17 @@ def heatmaps(tables: dict, chosen: dict, folder: Path) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(10, 8))
     for i, method in enumerate(("re_adapt", "lore_adapt")):
         for j, (dom, label) in enumerate((("B", "in-domain B"), ("A", "out-of-domain A"))):
-            z = np.array([r["mean"] for r in tables[f"grid_{method}_{dom}"]["rows"]])
+            rows = tables[f"grid_{method}_{dom}"]["rows"]  # α down, β across: the same values
+            grid = [float(r["label"].split("=")[1]) for r in rows]
+            z = np.array([r["mean"] for r in rows])
             ax = axes[i][j]
             im = ax.imshow(z, origin="lower", cmap="viridis", vmin=0, vmax=100)
             for (a, b), v in np.ndenumerate(z):
                 ax.text(b, a, f"{v:.0f}", ha="center", va="center", color="w" if v < 50 else "k", fontsize=8)
-            a, b = GRID.index(chosen[method][0]), GRID.index(chosen[method][1])
+            a, b = grid.index(chosen[method][0]), grid.index(chosen[method][1])
             ax.add_patch(plt.Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-            ax.set_xticks(range(len(GRID)), [f"{g:g}" for g in GRID])
-            ax.set_yticks(range(len(GRID)), [f"{g:g}" for g in GRID])
+            ax.set_xticks(range(len(grid)), [f"{g:g}" for g in grid])
+            ax.set_yticks(range(len(grid)), [f"{g:g}" for g in grid])
             ax.set_xlabel("β (RE-Adapter Δ)" if method == "re_adapt" else "β (LoRE-Adapter, τ=0.5)")
             ax.set_ylabel("α (knowledge adapter Ψ)")
             ax.set_title(f"{'RE' if method == 're_adapt' else 'LoRE'}-Adapt, {label}, contains-EM (test)")

@@ -23,7 +23,7 @@ from pathlib import Path
 from readapt.demoworld import experiments as ex
 from readapt.demoworld.cache import source_hash
 from readapt.demoworld.jobs import Job
-from readapt.demoworld.settings import TAUS, Settings
+from readapt.demoworld.settings import COARSE, GRID, TAUS, Settings
 
 
 def build_once(folder: Path, build, *args) -> Path:
@@ -172,20 +172,20 @@ def experiment_jobs(p: Seed, table2_only: bool = False) -> list[Job]:
     trained = {"pretrained", "instruct", "pretrained_v2", "data", "knowledge", "knowledge_dora",
                "knowledge_on_instruct", "task_v1", *(f"task_v2_{k}" for k in s.v2_steps)}
 
-    def add(name, fn, args, needs=(), cost="eval", inputs=(), **kw):
+    def add(name, fn, args, needs=(), cost="eval", inputs=(), scale=1.0, **kw):
         deps = tuple(p.tag(n) for n in needs if n not in trained or not _done(p, n))
-        jobs.append(Job(p.tag(name), fn, args, deps, COST[cost] * (s.hidden / 128) ** 2,
+        jobs.append(Job(p.tag(name), fn, args, deps, COST[cost] * scale * (s.hidden / 128) ** 2,
                         tuple(p.tag(n) for n in inputs), kw))
 
     shutil.rmtree(work, ignore_errors=True)  # an incomplete run (interrupted) starts over
     work.mkdir(parents=True)
     add("extract", ex.extract, (work, phi, theta), ("pretrained", "instruct"), "extract")
     add("probes", ex.knowledge, (s, p.seed, phi, theta, psi, delta), ("extract", "knowledge"), "probes")
-    for name, adds, knows in (("re_adapt", [psi, delta], "knowledge"),
-                              ("re_adapt_dora", [p.adapter("knowledge_dora"), delta], "knowledge_dora"),
-                              ("lore_adapt", [psi, lore5], "knowledge")):
-        add(f"sweep_{name}", ex.sweep, (work, name, phi, adds, p.file("qa"), p.seed), ("extract", knows, "data"),
-            "sweep")
+    for name, adds, knows, grid in (("re_adapt", [psi, delta], "knowledge", GRID),
+                                    ("re_adapt_dora", [p.adapter("knowledge_dora"), delta], "knowledge_dora", COARSE),
+                                    ("lore_adapt", [psi, lore5], "knowledge", COARSE)):
+        add(f"sweep_{name}", ex.sweep, (work, name, phi, adds, p.file("qa"), p.seed, grid), ("extract", knows, "data"),
+            "sweep", scale=len(grid) ** 2 / len(GRID) ** 2)
     add("eval_instruct", ex.evaluate, (work, "instruct", theta, qa_test), ("instruct", "data"))
     add("eval_instruct_knowledge", ex.evaluate, (work, "instruct_knowledge", theta, qa_test,
                                             [(p.adapter("knowledge_on_instruct"), 1.0)]), ("knowledge_on_instruct", "data"))
@@ -240,7 +240,7 @@ def collect(p: Seed, done: dict, table2_only: bool = False) -> dict:
     res = {"seed": p.seed, "settings_key": p.s.key(p.seed), "knowledge": r["probes"]["bio_completion"],
            "interference": r["probes"]["interference"], "grids": grids,
            "closed_book": closed_book_rows(grids, r["eval_instruct"], r["eval_instruct_knowledge"]),
-           "strength": {f"{b:g}": grids["re_adapt"]["cells"][f"0,{b:g}"] for b in ex.GRID},
+           "strength": {f"{b:g}": grids["re_adapt"]["cells"][f"0,{b:g}"] for b in GRID},
            "lore": {t: {**v, "scores": r[f"lore_tau{t}"]} for t, v in r["extract"].items()},
            "rag": rag_rows(r), "port": {"version 1 + task patch": r["port_v1"],
                                         "drift": [r[f"port_{k}"] for k in p.s.v2_steps]},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from readapt.demoworld.settings import EM, GRID, RL, SELECT, TAUS
+from readapt.demoworld.settings import EM, RL, SELECT, TAUS
 
 QA_COLS = ["B (in-domain) Rouge-L recall", "B contains-EM", "A held out (out-of-domain) Rouge-L recall",
            "A held out contains-EM"]
@@ -29,8 +29,8 @@ def qa_tables(res: dict) -> dict[str, dict]:
             t[f"grid_{name}_{dom}"] = _table(
                 f"{label}: Φ + αΨ + β·adapter, {where} contains-EM, test half (rows α, columns β; chosen on "
                 f"validation in seed {res['seed']}: α={g['chosen'][0]:g}, β={g['chosen'][1]:g})",
-                [f"β={b:g}" for b in GRID],
-                [[f"α={a:g}", *(g["cells"][f"{a:g},{b:g}"]["test"][dom][EM] for b in GRID)] for a in GRID])
+                [f"β={b:g}" for b in g["grid"]],
+                [[f"α={a:g}", *(g["cells"][f"{a:g},{b:g}"]["test"][dom][EM] for b in g["grid"])] for a in g["grid"]])
     t["strength"] = _table("Instruction strength Φ + βΔ (RE-Adapt Figure 6; the α=0 row of the RE-Adapt grid), test "
                            "half", QA_COLS, [[f"β={b}", *_four(v["test"])] for b, v in res["strength"].items()])
     return t

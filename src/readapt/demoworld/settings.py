@@ -68,7 +68,8 @@ CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three mode
 
 METRICS = ("rouge_l_recall", "contains_em")
 EM, RL = "contains_em", "rouge_l_recall"
-GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # RE-Adapt's (α, β) sweep (and Figure 6: its α=0 row)
+COARSE = (0.0, 0.5, 1.0)  # the DoRA-Ψ and LoRE sweeps: their claims read the chosen cell, α=β=0.5 and α=β=1
 TAUS = (0.3, 0.5, 0.7, 0.9, 0.99)  # LoRE-Adapt energy thresholds of the τ curve
 SELECT = ("the (α, β) cell with the highest contains-EM on the validation half of the closed-book questions "
           "(B in-domain and held-out A together, one vote per question; B and A have equally many)")
