@@ -142,8 +142,9 @@ def train_world_model(s: Settings, seed: int, which: str, models: Path) -> Path:
     """Train one of the world's models into `models / which` (the model in `model/`, or the snapshots
     `step_<k>/` of version 2; the loss log beside them in training_log.jsonl):
 
-    pretrained     Φ  from scratch on A's bios (400 steps: seeds 0 and 2 complete 98% of A's facts, seed 1
-                      only 72%, which sinks its held-out A to 66%: more steps are the next lever)
+    pretrained     Φ  from scratch on A's bios. 600 steps: Φ completes 100% of A's facts on seeds 0 and 1 (400
+                      steps: 98% and 72%, which sank seed 1's held-out A to 66%; now 92-94%) and leaves more
+                      room for Ψ and Δ (seed 0: 66 -> 76, seed 1: 58 -> 80); 1000 steps: room 74 on seed 0.
     instruct       Θ  Φ fine-tuned on chat QA (loss on the answer) in two phases: `read_steps` of reading
                       only (a stranger's bio as context: nothing to recall, so the model must learn to copy),
                       then `instruct_steps` mixing reading with closed-book A_train questions. The MLPs (where
@@ -165,9 +166,17 @@ def train_world_model(s: Settings, seed: int, which: str, models: Path) -> Path:
                         (ROOM 60), RE-Adapt α=β=1 on B 53% (21% with rehearsal); weight 4 in both: ROOM 76
                         (B 71.5%) but oracle 48% (the anchor slows the reading phase change); weight 1 then 4
                         (the default): oracle 100%, held-out A 97%, B 63% (ROOM 67), Δ 0.21 of Φ per layer.
-                        Room for both is still short of 80 at this size: a smaller Δ or a wider model
-                        (CAPACITY) are the next levers.
-                      - tried and rejected: Θ's embeddings frozen (reading plateaus at 55% after 800 steps;
+                        Which part of Δ erases B (B under Φ+Ψ+Δ restricted to one part of Δ, seed 0, 400
+                        pre-training steps): embeddings none (94%), attention all of it (40.5%), in layer 0
+                        (56%; layers 1-3 alone >= 90%), q/k and v/o alike (65.5, 64.5). With 600 steps it is
+                        spread over layers 0-1, mostly v/o (74.5; q/k 92). Reading needs layer 0's attention
+                        (frozen: reading 5%), so reading and B's recall compete for early attention, and the
+                        anchor cannot protect the name composition of people Φ never saw.
+                        Room for both is still short of 80 at this size; a wider model (CAPACITY) is the lever
+                        left.
+                      - tried and rejected: an anchor on hidden states (relative L2 per layer) besides the KL:
+                        weight 1 changes nothing (ROOM 65), weight 20 ROOM 79 but reading 7%; layer 0 and the
+                        MLPs frozen: ROOM 75.5, reading 5%; Θ's embeddings frozen (reading plateaus at 55% after 800 steps;
                         3% after 400), embeddings at 0.1x the learning rate (oracle 72%, held-out A 84%, ROOM
                         57), reading contexts with 0-2 distractor bios (oracle 6%), a Ψ on the MLPs only or
                         trained 2 epochs (B under Φ+Ψ+Δ 38% either way: a stronger Ψ is erased all the same),

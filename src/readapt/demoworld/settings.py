@@ -20,7 +20,7 @@ class Settings:
     # full-model training of Φ, Θ, Φ₂ (AdamW, warm-up + cosine decay; batches drawn fresh from the world)
     batch: int = 16  # rows of `block` tokens per pre-training step
     block: int = 64
-    pretrain_steps: int = 400
+    pretrain_steps: int = 600
     pretrain_lr: float = 2e-3
     read_steps: int = 800  # Θ phase 1: reading only (strangers with their bio as context)
     instruct_steps: int = 300  # Θ phase 2: reading and closed-book A_train QA
@@ -43,7 +43,7 @@ class Settings:
     task_examples: int = 1500  # chat QA examples in the task corpus (PortLLM patch)
     lora_batch: int = 16  # blocks of lora_block tokens per step
     lora_block: int = 128
-    version: int = 4  # bump when the training code changes: invalidates caches
+    version: int = 5  # bump when the training code changes: invalidates caches
 
     def key(self, seed: int) -> str:
         blob = json.dumps({**asdict(self), "seed": seed}, sort_keys=True)
