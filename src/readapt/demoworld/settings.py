@@ -60,7 +60,7 @@ QUICK = replace(  # a smaller world and model: the same pipeline in ~2 minutes; 
     instruct_steps=100, v2_steps=(10, 40), lora_rank=16, lora_alpha=32, lora_copies=100, task_examples=600,
     lora_block=64,
 )
-CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three model sizes (0.15M, 0.8M, 1.8M weights)
+CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three model sizes (0.15M, 1.08M, 2.41M weights)
     replace(FULL, layers=2, hidden=64, heads=2, mlp=256),
     FULL,
     replace(FULL, hidden=192, mlp=768),
