@@ -217,8 +217,8 @@ def test_fold_report_gives_each_module_its_rank_kept_energy_and_error_and_the_si
 @pytest.mark.parametrize("svd", ["gram", "randomized"])
 def test_small_errors_are_measured_not_cancelled(svd):
     """The reported error of a gram/randomized factorization is ‖Δ − BA‖² measured: energy − kept, both summed
-    from float32 factors, is off by 50–300% (even negative) at a relative error of 2.5e-4 (a real SmolLM2 fold
-    at rank 16 reported 0.00102 for 0.00095)."""
+    from float32 factors, is off by 25–300% (even negative; by how much depends on the machine's float32
+    rounding) at a relative error of 2.5e-4 (a real SmolLM2 fold at rank 16 reported 0.00102 for 0.00095)."""
     from readapt.factorize import factorize
     from tests.test_lowrank import matrix
 
@@ -226,7 +226,8 @@ def test_small_errors_are_measured_not_cancelled(svd):
     f = factorize(D, rank=8, svd=svd)
     true = float((D.double() - f.B.double() @ f.A.double()).square().sum())
     assert f.residual == pytest.approx(true, rel=1e-4)
-    assert abs((f.energy - f.kept) - true) > 0.5 * true  # why the difference is not used
+    off = abs((f.energy - f.kept) - true)  # why the difference is not used: far worse than the measurement
+    assert off > 0.1 * true and off > 100 * abs(f.residual - true)
 
 
 def test_lora_only_fold_never_reads_a_linear_weight(world, tmp_path, monkeypatch):
