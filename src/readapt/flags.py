@@ -287,7 +287,7 @@ def score_flags(p: argparse.ArgumentParser) -> None:
 
 def demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke test: a smaller world, the same pipeline, one seed "
-                   "(about 3 minutes); its verdicts are all 'not testable'")
+                   "(1-2 minutes); its verdicts are all 'not testable'")
     p.add_argument("--seeds", type=int, default=None, help="judge over seeds 0..N-1, mean ± std (default 3; 1 with "
                    "--quick); a verdict needs at least 2")
     p.add_argument("--capacity-sweep", action="store_true", help="instead: the closed-book experiments at three "
