@@ -110,3 +110,25 @@ def test_room_is_the_worse_of_the_two_retentions():
     assert wc._room(r) == pytest.approx(50.0)
     r = _seed(0, keeps=(50.0, 70.0, 100.0, 100.0), learned_b=100.0)  # Ψ improving A counts as keeping it all
     assert wc._room(r) == pytest.approx(100.0)
+
+
+def test_capacity_row_gives_mean_std_and_the_per_seed_values():
+    """The capacity sweep's row: 'mean ± std' of room for both and of the closed-book scores, the gap
+    RE-Adapt − fine-tuned instruct per seed, and the values themselves under per_seed."""
+    from readapt.demoworld.run import capacity_row
+    from readapt.demoworld.settings import FULL
+
+    def seed(i, ft, ra, room_b):
+        r = _seed(i, keeps=(60.0, 60.0, 100.0, room_b), learned_b=100.0)
+        r["closed_book"].update({"instruct + knowledge adapter": {d: {"contains_em": x} for d, x in zip("BA", ft)},
+                                 "RE-Adapt (α, β chosen on validation)": {d: {"contains_em": x} for d, x in zip("BA", ra)}})
+        return r
+
+    row = capacity_row(FULL, [seed(0, (30, 20), (20, 90), 70.0), seed(1, (40, 30), (26, 96), 80.0)])
+    assert row["room for both"] == "75.0 ± 7.1" and row["instruct A"] == "95.0 ± 0.0"
+    assert row["fine-tuned instruct B / A"] == "35.0 ± 7.1 / 25.0 ± 7.1"
+    assert row["RE-Adapt − fine-tuned, B"] == "-12.0 ± 2.8" and row["RE-Adapt − fine-tuned, A"] == "68.0 ± 2.8"
+    assert row["seeds"] == [0, 1] and row["per_seed"]["room for both"] == [70.0, 80.0]
+    assert row["per_seed"]["RE-Adapt − fine-tuned, B"] == [-10, -14]
+    assert row["per_seed"]["RE-Adapt (α, β chosen on validation) A"] == [90, 96]
+    assert row["parameters"] == "1.08M"

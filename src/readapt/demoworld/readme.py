@@ -91,7 +91,7 @@ def capacity_readme(rows: list[dict], seconds: float) -> str:
             "RE-Adapt − fine-tuned, B", "RE-Adapt − fine-tuned, A"]
     lines = ["# readapt demo --capacity-sweep", "",
              (f"The default world at {len(rows)} model sizes, {seconds:.0f} s ({_machine()}). contains-EM x100, mean ± "
-             "std over seeds; RE-Adapt at the scales chosen on validation."), "",
+             "std over seeds (each seed's values: capacity.json, per_seed); RE-Adapt at the scales chosen on validation."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -171,7 +171,8 @@ def capacity_sweep(out: str | Path = "readapt-capacity", seeds: int | None = Non
 
 
 def capacity_row(s: Settings, per_seed: list[dict]) -> dict:
-    """One model size: parameters, the room-for-both check, and the closed-book contains-EM that matter."""
+    """One model size: parameters, the room-for-both check, and the closed-book contains-EM that matter, as
+    'mean ± std' over seeds, and the per-seed values under "per_seed"."""
     from readapt.demoworld.models import model_config
     from readapt.demoworld.settings import EM
     from readapt.demoworld.verdicts import _pm
@@ -180,15 +181,20 @@ def capacity_row(s: Settings, per_seed: list[dict]) -> dict:
     def em(row, dom):
         return [r["closed_book"][row][dom][EM] for r in per_seed]
 
-    def gap(dom):
-        return [a - b for a, b in zip(em("RE-Adapt (α, β chosen on validation)", dom), em("instruct + knowledge adapter", dom))]
+    ft, ra = "instruct + knowledge adapter", "RE-Adapt (α, β chosen on validation)"
 
+    def gap(dom):
+        return [a - b for a, b in zip(em(ra, dom), em(ft, dom))]
+
+    v = {"room for both": [wc._room(r) for r in per_seed], "instruct A": em("instruct", "A"),
+         **{f"{row} {dom}": em(row, dom) for row in (ft, ra) for dom in "BA"},
+         "RE-Adapt − fine-tuned, B": gap("B"), "RE-Adapt − fine-tuned, A": gap("A")}
     cfg = model_config(s, len(vocabulary()))
     params = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * (
         4 * cfg.hidden_size ** 2 + 3 * cfg.hidden_size * cfg.intermediate_size)
-    return {"model": s.label, "parameters": f"{params / 1e6:.2f}M", "room for both": _pm([wc._room(r) for r in per_seed]),
-            "instruct A": _pm(em("instruct", "A")),
-            "fine-tuned instruct B / A": f"{_pm(em('instruct + knowledge adapter', 'B'))} / {_pm(em('instruct + knowledge adapter', 'A'))}",
-            "RE-Adapt (chosen) B / A": f"{_pm(em('RE-Adapt (α, β chosen on validation)', 'B'))} / "
-                                       f"{_pm(em('RE-Adapt (α, β chosen on validation)', 'A'))}",
-            "RE-Adapt − fine-tuned, B": _pm(gap("B")), "RE-Adapt − fine-tuned, A": _pm(gap("A"))}
+    return {"model": s.label, "parameters": f"{params / 1e6:.2f}M", "room for both": _pm(v["room for both"]),
+            "instruct A": _pm(v["instruct A"]),
+            "fine-tuned instruct B / A": f"{_pm(v[ft + ' B'])} / {_pm(v[ft + ' A'])}",
+            "RE-Adapt (chosen) B / A": f"{_pm(v[ra + ' B'])} / {_pm(v[ra + ' A'])}",
+            **{k: _pm(v[k]) for k in ("RE-Adapt − fine-tuned, B", "RE-Adapt − fine-tuned, A")},
+            "seeds": [r["seed"] for r in per_seed], "per_seed": {k: [round(x, 2) for x in xs] for k, xs in v.items()}}
