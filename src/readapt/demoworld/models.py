@@ -172,8 +172,10 @@ def train_world_model(s: Settings, seed: int, which: str, models: Path) -> Path:
                         spread over layers 0-1, mostly v/o (74.5; q/k 92). Reading needs layer 0's attention
                         (frozen: reading 5%), so reading and B's recall compete for early attention, and the
                         anchor cannot protect the name composition of people Φ never saw.
-                        Room for both is still short of 80 at this size, and width does not fix it: 78.5 ± 3.4
-                        at hidden 128, 79.6 ± 4.5 at hidden 192 (capacity sweep, seeds 0-2, 2026-12-02).
+                        With Ψ at rank 32 room for both stayed short of 80, and width did not fix it: 78.5 ±
+                        3.4 at hidden 128, 79.6 ± 4.5 at hidden 192 (capacity sweep, seeds 0-2, 2026-12-02);
+                        Ψ at the paper's rank 64 did (83.3, 84.5, 88.4; rank 8: 64 on seed 0): a Ψ of higher
+                        rank keeps more of B under Δ (settings.lora_rank).
                       - tried and rejected: an anchor on hidden states (relative L2 per layer) besides the KL:
                         weight 1 changes nothing (ROOM 65), weight 20 ROOM 79 but reading 7%; layer 0 and the
                         MLPs frozen: ROOM 75.5, reading 5%; Θ's embeddings frozen (reading plateaus at 55% after 800 steps;

@@ -35,8 +35,8 @@ class Settings:
     v2_steps: tuple[int, ...] = (20, 60, 200)  # version 2 = Φ pre-trained further on A's and C's bios: snapshots
     v2_lr: float = 1e-3
     # adapters trained with readapt.train (all linear layers)
-    lora_rank: int = 32
-    lora_alpha: int = 64  # s = alpha / r = 2, as in the paper (r=64, alpha=128)
+    lora_rank: int = 64  # the paper's r=64, alpha=128 (s = 2). At r=32 Δ erased more of Ψ: room for both on
+    lora_alpha: int = 128  # seeds 0-2 75.7, 82.3, 77.6 (mean 78.5, fails 80); r=64 83.3, 84.5, 88.4; r=8 64 (seed 0)
     lora_lr: float = 2e-3
     lora_copies: int = 150  # paraphrased bios of each person of B in the knowledge corpus (1 epoch)
     replay: float = 0.5  # A's bios in the knowledge corpus, as a share of B's (see world.py: without, Ψ erases A)
