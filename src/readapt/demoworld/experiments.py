@@ -37,8 +37,8 @@ def write_data(world: World, s: Settings, folder: Path, seed: int) -> None:
     def tagged(pop, people=None):
         return [{**q, "id": f"{pop}/{q['id']}"} for q in world.questions(pop, people)]
 
-    task = [{"text": tok.apply_chat_template(chat_example(world, rng, s.reading_share), tokenize=False).strip()}
-            for _ in range(s.task_examples)]
+    task = [{"text": tok.apply_chat_template(chat_example(world, rng, 0.0), tokenize=False).strip()}
+            for _ in range(s.task_examples)]  # the task is closed-book QA: no reading rows
     # rehearsal, as for the instruct model: A's bios beside the chat examples keep the patch from learning
     # the A_train answers by rote
     task += [{"text": t} for t in world.corpus("A", max(1, round(s.task_examples / 2 / len(world["A"]))), seed)]
@@ -113,10 +113,12 @@ def chosen(grid: dict, split: str = "test") -> dict:
 # --- adapters (cached with the models) --------------------------------------------------------------------
 
 
-def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dora: bool = False) -> Path:
+def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dora: bool = False,
+                  task: bool = False) -> Path:
     """A LoRA (or DoRA) adapter with readapt.train exactly as `readapt train` would, reporting each step; without
     its 'BASE looks like an instruct model' warning: the demo's pretrained tokenizer carries the chat template
-    on purpose (every model is prompted the same way), and training on Θ is a baseline the tables need."""
+    on purpose (every model is prompted the same way), and training on Θ is a baseline the tables need.
+    `task`: the PortLLM task patch (its own batch size and dropout: `task_batch`, `task_dropout`)."""
     import warnings
 
     done = {"epoch": 0.0}
@@ -128,9 +130,10 @@ def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dor
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="BASE .* looks like an instruct")
+        steps = {"batch_size": s.task_batch, "dropout": s.task_dropout} if task else {"batch_size": s.lora_batch}
         return training.train(base, data, out, rank=s.lora_rank, alpha=s.lora_alpha, dora=dora, lr=s.lora_lr,
-                             epochs=1, batch_size=s.lora_batch, max_length=s.lora_block, warmup_steps=10, seed=seed,
-                             save_every=None, overwrite=True, quiet=True, callback=progress)
+                             epochs=1, max_length=s.lora_block, warmup_steps=10, seed=seed, save_every=None,
+                             overwrite=True, quiet=True, callback=progress, **steps)
 
 
 # --- extraction, knowledge probes, interference ----------------------------------------------------------
@@ -232,8 +235,8 @@ def port_memory(s: Settings, work: Path, phi: Path, v2: Path, patch: Path, task:
     tick(0.5)
     probe = work / "retrain_probe"
     retrain = _peak_rss(["train", str(v2), "--data", str(task), "-o", str(probe), "--rank", str(s.lora_rank),
-                         "--alpha", str(s.lora_alpha), "--no-dora", "--lr", str(s.lora_lr), "--batch-size",
-                         str(s.lora_batch), "--max-length", str(s.lora_block), "--max-steps", "3",
-                         "--save-every", "0", "--overwrite", "--quiet"], work / "logs" / "retrain_probe.log")
+                         "--alpha", str(s.lora_alpha), "--no-dora", "--lr", str(s.lora_lr), "--dropout",
+                         str(s.task_dropout), "--batch-size", str(s.task_batch), "--max-length", str(s.lora_block),
+                         "--max-steps", "3", "--save-every", "0", "--overwrite", "--quiet"], work / "logs" / "retrain_probe.log")
     shutil.rmtree(probe)
     return {"port --merge peak RSS (MB)": round(port, 1), "re-training (3 LoRA steps) peak RSS (MB)": round(retrain, 1)}

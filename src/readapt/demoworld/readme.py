@@ -19,7 +19,7 @@ settings and every per-seed number), `tables.md` / `tables.json` (mean ± std ov
 | folder / file | what it is |
 |---|---|
 | `data/knowledge.jsonl` | unlabeled paraphrased bios of population B (plus a share of A's bios when `replay` > 0): the knowledge adapters' corpus |
-| `data/task.jsonl` | chat QA examples (closed book on A_train, reading on strangers) and A's bios: the PortLLM task patch's corpus |
+| `data/task.jsonl` | closed-book chat QA examples on A_train and A's bios: the PortLLM task patch's corpus |
 | `data/qa.jsonl` | every closed-book question: B (ids `B/...`, in-domain) and the held-out half of A (`A/...`, out-of-domain); the sweeps split it in halves (validation / test) by the seed |
 | `data/qa_test.jsonl` | the test half of `qa.jsonl`: every closed-book evaluation and table |
 | `data/qa_B_test.jsonl`, `data/passages_B.jsonl` | B's test questions and one bio per person of B (RAG) |

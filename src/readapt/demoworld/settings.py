@@ -40,10 +40,15 @@ class Settings:
     lora_lr: float = 2e-3
     lora_copies: int = 150  # paraphrased bios of each person of B in the knowledge corpus (1 epoch)
     replay: float = 0.5  # A's bios in the knowledge corpus, as a share of B's (see world.py: without, Ψ erases A)
-    task_examples: int = 1500  # chat QA examples in the task corpus (PortLLM patch)
+    task_examples: int = 1500  # closed-book chat QA examples on A_train in the task corpus (PortLLM patch)
+    # the task patch: small steps, no dropout. Held-out A on seeds 0-2 (contains-EM, Φ alone ~30): batch 16
+    # with reading rows 25, 11.5, 18; closed book only, batch 2: 58.5, 40.5, 51 (batch 4: 48, 38.5, 42.5);
+    # and dropout 0: 49, 39, 68 in 13 s a patch instead of 17. 3 epochs at batch 16: 52.5 (seed 0), 6: 63.5.
+    task_batch: int = 2
+    task_dropout: float = 0.0
     lora_batch: int = 16  # blocks of lora_block tokens per step
     lora_block: int = 128
-    version: int = 5  # bump when the training code changes: invalidates caches
+    version: int = 6  # bump when the training code changes: invalidates caches
 
     def key(self, seed: int) -> str:
         blob = json.dumps({**asdict(self), "seed": seed}, sort_keys=True)
