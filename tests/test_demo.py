@@ -133,3 +133,25 @@ def test_port_claims_need_a_patch_that_works(quick_demo):
     assert does.judge(set())["verdict"] == "reproduced" and matches.judge(set())["verdict"] == "reproduced"
     assert does.judge({TASK})["verdict"] == NOT_TESTABLE and TASK in does.judge({TASK})["evidence"]
     assert not math.isnan(does.judge(set())["numbers"]["difference"])
+
+
+def test_task_patch_is_trained_as_the_settings_say(quick_demo):
+    """The task corpus is closed-book QA (no passage in any prompt) and A's bios; the task patches train with
+    `task_batch` blocks a step and `task_dropout`, the knowledge adapters with `lora_batch` and readapt.train's
+    default dropout."""
+    from readapt.demoworld.settings import QUICK
+
+    _, cache = quick_demo
+    (root,) = {p.parent.parent for p in cache.rglob("adapters/task_v1")}
+    rows = [json.loads(line)["text"] for line in (root / "data" / "task.jsonl").read_text().splitlines()]
+    chats = [t for t in rows if "assistant :" in t]
+    assert len(chats) == QUICK.task_examples and not any("given this context" in t for t in chats)
+
+    def trained(name):
+        config = json.loads((root / "adapters" / name / "adapter_config.json").read_text())
+        first = json.loads((root / "adapters" / name / "training_log.jsonl").read_text().splitlines()[0])
+        return config["lora_dropout"], first["tokens"] // QUICK.lora_block
+
+    for k in ("task_v1", *(f"task_v2_{k}" for k in QUICK.v2_steps)):
+        assert trained(k) == (QUICK.task_dropout, QUICK.task_batch), k
+    assert trained("knowledge") == (0.05, QUICK.lora_batch)
