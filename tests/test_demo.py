@@ -65,7 +65,7 @@ def test_no_temporary_paths_and_every_folder_has_a_key(quick_demo):
 
 def test_every_table_cell_is_in_range(quick_demo):
     out, _ = quick_demo
-    tables = json.loads((out / "tables.json").read_text())
+    tables = json.loads((out / "tables.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in tables.json"))
     assert {"closed_book", "grid_re_adapt_B", "grid_re_adapt_A", "strength", "lore_tau", "lore_ranks", "rag", "port",
             "knowledge", "interference", "memory"} <= set(tables)
     for name, t in tables.items():
@@ -73,12 +73,15 @@ def test_every_table_cell_is_in_range(quick_demo):
         for row in t["rows"]:
             assert len(row["mean"]) == len(row["std"]) == len(t["columns"]), (name, row["label"])
             for v in row["mean"]:
+                if v is None:  # no value (n/a): only where a column does not apply to a row
+                    assert t["unit"] in ("mixed", "ratio"), (name, row)
+                    continue
                 assert isinstance(v, (int, float)), (name, row)
                 if t["unit"] == "%":
                     assert 0 <= v <= 100, (name, row)
                 elif t["unit"] == "rank":
                     assert v == int(v) and 0 <= v <= 128, (name, row)
-            assert all(s == 0 for s in row["std"])  # one seed
+            assert all(s in (0, None) for s in row["std"])  # one seed
 
 
 def test_summaries_agree_with_the_tables(quick_demo):
@@ -155,3 +158,18 @@ def test_task_patch_is_trained_as_the_settings_say(quick_demo):
     for k in ("task_v1", *(f"task_v2_{k}" for k in QUICK.v2_steps)):
         assert trained(k) == (QUICK.task_dropout, QUICK.task_batch), k
     assert trained("knowledge") == (0.05, QUICK.lora_batch)
+
+
+def test_port_table_starts_with_the_patch_on_its_own_version(quick_demo):
+    """Row 0 of the PortLLM table: Φ alone and Φ + patch (the same mean ± std as every other cell); the title
+    carries no seed's number."""
+    out, _ = quick_demo
+    port = json.loads((out / "tables.json").read_text())["port"]
+    seed = json.loads((out / "results.json").read_text())["per_seed"][0]["port"]
+    first = port["rows"][0]
+    assert first["label"].startswith("0 steps")
+    assert first["mean"][3] == seed["version 1 alone"]["A"]["contains_em"]
+    assert first["mean"][4] == seed["version 1 + task patch"]["A"]["contains_em"]
+    assert first["mean"][5] is None  # nothing re-trained on the patch's own version
+    assert [r["label"].split()[0] for r in port["rows"][1:]] == [str(d["steps"]) for d in seed["drift"]]
+    assert not any(ch in "0123456789" for ch in port["title"])

@@ -197,6 +197,7 @@ def experiment_jobs(p: Seed, table2_only: bool = False) -> list[Job]:
     _rag_jobs(p, add)
     add("port_v1", ex.evaluate, (work, "port_v1", phi, p.file("qa_port"), [(p.adapter("task_v1"), 1.0)]),
         ("task_v1", "data"))
+    add("port_v1_alone", ex.evaluate, (work, "port_v1_alone", phi, p.file("qa_port")), ("pretrained", "data"))
     for k in s.v2_steps:
         add(f"port_{k}", ex.port_drift, (work, k, phi, p.v2(k), p.adapter("task_v1"), p.adapter(f"task_v2_{k}"),
                                          p.file("qa_port")), ("task_v1", f"task_v2_{k}", "pretrained_v2", "data"), "port")
@@ -244,7 +245,8 @@ def collect(p: Seed, done: dict, table2_only: bool = False) -> dict:
            "closed_book": closed_book_rows(grids, r["eval_instruct"], r["eval_instruct_knowledge"]),
            "strength": {f"{b:g}": grids["re_adapt"]["cells"][f"0,{b:g}"] for b in GRID},
            "lore": {t: {**v, "scores": r[f"lore_tau{t}"]} for t, v in r["extract"].items()},
-           "rag": rag_rows(r), "port": {"version 1 + task patch": r["port_v1"],
+           "rag": rag_rows(r), "port": {"version 1 alone": r["port_v1_alone"],
+                                        "version 1 + task patch": r["port_v1"],
                                         "drift": [r[f"port_{k}"] for k in p.s.v2_steps]},
            "memory": r["memory"]}
     res["bm25_retrieval_accuracy"] = r["rag_bm25_instruct"].get("retrieval_accuracy")

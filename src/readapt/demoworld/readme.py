@@ -32,6 +32,7 @@ settings and every per-seed number), `tables.md` / `tables.json` (mean ± std ov
 | `eval/lore_tau<τ>/` | Φ + αΨ + β·LoRE(τ) at RE-Adapt's chosen (α, β), on `qa_test.jsonl` |
 | `eval/rag_<bm25,oracle>_<model>/` | `model` = `instruct`, `instruct_knowledge`, `re_adapt`, `lore_adapt` (chosen scales) answering `qa_B_test.jsonl` with the top-1 BM25 passage or the gold passage |
 | `eval/port_v1/` | Φ + the task patch on `qa_port.jsonl` (the patch on the version it was trained on) |
+| `eval/port_v1_alone/` | Φ alone on `qa_port.jsonl` (what the patch adds to its own version) |
 | `eval/port_v2_<k>_<alone,ported,retrained>/` | version 2 after k further pre-training steps: alone, with the ported patch, with a patch re-trained on it (`qa_port.jsonl`) |
 | `ported_v2_<k>/` | the task patch carried to version 2 (k steps) by `readapt port`, with its `port_report.json` (drift figures) |
 | `ported_merged/` | `readapt port --merge` at the largest drift (the memory measurement) |

@@ -66,16 +66,17 @@ def port_tables(res: dict) -> dict[str, dict]:
     """PortLLM over version drift, with the port report's diagnostics, and the memory figures."""
     cols = ["drift ‖θ′−θ‖/‖θ‖ %", "patch/drift ‖P‖/‖θ′−θ‖", "cos(P, θ′−θ)", "Φ₂ alone A", "Φ₂ + ported patch A",
             "Φ₂ + re-trained patch A", "Φ₂ + ported patch C"]
-    rows = []
+    alone, v1 = res["port"]["version 1 alone"], res["port"]["version 1 + task patch"]
+    nan = math.nan  # the patch on the version it was trained on: no drift, nothing to port or re-train
+    rows = [["0 steps (Φ: the patch as trained)", 0.0, nan, nan, alone["A"][EM], v1["A"][EM], nan, v1["C"][EM]]]
     for d in res["port"]["drift"]:
         rows.append([f"{d['steps']} steps", 100 * _num(d["drift"].get("drift")), _num(d["drift"].get("patch_to_drift")),
                      _num(d["drift"].get("cos_patch_drift")), d["version 2 alone"]["A"][EM],
                      d["version 2 + ported patch"]["A"][EM], d["version 2 + re-trained patch"]["A"][EM],
                      d["version 2 + ported patch"]["C"][EM]])
-    v1 = res["port"]["version 1 + task patch"]
     return {"port": _table("PortLLM over version drift: a task patch (chat QA LoRA) trained on Φ, carried to Φ₂ "
                            "(Φ pre-trained k steps further) with no training; contains-EM on held-out A (the task) "
-                           f"and C (read only by Φ₂). On Φ itself the patch scores A {v1['A'][EM]:.1f}.", cols, rows,
+                           "and C (read only by Φ₂); the first row is the patch on Φ itself", cols, rows,
                            unit="mixed"),
             "memory": _table("PortLLM memory: peak RSS of a child process", ["MB"],
                              [[k.replace(" (MB)", ""), v] for k, v in res["memory"].items()], unit="MB")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -52,6 +53,15 @@ def judge(per_seed: list[dict], smoke: bool) -> tuple[list[dict], list[dict]]:
     return checks, claims
 
 
+def _null_nan(x):
+    """`x` with every NaN (a cell with no value: "n/a" in tables.md) as None, so the file is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _null_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_null_nan(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
 def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smoke: bool, cache: Path) -> dict:
     """Every file of the output folder (the seed folders are copied from the cache)."""
     tables = aggregate(per_seed)
@@ -63,7 +73,7 @@ def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smo
         for src, to in ((Path(r["run_folder"]), dst), (root / "data", dst / "data")):
             shutil.copytree(src, to, ignore=shutil.ignore_patterns(".complete"), copy_function=_link_or_copy)
     (tmp / "tables.md").write_text(format_tables(tables, markdown=True))
-    (tmp / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
+    (tmp / "tables.json").write_text(json.dumps(_null_nan(tables), indent=2, allow_nan=False) + "\n")
     (tmp / "KEY.md").write_text(KEY)
     results = {"demo": "readapt", "quick": smoke, "seeds": seeds, "rule": RULE, "world_checks": checks,
                "claims": claims, "settings": asdict(s), "cache": str(cache), "wall_seconds": round(seconds, 1),
