@@ -36,14 +36,16 @@ class Settings:
     v2_lr: float = 1e-3
     # adapters trained with readapt.train (all linear layers)
     lora_rank: int = 64  # the paper's r=64, alpha=128 (s = 2). At r=32 Δ erased more of Ψ: room for both on
-    lora_alpha: int = 128  # seeds 0-2 75.7, 82.3, 77.6 (mean 78.5, fails 80); r=64 83.3, 84.5, 88.4; r=8 64 (seed 0)
+    lora_alpha: int = 128  # seeds 0-2 75.7, 82.3, 77.6 (mean 78.5, fails 80); r=64 83.3, 84.5, 88.4 (79.5, 83.0,
+    # 85.9 since version 6 reordered Ψ's text); r=8 64 (seed 0)
     lora_lr: float = 2e-3
     lora_copies: int = 150  # paraphrased bios of each person of B in the knowledge corpus (1 epoch)
     replay: float = 0.5  # A's bios in the knowledge corpus, as a share of B's (see world.py: without, Ψ erases A)
     task_examples: int = 1500  # closed-book chat QA examples on A_train in the task corpus (PortLLM patch)
-    # the task patch: small steps, no dropout. Held-out A on seeds 0-2 (contains-EM, Φ alone ~30): batch 16
-    # with reading rows 25, 11.5, 18; closed book only, batch 2: 58.5, 40.5, 51 (batch 4: 48, 38.5, 42.5);
-    # and dropout 0: 49, 39, 68 in 13 s a patch instead of 17. 3 epochs at batch 16: 52.5 (seed 0), 6: 63.5.
+    # the task patch: small steps, no dropout. Held-out A, seeds 0-2 (contains-EM; Φ alone 30.5, 48.5, 46): batch
+    # 16 with reading rows 25, 11.5, 18; closed book only, batch 2: 58.5, 40.5, 51 (batch 4: 48, 38.5, 42.5), and
+    # dropout 0: 49, 39, 68 (training seed 0; the demo's seeds: 49, 40, 49.5) in 13 s a patch instead of 17.
+    # Seed 0, batch 16: 3 epochs 52.5, 6 epochs 63.5; loss on the answer only: no better (45.5 at 3 epochs).
     task_batch: int = 2
     task_dropout: float = 0.0
     lora_batch: int = 16  # blocks of lora_block tokens per step
