@@ -113,12 +113,19 @@ def chosen(grid: dict, split: str = "test") -> dict:
 # --- adapters (cached with the models) --------------------------------------------------------------------
 
 
-def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dora: bool = False,
-                  task: bool = False) -> Path:
+def steps_of(s: Settings, data: Path) -> dict:
+    """readapt.train's batch size and dropout for an adapter trained on `data`: the PortLLM task corpus
+    (data/task.jsonl) has its own (`task_batch`, `task_dropout`); the knowledge corpus `lora_batch` and
+    readapt.train's default dropout."""
+    if data.stem == "task":
+        return {"batch_size": s.task_batch, "dropout": s.task_dropout}
+    return {"batch_size": s.lora_batch}
+
+
+def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dora: bool = False) -> Path:
     """A LoRA (or DoRA) adapter with readapt.train exactly as `readapt train` would, reporting each step; without
     its 'BASE looks like an instruct model' warning: the demo's pretrained tokenizer carries the chat template
-    on purpose (every model is prompted the same way), and training on Θ is a baseline the tables need.
-    `task`: the PortLLM task patch (its own batch size and dropout: `task_batch`, `task_dropout`)."""
+    on purpose (every model is prompted the same way), and training on Θ is a baseline the tables need."""
     import warnings
 
     done = {"epoch": 0.0}
@@ -130,10 +137,9 @@ def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dor
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="BASE .* looks like an instruct")
-        steps = {"batch_size": s.task_batch, "dropout": s.task_dropout} if task else {"batch_size": s.lora_batch}
         return training.train(base, data, out, rank=s.lora_rank, alpha=s.lora_alpha, dora=dora, lr=s.lora_lr,
                              epochs=1, max_length=s.lora_block, warmup_steps=10, seed=seed, save_every=None,
-                             overwrite=True, quiet=True, callback=progress, **steps)
+                             overwrite=True, quiet=True, callback=progress, **steps_of(s, data))
 
 
 # --- extraction, knowledge probes, interference ----------------------------------------------------------
@@ -234,9 +240,10 @@ def port_memory(s: Settings, work: Path, phi: Path, v2: Path, patch: Path, task:
                       "--merge", "--overwrite"], work / "logs" / "port_merge.log")
     tick(0.5)
     probe = work / "retrain_probe"
+    steps = [x for k, v in steps_of(s, task).items() for x in (f"--{k.replace('_', '-')}", str(v))]
     retrain = _peak_rss(["train", str(v2), "--data", str(task), "-o", str(probe), "--rank", str(s.lora_rank),
-                         "--alpha", str(s.lora_alpha), "--no-dora", "--lr", str(s.lora_lr), "--dropout",
-                         str(s.task_dropout), "--batch-size", str(s.task_batch), "--max-length", str(s.lora_block),
-                         "--max-steps", "3", "--save-every", "0", "--overwrite", "--quiet"], work / "logs" / "retrain_probe.log")
+                         "--alpha", str(s.lora_alpha), "--no-dora", "--lr", str(s.lora_lr), *steps, "--max-length",
+                         str(s.lora_block), "--max-steps", "3", "--save-every", "0", "--overwrite", "--quiet"],
+                        work / "logs" / "retrain_probe.log")
     shutil.rmtree(probe)
     return {"port --merge peak RSS (MB)": round(port, 1), "re-training (3 LoRA steps) peak RSS (MB)": round(retrain, 1)}

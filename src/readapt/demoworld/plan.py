@@ -101,8 +101,8 @@ def _write_data(folder: Path, s: Settings, seed: int) -> None:
     ex.write_data(make_world(seed, dict(s.sizes)), s, folder, seed)
 
 
-def _train_adapter(folder: Path, s: Settings, seed: int, base: Path, data: Path, dora: bool, task: bool) -> None:
-    ex.train_adapter(s, seed, base, data, folder, dora=dora, task=task)
+def _train_adapter(folder: Path, s: Settings, seed: int, base: Path, data: Path, dora: bool) -> None:
+    ex.train_adapter(s, seed, base, data, folder, dora=dora)
 
 
 # cost of each job in seconds of one core at the default size (progress and ETA only; training jobs as measured
@@ -134,10 +134,9 @@ def training_jobs(p: Seed, table2_only: bool = False) -> list[Job]:
     plan = {"knowledge": ("pretrained", "knowledge", False), "knowledge_dora": ("pretrained", "knowledge", True),
             "knowledge_on_instruct": ("instruct", "knowledge", False), "task_v1": ("pretrained", "task", False)}
     for name, (base, data, dora) in plan.items():
-        add(name, p.adapter(name), _train_adapter, (s, seed, p.model(base), p.file(data), dora, data == "task"),
-            (base, "data"))
+        add(name, p.adapter(name), _train_adapter, (s, seed, p.model(base), p.file(data), dora), (base, "data"))
     for k in s.v2_steps:
-        add(f"task_v2_{k}", p.adapter(f"task_v2_{k}"), _train_adapter, (s, seed, p.v2(k), p.file("task"), False, True),
+        add(f"task_v2_{k}", p.adapter(f"task_v2_{k}"), _train_adapter, (s, seed, p.v2(k), p.file("task"), False),
             ("pretrained_v2", "data"), "task_v2")
     return jobs
 
