@@ -173,3 +173,12 @@ def test_port_table_starts_with_the_patch_on_its_own_version(quick_demo):
     assert first["mean"][5] is None  # nothing re-trained on the patch's own version
     assert [r["label"].split()[0] for r in port["rows"][1:]] == [str(d["steps"]) for d in seed["drift"]]
     assert not any(ch in "0123456789" for ch in port["title"])
+
+
+def test_heatmaps_frame_the_cell_each_seed_chose():
+    """The partial-adaptation figure is a mean over seeds, so it frames every seed's chosen (α, β), counted,
+    not one seed's."""
+    from readapt.demoworld.figures import chosen_cells
+
+    assert chosen_cells([[0.0, 0.75], [0.5, 1.0], [0.5, 1.0]]) == {(0.0, 0.75): 1, (0.5, 1.0): 2}
+    assert chosen_cells([[1.0, 1.0]]) == {(1.0, 1.0): 1}

@@ -14,8 +14,17 @@ def _plt():
     return plt
 
 
+def chosen_cells(chosen: list) -> dict[tuple[float, float], int]:
+    """{(α, β): how many seeds chose that cell on validation}, from each seed's chosen (α, β)."""
+    cells: dict[tuple[float, float], int] = {}
+    for a, b in chosen:
+        cells[(a, b)] = cells.get((a, b), 0) + 1
+    return cells
+
+
 def heatmaps(tables: dict, chosen: dict, folder: Path) -> str:
-    """RE-Adapt and LoRE-Adapt grids (B and A contains-EM, mean over seeds); seed 0's choice framed."""
+    """RE-Adapt and LoRE-Adapt grids (B and A contains-EM, mean over seeds); `chosen` {method: each seed's
+    chosen (α, β)}: every chosen cell framed, with the number of seeds that chose it."""
     import numpy as np
 
     plt = _plt()
@@ -29,15 +38,19 @@ def heatmaps(tables: dict, chosen: dict, folder: Path) -> str:
             im = ax.imshow(z, origin="lower", cmap="viridis", vmin=0, vmax=100)
             for (a, b), v in np.ndenumerate(z):
                 ax.text(b, a, f"{v:.0f}", ha="center", va="center", color="w" if v < 50 else "k", fontsize=8)
-            a, b = grid.index(chosen[method][0]), grid.index(chosen[method][1])
-            ax.add_patch(plt.Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            for (alpha, beta), n in chosen_cells(chosen[method]).items():
+                a, b = grid.index(alpha), grid.index(beta)
+                ax.add_patch(plt.Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+                ax.text(b, a - 0.3, f"{n} seed{'s' if n > 1 else ''}", ha="center", va="center", color="red",
+                        fontsize=7, bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
             ax.set_xticks(range(len(grid)), [f"{g:g}" for g in grid])
             ax.set_yticks(range(len(grid)), [f"{g:g}" for g in grid])
             ax.set_xlabel("β (RE-Adapter Δ)" if method == "re_adapt" else "β (LoRE-Adapter, τ=0.5)")
             ax.set_ylabel("α (knowledge adapter Ψ)")
             ax.set_title(f"{'RE' if method == 're_adapt' else 'LoRE'}-Adapt, {label}, contains-EM (test)")
             fig.colorbar(im, ax=ax)
-    fig.suptitle("Partial adaptation Φ + αΨ + β·adapter, mean over seeds (red: chosen on validation, seed 0)")
+    fig.suptitle("Partial adaptation Φ + αΨ + β·adapter, mean over seeds\n"
+                 "(red: the cells chosen on validation, and by how many seeds)")
     fig.tight_layout()
     fig.savefig(folder / "partial_adaptation.png", dpi=100)
     plt.close(fig)

@@ -65,7 +65,7 @@ def _null_nan(x):
 def _write(tmp: Path, s: Settings, per_seed, checks, claims, seconds: float, smoke: bool, cache: Path) -> dict:
     """Every file of the output folder (the seed folders are copied from the cache)."""
     tables = aggregate(per_seed)
-    chosen = {m: per_seed[0]["grids"][m]["chosen"] for m in ("re_adapt", "lore_adapt")}
+    chosen = {m: [r["grids"][m]["chosen"] for r in per_seed] for m in ("re_adapt", "lore_adapt")}
     figs = plots(tables, chosen, tmp)
     seeds = [r["seed"] for r in per_seed]
     for r in per_seed:
