@@ -140,8 +140,8 @@ def test_port_claims_need_a_patch_that_works(quick_demo):
 
 def test_task_patch_is_trained_as_the_settings_say(quick_demo):
     """The task corpus is closed-book QA (no passage in any prompt) and A's bios; the task patches train with
-    `task_batch` blocks a step and `task_dropout`, the knowledge adapters with `lora_batch` and readapt.train's
-    default dropout."""
+    the `task_*` settings (rank, alpha, blocks a step, dropout, epochs), the knowledge adapters with `lora_rank`,
+    `lora_alpha`, `lora_batch`, one epoch and readapt.train's default dropout."""
     from readapt.demoworld.settings import QUICK
 
     _, cache = quick_demo
@@ -151,13 +151,17 @@ def test_task_patch_is_trained_as_the_settings_say(quick_demo):
     assert len(chats) == QUICK.task_examples and not any("given this context" in t for t in chats)
 
     def trained(name):
-        config = json.loads((root / "adapters" / name / "adapter_config.json").read_text())
-        first = json.loads((root / "adapters" / name / "training_log.jsonl").read_text().splitlines()[0])
-        return config["lora_dropout"], first["tokens"] // QUICK.lora_block
+        folder = root / "adapters" / name
+        config = json.loads((folder / "adapter_config.json").read_text())
+        log = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+        steps = [r for r in log if "tokens" in r]
+        return (config["r"], config["lora_alpha"], config["lora_dropout"], steps[0]["tokens"] // QUICK.lora_block,
+                round(max(r.get("epoch", 0) for r in log)))
 
+    task = (QUICK.task_rank, QUICK.task_alpha, QUICK.task_dropout, QUICK.task_batch, QUICK.task_epochs)
     for k in ("task_v1", *(f"task_v2_{k}" for k in QUICK.v2_steps)):
-        assert trained(k) == (QUICK.task_dropout, QUICK.task_batch), k
-    assert trained("knowledge") == (0.05, QUICK.lora_batch)
+        assert trained(k) == task, k
+    assert trained("knowledge") == (QUICK.lora_rank, QUICK.lora_alpha, 0.05, QUICK.lora_batch, 1)
 
 
 def test_port_table_starts_with_the_patch_on_its_own_version(quick_demo):

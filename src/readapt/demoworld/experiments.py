@@ -113,13 +113,14 @@ def chosen(grid: dict, split: str = "test") -> dict:
 # --- adapters (cached with the models) --------------------------------------------------------------------
 
 
-def steps_of(s: Settings, data: Path) -> dict:
-    """readapt.train's batch size and dropout for an adapter trained on `data`: the PortLLM task corpus
-    (data/task.jsonl) has its own (`task_batch`, `task_dropout`); the knowledge corpus `lora_batch` and
-    readapt.train's default dropout."""
+def adapter_settings(s: Settings, data: Path) -> dict:
+    """readapt.train's settings (its keyword arguments; `readapt train` has a flag for each) for an adapter
+    trained on `data`: the PortLLM task corpus (data/task.jsonl) has its own (`task_*`), the knowledge corpus
+    `lora_rank`, `lora_alpha`, `lora_batch`, one epoch and readapt.train's default dropout."""
     if data.stem == "task":
-        return {"batch_size": s.task_batch, "dropout": s.task_dropout}
-    return {"batch_size": s.lora_batch}
+        return {"rank": s.task_rank, "alpha": s.task_alpha, "batch_size": s.task_batch, "dropout": s.task_dropout,
+                "epochs": s.task_epochs}
+    return {"rank": s.lora_rank, "alpha": s.lora_alpha, "batch_size": s.lora_batch, "epochs": 1}
 
 
 def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dora: bool = False) -> Path:
@@ -128,18 +129,18 @@ def train_adapter(s: Settings, seed: int, base: Path, data: Path, out: Path, dor
     on purpose (every model is prompted the same way), and training on Θ is a baseline the tables need."""
     import warnings
 
+    settings = adapter_settings(s, data)
     done = {"epoch": 0.0}
 
-    def progress(record):  # one epoch is the whole job
+    def progress(record):  # all epochs are the whole job
         if "epoch" in record:
-            tick(record["epoch"] - done["epoch"])
+            tick((record["epoch"] - done["epoch"]) / settings["epochs"])
             done["epoch"] = record["epoch"]
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="BASE .* looks like an instruct")
-        return training.train(base, data, out, rank=s.lora_rank, alpha=s.lora_alpha, dora=dora, lr=s.lora_lr,
-                             epochs=1, max_length=s.lora_block, warmup_steps=10, seed=seed, save_every=None,
-                             overwrite=True, quiet=True, callback=progress, **steps_of(s, data))
+        return training.train(base, data, out, dora=dora, lr=s.lora_lr, max_length=s.lora_block, warmup_steps=10,
+                              seed=seed, save_every=None, overwrite=True, quiet=True, callback=progress, **settings)
 
 
 # --- extraction, knowledge probes, interference ----------------------------------------------------------
@@ -240,9 +241,9 @@ def port_memory(s: Settings, work: Path, phi: Path, v2: Path, patch: Path, task:
                       "--merge", "--overwrite"], work / "logs" / "port_merge.log")
     tick(0.5)
     probe = work / "retrain_probe"
-    steps = [x for k, v in steps_of(s, task).items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    retrain = _peak_rss(["train", str(v2), "--data", str(task), "-o", str(probe), "--rank", str(s.lora_rank),
-                         "--alpha", str(s.lora_alpha), "--no-dora", "--lr", str(s.lora_lr), *steps, "--max-length",
+    flags = [x for k, v in adapter_settings(s, task).items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    retrain = _peak_rss(["train", str(v2), "--data", str(task), "-o", str(probe), "--no-dora", "--lr", str(s.lora_lr),
+                         *flags, "--max-length",
                          str(s.lora_block), "--max-steps", "3", "--save-every", "0", "--overwrite", "--quiet"],
                         work / "logs" / "retrain_probe.log")
     shutil.rmtree(probe)
