@@ -119,23 +119,29 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
 
 
 def test_port_claims_need_a_patch_that_works(quick_demo):
-    """The PortLLM claims depend on the 'task patch learned' check: with it failed they are not testable,
-    with it passed they are judged on their own numbers."""
+    """The PortLLM claims, at the smallest and at the largest drift, depend on the 'task patch learned'
+    check: with it failed they are not testable, with it passed each is judged on its own drift's numbers."""
     from readapt.demoworld.checks import TASK
     from readapt.demoworld.claims import portllm
 
     out, _ = quick_demo
     per_seed = json.loads((out / "results.json").read_text())["per_seed"]
     two = [per_seed[0], json.loads(json.dumps(per_seed[0]))]
-    for r, (alone, ported, retrained) in zip(two, ((2.0, 60.0, 61.0), (3.0, 62.0, 60.0))):
-        d = r["port"]["drift"][-1]
-        d["version 2 alone"]["A"]["contains_em"] = alone
-        d["version 2 + ported patch"]["A"]["contains_em"] = ported
-        d["version 2 + re-trained patch"]["A"]["contains_em"] = retrained
-    does, matches = portllm(two)
-    assert does.judge(set())["verdict"] == "reproduced" and matches.judge(set())["verdict"] == "reproduced"
-    assert does.judge({TASK})["verdict"] == NOT_TESTABLE and TASK in does.judge({TASK})["evidence"]
-    assert not math.isnan(does.judge(set())["numbers"]["difference"])
+    numbers = {0: ((2.0, 60.0, 61.0), (3.0, 62.0, 60.0)), -1: ((40.0, 10.0, 61.0), (41.0, 12.0, 60.0))}
+    for i, by_seed in numbers.items():
+        for r, (alone, ported, retrained) in zip(two, by_seed):
+            d = r["port"]["drift"][i]
+            d["version 2 alone"]["A"]["contains_em"] = alone
+            d["version 2 + ported patch"]["A"]["contains_em"] = ported
+            d["version 2 + re-trained patch"]["A"]["contains_em"] = retrained
+    small_does, small_matches, large_does, large_matches = portllm(two)
+    steps = [d["steps"] for d in per_seed[0]["port"]["drift"]]
+    assert f"({steps[0]} further" in small_does.claim and f"({steps[-1]} further" in large_does.claim
+    assert [c.judge(set())["verdict"] for c in (small_does, small_matches, large_does, large_matches)] == [
+        "reproduced", "reproduced", "not reproduced", "not reproduced"]
+    assert "weights moved" in small_does.judge(set())["evidence"]
+    assert small_does.judge({TASK})["verdict"] == NOT_TESTABLE and TASK in small_does.judge({TASK})["evidence"]
+    assert not math.isnan(small_does.judge(set())["numbers"]["difference"])
 
 
 def test_task_patch_is_trained_as_the_settings_say(quick_demo):
