@@ -72,7 +72,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = replace(  # a smaller world and model: the same pipeline in 1-2 minutes; a smoke test (see run.py)
+QUICK = replace(  # a smaller world and model: the same pipeline in about 2 minutes; a smoke test (see run.py)
     FULL, sizes=(("A", 40), ("B", 20), ("C", 20)), layers=2, pretrain_steps=150, pretrain_lr=3e-3, read_steps=100,
     instruct_steps=100, v2_steps=(5, 40), lora_rank=16, lora_alpha=32, lora_copies=100, task_examples=600,
     lora_block=64,
