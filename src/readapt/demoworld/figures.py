@@ -16,10 +16,9 @@ def _plt():
 
 def chosen_cells(chosen: list) -> dict[tuple[float, float], int]:
     """{(α, β): how many seeds chose that cell on validation}, from each seed's chosen (α, β)."""
-    cells: dict[tuple[float, float], int] = {}
-    for a, b in chosen:
-        cells[(a, b)] = cells.get((a, b), 0) + 1
-    return cells
+    from collections import Counter
+
+    return dict(Counter(map(tuple, chosen)))
 
 
 def heatmaps(tables: dict, chosen: dict, folder: Path) -> str:
