@@ -103,3 +103,23 @@ def test_tokenizer_round_trips_world_text_without_unknown_tokens(tmp_path):
     assert text.startswith(prompt.rstrip())
     assert tok.decode(tok(text[len(prompt):], add_special_tokens=False)["input_ids"], skip_special_tokens=True) \
         == w.answer(p, "city")
+
+
+def test_each_data_file_has_its_own_random_stream(tmp_path):
+    """Changing the task corpus leaves the knowledge corpus (Ψ's text and its order) as it was, and back."""
+    from dataclasses import replace
+
+    from readapt.demoworld.experiments import write_data
+    from readapt.demoworld.settings import QUICK
+
+    world = make_world(0, dict(QUICK.sizes))
+    files = {}
+    for name, s in (("base", QUICK), ("task", replace(QUICK, task_examples=QUICK.task_examples // 2)),
+                    ("knowledge", replace(QUICK, lora_copies=QUICK.lora_copies // 2))):
+        (tmp_path / name).mkdir()
+        write_data(world, s, tmp_path / name, 0)
+        files[name] = {f: (tmp_path / name / f"{f}.jsonl").read_text() for f in ("task", "knowledge")}
+    assert files["task"]["knowledge"] == files["base"]["knowledge"]
+    assert files["task"]["task"] != files["base"]["task"]
+    assert files["knowledge"]["task"] == files["base"]["task"]
+    assert files["knowledge"]["knowledge"] != files["base"]["knowledge"]

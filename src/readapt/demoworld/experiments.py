@@ -31,7 +31,7 @@ def write_data(world: World, s: Settings, folder: Path, seed: int) -> None:
     from readapt.demoworld.models import chat_example
 
     tok = build_tokenizer()
-    rng = random.Random(f"{world.seed}/files/{seed}")
+    rng = random.Random(f"{world.seed}/files/{seed}")  # the task corpus; the knowledge corpus has its own stream
     a_test = world["A"][len(world["A"]) // 2 :]
 
     def tagged(pop, people=None):
@@ -47,7 +47,7 @@ def write_data(world: World, s: Settings, folder: Path, seed: int) -> None:
     if s.replay:
         copies = max(1, round(s.lora_copies * s.replay * len(world["B"]) / len(world["A"])))
         knowledge += world.corpus("A", copies, seed + 1)
-        rng.shuffle(knowledge)
+        random.Random(f"{world.seed}/files/{seed}/knowledge").shuffle(knowledge)
     closed = tagged("B") + tagged("A", a_test)
     _, test = split_validation(len(closed), 0.5, seed)
     write_jsonl(folder / "knowledge.jsonl", [{"text": t} for t in knowledge])
