@@ -157,7 +157,9 @@ def train_world_model(s: Settings, seed: int, which: str, models: Path) -> Path:
                       - reading is a late phase change: teacher-forced reading of B was 5% after 200 reading
                         steps, 49% after 400 (the former default; 20-48% after phase 2), 93% after 500 and
                         100% after 600 of an 800-step phase; hence read_steps=800 (oracle 97%, held-out A 96%
-                        with the former rehearsal rows). Mixing from the start never learns to read (5%).
+                        with the former rehearsal rows). A 600-step phase (its own schedule) reads as well
+                        (oracle 97-100% on seeds 0-2, settings.read_steps). Mixing from the start never learns
+                        to read (5%).
                       - Δ erases B: with rehearsal rows of A's bios (LM loss) instead of the anchor, B fell to
                         33% under Φ+Ψ+Δ (ROOM 35). Δ lowers A's bio completion only 3 points (Φ+Δ 94 vs Φ 98):
                         A is rehearsed, B cannot be, so this is erasure, not a format shift. Without any
