@@ -1,0 +1,118 @@
+"""Where the demo's training time goes: one training step of the demo world's model, and what would make it faster.
+
+    python benchmarks/bench_demo_steps.py [--steps 20] [--only matmul,full,lora]
+
+One torch thread (the demo runs two jobs at once on two cores, one thread each); a random-weight model of the
+demo's shape (Llama, 4 layers, hidden 128, MLP 512, vocab 243, tied: 1.07M weights), no downloads.
+
+  matmul  GFLOP/s of one float32 and one bfloat16 matmul of the model's shapes: the ceiling for a step
+  full    a full-model AdamW step as Φ pre-trains (16 rows of 64 tokens), float32 / bfloat16 autocast,
+          scaled-dot-product / eager attention
+  lora    a readapt.train step (PEFT LoRA, AdamW, clipping) as the task patch (2 blocks of 128, rank 16) and the
+          knowledge adapter (16 blocks of 128, rank 64, dropout 0.05, LoRA and DoRA) train, with variants
+
+Each setting reports ms per step (median of `--steps` after 5 warm-up steps) and tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPE = dict(vocab_size=243, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=512)
+
+
+def model(attn: str = "sdpa", dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation=attn)).to(dtype)
+
+
+def timed(step, steps: int) -> float:
+    """Median seconds of `step()` over `steps` calls, after 5 warm-up calls."""
+    for _ in range(5):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul(steps: int) -> None:
+    print("| matmul [M, K] x [K, N] | float32 GFLOP/s | bfloat16 GFLOP/s |\n|---|---|---|")
+    for m, k, n in ((1024, 128, 512), (1024, 512, 128), (256, 128, 128), (2048, 128, 64)):
+        rates = []
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+            rates.append(2 * m * k * n / timed(lambda: a @ b, steps * 10) / 1e9)
+        print(f"| [{m}, {k}] x [{k}, {n}] | {rates[0]:.0f} | {rates[1]:.0f} |")
+
+
+def full(steps: int) -> None:
+    print("\n| full-model step, 16 x 64 tokens | ms/step | tokens/s |\n|---|---|---|")
+    x = torch.randint(4, 243, (16, 64))
+    for attn in ("sdpa", "eager"):
+        for autocast in (False, True):
+            net = model(attn).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+            def step():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = net(input_ids=x, labels=x).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t = timed(step, steps)
+            print(f"| {attn}, {'bfloat16 autocast' if autocast else 'float32'} | {t * 1e3:.0f} | {x.numel() / t:,.0f} |")
+
+
+def lora(steps: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    print("\n| LoRA step (PEFT, AdamW, clipping) | ms/step | tokens/s |\n|---|---|---|")
+    settings = (  # (label, batch, rank, dropout, dora, base dtype)
+        ("task patch: batch 2, r16", 2, 16, 0.0, False, torch.float32),
+        ("  batch 8, r16", 8, 16, 0.0, False, torch.float32),
+        ("  batch 2, r16, bfloat16 base", 2, 16, 0.0, False, torch.bfloat16),
+        ("knowledge adapter: batch 16, r64, dropout 0.05", 16, 64, 0.05, False, torch.float32),
+        ("  dropout 0", 16, 64, 0.0, False, torch.float32),
+        ("  r16", 16, 16, 0.05, False, torch.float32),
+        ("  DoRA", 16, 64, 0.05, True, torch.float32),
+        ("  DoRA, dropout 0", 16, 64, 0.0, True, torch.float32),
+    )
+    for label, batch, rank, dropout, dora, dtype in settings:
+        net = get_peft_model(model(dtype=dtype), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
+                                                            use_dora=dora, target_modules="all-linear")).train()
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        x = torch.randint(4, 243, (batch, 128))
+
+        def step():
+            net(input_ids=x, labels=x).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t = timed(step, steps)
+        print(f"| {label} | {t * 1e3:.0f} | {x.numel() / t:,.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--only", default="matmul,full,lora")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for part in args.only.split(","):
+        {"matmul": matmul, "full": full, "lora": lora}[part](args.steps)
+
+
+if __name__ == "__main__":
+    main()
