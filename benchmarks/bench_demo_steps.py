@@ -22,15 +22,17 @@ import time
 
 import torch
 
-SHAPE = dict(vocab_size=243, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=512)
-
-
 def model(attn: str = "sdpa", dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The default demo's model (demoworld.models.model_config, the world's 243-token vocabulary), random weights."""
+    from transformers import LlamaForCausalLM
 
+    from readapt.demoworld.models import model_config
+    from readapt.demoworld.settings import FULL
+
+    config = model_config(FULL, 243)
+    config._attn_implementation = attn
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation=attn)).to(dtype)
+    return LlamaForCausalLM(config).to(dtype)
 
 
 def timed(step, steps: int) -> float:

@@ -87,6 +87,11 @@ def baselines(per_seed: list[dict]) -> list[Claim]:
     ]
 
 
+def _a(rows: list[dict], key: str) -> list[float]:
+    """Held-out A contains-EM of row `key` of each seed's drift point."""
+    return [x[key]["A"][EM] for x in rows]
+
+
 def portllm(per_seed: list[dict]) -> list[Claim]:
     """At the smallest and at the largest version drift: the ported patch does the task (vs Φ₂ alone) and
     matches a patch re-trained on Φ₂. The drift (‖θ′−θ‖/‖θ‖, mean over seeds) is in each claim's note."""
@@ -97,17 +102,13 @@ def portllm(per_seed: list[dict]) -> list[Claim]:
         k = rows[0]["steps"]
         drift = sum(x["drift"].get("drift", float("nan")) for x in rows) / len(rows)
         note = f"weights moved {100 * drift:.1f}% from version 1 to 2"
-
-        def a(key):
-            return [x[key]["A"][EM] for x in rows]
-
         claims += [
             Claim(f"A ported patch does the task on version 2 with no training ({k} further steps)", "PortLLM Table 1",
-                  "Φ₂ + ported patch A", "Φ₂ alone A", a("version 2 + ported patch"), a("version 2 alone"),
-                  (SEEDS, TASK), note=note),
+                  "Φ₂ + ported patch A", "Φ₂ alone A", _a(rows, "version 2 + ported patch"),
+                  _a(rows, "version 2 alone"), (SEEDS, TASK), note=note),
             Claim(f"A ported patch matches a patch re-trained on version 2 ({k} further steps)", "PortLLM Table 1",
-                  "ported", "re-trained", a("version 2 + ported patch"), a("version 2 + re-trained patch"),
-                  (SEEDS, TASK), kind="match", note=note),
+                  "ported", "re-trained", _a(rows, "version 2 + ported patch"),
+                  _a(rows, "version 2 + re-trained patch"), (SEEDS, TASK), kind="match", note=note),
         ]
     return claims
 

@@ -243,8 +243,7 @@ def port_memory(s: Settings, work: Path, phi: Path, v2: Path, patch: Path, task:
     probe = work / "retrain_probe"
     flags = [x for k, v in adapter_settings(s, task).items() for x in (f"--{k.replace('_', '-')}", str(v))]
     retrain = _peak_rss(["train", str(v2), "--data", str(task), "-o", str(probe), "--no-dora", "--lr", str(s.lora_lr),
-                         *flags, "--max-length",
-                         str(s.lora_block), "--max-steps", "3", "--save-every", "0", "--overwrite", "--quiet"],
-                        work / "logs" / "retrain_probe.log")
+                         *flags, "--max-length", str(s.lora_block), "--max-steps", "3", "--save-every", "0",
+                         "--overwrite", "--quiet"], work / "logs" / "retrain_probe.log")
     shutil.rmtree(probe)
     return {"port --merge peak RSS (MB)": round(port, 1), "re-training (3 LoRA steps) peak RSS (MB)": round(retrain, 1)}

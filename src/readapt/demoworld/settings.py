@@ -23,10 +23,10 @@ class Settings:
     pretrain_steps: int = 600
     pretrain_lr: float = 2e-3
     # Θ phase 1: reading only (strangers with their bio as context); phase 2: reading and closed-book A_train QA.
-    # 600 + 200 steps against 800 + 300, seeds 0-2: held-out A 90.0, 92.8, 97.8 (was 92.0, 93.8, 100), oracle
-    # reading 100, 99.0, 97.3 (100, 100, 99.1), room for both 86.5, 78.9, 85.9 (81.2, 79.4, 85.4; both with the Ψ
-    # of version 6; with version 7's: 84.9, 77.4, 85.9), in 27% less
-    # time; 600 + 300: held-out A 93.0, 96.9, room 84.4, 78.9 (seeds 0-1) in 9% less
+    # 600 + 200 steps against 800 + 300, seeds 0-2, in 27% less time: held-out A 90.0, 92.8, 97.8 (was 92.0, 93.8,
+    # 100), oracle reading 100, 99.0, 97.3 (100, 100, 99.1), room for both 86.5, 78.9, 85.9 (81.2, 79.4, 85.4; both
+    # with version 6's Ψ; with version 7's: 84.9, 77.4, 85.9). 600 + 300, in 9% less time: held-out A 93.0, 96.9,
+    # room 84.4, 78.9 (seeds 0-1)
     read_steps: int = 600
     instruct_steps: int = 200
     instruct_batch: int = 16  # chat examples per step
