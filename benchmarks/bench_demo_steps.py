@@ -7,9 +7,12 @@ demo's shape (Llama, 4 layers, hidden 128, MLP 512, vocab 243, tied: 1.07M weigh
 
   matmul  GFLOP/s of one float32 and one bfloat16 matmul of the model's shapes: the ceiling for a step
   full    a full-model AdamW step as Φ pre-trains (16 rows of 64 tokens), float32 / bfloat16 autocast,
-          scaled-dot-product / eager attention
+          scaled-dot-product / eager attention, and float32 with the forward under torch.compile
   lora    a readapt.train step (PEFT LoRA, AdamW, clipping) as the task patch (2 blocks of 128, rank 16) and the
           knowledge adapter (16 blocks of 128, rank 64, dropout 0.05, LoRA and DoRA) train, with variants
+
+A compiled setting's first step (timed apart; warm-up excluded) is its compile, which the inductor cache on disk
+(TORCHINDUCTOR_CACHE_DIR) spares a later process with the same shapes.
 
 Each setting reports ms per step (median of `--steps` after 5 warm-up steps) and tokens per second.
 """
@@ -60,50 +63,61 @@ def matmul(steps: int) -> None:
 def full(steps: int) -> None:
     print("\n| full-model step, 16 x 64 tokens | ms/step | tokens/s |\n|---|---|---|")
     x = torch.randint(4, 243, (16, 64))
-    for attn in ("sdpa", "eager"):
-        for autocast in (False, True):
-            net = model(attn).train()
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    for attn, autocast, compiled in (("sdpa", False, False), ("sdpa", True, False), ("eager", False, False),
+                                     ("eager", True, False), ("sdpa", False, True)):
+        net = model(attn).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        forward = torch.compile(net.forward, dynamic=False) if compiled else net.forward
 
-            def step():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    loss = net(input_ids=x, labels=x).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            t = timed(step, steps)
-            print(f"| {attn}, {'bfloat16 autocast' if autocast else 'float32'} | {t * 1e3:.0f} | {x.numel() / t:,.0f} |")
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = forward(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        step()  # a compiled forward compiles here
+        first = f", torch.compile (first step {time.perf_counter() - t0:.0f} s)" if compiled else ""
+        t = timed(step, steps)
+        print(f"| {attn}, {'bfloat16 autocast' if autocast else 'float32'}{first} | {t * 1e3:.0f} | {x.numel() / t:,.0f} |")
 
 
 def lora(steps: int) -> None:
     from peft import LoraConfig, get_peft_model
 
     print("\n| LoRA step (PEFT, AdamW, clipping) | ms/step | tokens/s |\n|---|---|---|")
-    settings = (  # (label, batch, rank, dropout, dora, base dtype)
-        ("task patch: batch 2, r16", 2, 16, 0.0, False, torch.float32),
-        ("  batch 8, r16", 8, 16, 0.0, False, torch.float32),
-        ("  batch 2, r16, bfloat16 base", 2, 16, 0.0, False, torch.bfloat16),
-        ("knowledge adapter: batch 16, r64, dropout 0.05", 16, 64, 0.05, False, torch.float32),
-        ("  dropout 0", 16, 64, 0.0, False, torch.float32),
-        ("  r16", 16, 16, 0.05, False, torch.float32),
-        ("  DoRA", 16, 64, 0.05, True, torch.float32),
-        ("  DoRA, dropout 0", 16, 64, 0.0, True, torch.float32),
+    f32, bf16 = torch.float32, torch.bfloat16
+    settings = (  # (label, batch, rank, dropout, dora, base dtype, forward under torch.compile)
+        ("task patch: batch 2, r16", 2, 16, 0.0, False, f32, False),
+        ("  batch 8, r16", 8, 16, 0.0, False, f32, False),
+        ("  batch 2, r16, bfloat16 base", 2, 16, 0.0, False, bf16, False),
+        ("  batch 2, r16, torch.compile", 2, 16, 0.0, False, f32, True),
+        ("knowledge adapter: batch 16, r64, dropout 0.05", 16, 64, 0.05, False, f32, False),
+        ("  dropout 0", 16, 64, 0.0, False, f32, False),
+        ("  r16", 16, 16, 0.05, False, f32, False),
+        ("  torch.compile", 16, 64, 0.05, False, f32, True),
+        ("  DoRA", 16, 64, 0.05, True, f32, False),
+        ("  DoRA, dropout 0", 16, 64, 0.0, True, f32, False),
     )
-    for label, batch, rank, dropout, dora, dtype in settings:
+    for label, batch, rank, dropout, dora, dtype, compiled in settings:
         net = get_peft_model(model(dtype=dtype), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
                                                             use_dora=dora, target_modules="all-linear")).train()
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         x = torch.randint(4, 243, (batch, 128))
+        forward = torch.compile(net.forward, dynamic=False) if compiled else net.forward
 
         def step():
-            net(input_ids=x, labels=x).loss.backward()
+            forward(input_ids=x, labels=x).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        step()
+        first = f" (first step {time.perf_counter() - t0:.0f} s)" if compiled else ""
         t = timed(step, steps)
-        print(f"| {label} | {t * 1e3:.0f} | {x.numel() / t:,.0f} |")
+        print(f"| {label}{first} | {t * 1e3:.0f} | {x.numel() / t:,.0f} |")
 
 
 def main() -> None:
