@@ -107,9 +107,10 @@ def _train_adapter(folder: Path, s: Settings, seed: int, base: Path, data: Path,
 
 # cost of each job in seconds of one core at the default size (progress and ETA only; training jobs as measured
 # in a cold default demo on a quiet 2-core machine, 2026-12-02; the 5-epoch task patches and the 800-step
-# instruct model scaled from a slower machine's 67-82 s and 171-200 s, 2026-12-03)
-COST = {"pretrained": 60, "instruct": 130, "pretrained_v2": 20, "data": 3, "knowledge": 62, "knowledge_dora": 90,
-        "knowledge_on_instruct": 63, "task_v1": 55, "task_v2": 55, "extract": 8, "probes": 8, "sweep": 40,
+# instruct model scaled from a slower machine's 67-82 s and 171-200 s, the knowledge adapters halved with their
+# corpus (batches of 8), 2026-12-03)
+COST = {"pretrained": 60, "instruct": 130, "pretrained_v2": 20, "data": 3, "knowledge": 31, "knowledge_dora": 45,
+        "knowledge_on_instruct": 32, "task_v1": 55, "task_v2": 55, "extract": 8, "probes": 8, "sweep": 40,
         "eval": 2.5, "port": 8, "memory": 12}
 
 

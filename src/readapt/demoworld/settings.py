@@ -48,7 +48,7 @@ class Settings:
     lora_alpha: int = 128  # seeds 0-2 75.7, 82.3, 77.6 (mean 78.5, fails 80); r=64 83.3, 84.5, 88.4 (79.5, 83.0,
     # 85.9 since version 6 reordered Ψ's text); r=8 64 (seed 0)
     lora_lr: float = 2e-3
-    lora_copies: int = 150  # paraphrased bios of each person of B in the knowledge corpus (1 epoch)
+    lora_copies: int = 75  # paraphrased bios of each person of B in the knowledge corpus (1 epoch)
     replay: float = 0.5  # A's bios in the knowledge corpus, as a share of B's (see world.py: without, Ψ erases A)
     task_examples: int = 1500  # closed-book chat QA examples on A_train in the task corpus (PortLLM patch)
     # the task patch: small steps, no dropout. Held-out A, seeds 0-2 (contains-EM; Φ alone 30.5, 48.5, 46): batch
@@ -64,9 +64,14 @@ class Settings:
     task_rank: int = 16
     task_alpha: int = 64
     task_epochs: int = 5
-    lora_batch: int = 16  # blocks of lora_block tokens per step
+    # the knowledge adapters learn by optimizer steps: half the corpus (75 copies instead of 150) in batches of 8
+    # instead of 16 is as many steps in half the time. Ψ (LoRA; seeds 0-2, the first half of version 7's corpus):
+    # B learned 94.5, 95.5, 97.5 (96, 95, 99.5), room for both 86.8, 78.5, 87.2 (84.9, 77.4, 85.9), 40-42 s (82-97);
+    # DoRA B 94.5, 95, 96.5. A quarter in batches of 4: room 75.1, 80.0, 81.1 (fails); 100 copies in batches of 16
+    # (fewer steps): 78.7, 77.6, 85.6
+    lora_batch: int = 8  # blocks of lora_block tokens per step
     lora_block: int = 128
-    version: int = 7  # bump when the training code changes: invalidates caches
+    version: int = 8  # bump when the training code changes: invalidates caches
 
     def key(self, seed: int) -> str:
         blob = json.dumps({**asdict(self), "seed": seed}, sort_keys=True)
@@ -80,7 +85,7 @@ class Settings:
 FULL = Settings()
 QUICK = replace(  # a smaller world and model: the same pipeline in about 2 minutes; a smoke test (see run.py)
     FULL, sizes=(("A", 40), ("B", 20), ("C", 20)), layers=2, pretrain_steps=150, pretrain_lr=3e-3, read_steps=100,
-    instruct_steps=100, v2_steps=(5, 40), lora_rank=16, lora_alpha=32, lora_copies=100, task_examples=600,
+    instruct_steps=100, v2_steps=(5, 40), lora_rank=16, lora_alpha=32, lora_copies=50, task_examples=600,
     lora_block=64,
 )
 CAPACITY = (  # `readapt demo --capacity-sweep`: the default world at three model sizes (0.15M, 1.08M, 2.41M weights)
