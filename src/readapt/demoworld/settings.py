@@ -67,8 +67,8 @@ class Settings:
     # the knowledge adapters learn by optimizer steps: half the corpus (75 copies instead of 150) in batches of 8
     # instead of 16 is as many steps in half the time. Ψ (LoRA; seeds 0-2, the first half of version 7's corpus):
     # B learned 94.5, 95.5, 97.5 (96, 95, 99.5), room for both 86.8, 78.5, 87.2 (84.9, 77.4, 85.9), 40-42 s (82-97);
-    # DoRA B 94.5, 95, 96.5. A quarter in batches of 4: room 75.1, 80.0, 81.1 (fails); 100 copies in batches of 16
-    # (fewer steps): 78.7, 77.6, 85.6
+    # DoRA B 94.5, 95, 96.5; in the demo (version 8): B 96, 95.5, 99, room 86.5, 78.0, 80.8. A quarter in batches
+    # of 4: room 75.1, 80.0, 81.1 (fails); 100 copies in batches of 16 (fewer steps): 78.7, 77.6, 85.6
     lora_batch: int = 8  # blocks of lora_block tokens per step
     lora_block: int = 128
     version: int = 8  # bump when the training code changes: invalidates caches
