@@ -14,7 +14,7 @@ class Settings:
     sizes: tuple[tuple[str, int], ...] = (("A", 100), ("B", 50), ("C", 50))
     # half the people (A 50, B 25, C 25; Φ 400 steps, 750 task examples): every world check failed (README)
     # tiny Llama (tied embeddings). Smaller, for speed (cold demo, seeds 0-2, README): 3 layers 14.9 min, but the task
-    # patch learned 65.2 (fails); hidden 112, MLP 448: 18.1 min (the LoRA jobs no faster), reading 61.0 (fails)
+    # patch learned 65.2 (fails); hidden 112, MLP 448: 18.1 min in a slow hour, reading 61.0 (fails)
     layers: int = 4
     hidden: int = 128
     heads: int = 4
